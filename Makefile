@@ -1,0 +1,32 @@
+# make demo · make test · make lint · make bench — each creates .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build this project is tested with; the machine's pip serves it from local files.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean-runs
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cfexplain.train +dataset=knee $(ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check cfexplain tests benchmarks
+	$(PY) -m ruff format --check cfexplain tests benchmarks
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+clean-runs:
+	rm -rf runs

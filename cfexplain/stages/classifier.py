@@ -1,0 +1,302 @@
+"""Classifier stage: the black box to explain, trained here or brought by the user.
+
+Trained: a ResNet (``classifier=resnet``) with AdamW, warm-up + cosine learning rate, early
+stopping on validation AUC, resumable every ``checkpoint_every`` steps. External
+(``classifier=external``): the user's module or TorchScript file, checked with one forward pass.
+Either way the test split is scored and the model is saved in a form later stages load alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from cfexplain.data import build_dataset, collate
+from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_external
+from cfexplain.utils import distributed
+from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
+from cfexplain.utils.seeding import generator, rng_state, set_rng_state
+from cfexplain.utils.tracking import Run
+
+log = logging.getLogger("cfexplain")
+
+WEIGHTS = "classifier.safetensors"
+TORCHSCRIPT = "classifier.torchscript.pt"
+
+
+def fit(cfg: DictConfig, run: Run) -> Artifact:
+    """Train (or import) the classifier; write weights and test metrics into ``run.dir``."""
+    d = distributed.setup(cfg.device)
+    splits = {s: build_dataset(cfg.data, s) for s in ("train", "val", "test")}
+    for ds in splits.values():
+        log.info(f"[classifier] {ds.source}")
+    c = cfg.classifier
+    if c.name == "external":
+        model, files, info = _import_external(c, splits["test"], run.dir, d.device)
+    else:
+        model, files, info = _train(cfg, run, splits, d)
+    probs, labels = predict(model, splits["test"], int(c.eval_batch_size), d.device)
+    metrics = {f"test/{k}": v for k, v in classification_metrics(probs, labels).items()}
+    info = {"data": splits["train"].source, "classes": list(splits["train"].class_names), **info}
+    if run.is_main:
+        run.log({k: v for k, v in metrics.items() if np.isscalar(v)})
+        run.summary(metrics)
+        _log_examples(run, splits["test"], probs)
+    artifact = Artifact(
+        "classifier", run.dir, run.fingerprint, metrics, files, info={**info, **run.notes}
+    )
+    if run.is_main:
+        artifact.write()
+    return artifact
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def lr_at(step: int, *, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to ``base``, then cosine decay to ``base * min_ratio`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def epoch_batches(
+    n: int, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation, full global batches only.
+
+    ``batch`` is the global batch; each rank takes its ``batch // world`` share of every batch.
+    """
+    perm = torch.randperm(n, generator=generator(seed, 1, epoch)).tolist()
+    per_rank = batch // world
+    steps = n // batch
+    return [
+        perm[s * batch + rank * per_rank : s * batch + (rank + 1) * per_rank] for s in range(steps)
+    ]
+
+
+def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed.Dist):
+    c, seed = cfg.classifier, int(cfg.seed)
+    train_ds = splits["train"]
+    batch = int(c.batch_size)
+    if batch % d.world:
+        raise ValueError(
+            f"classifier.batch_size={batch} must be divisible by the number of processes ({d.world})"
+        )
+    if len(train_ds) < batch:
+        raise ValueError(
+            f"classifier.batch_size={batch} is larger than the training split ({len(train_ds)} images)"
+        )
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(c.model, resolve=True).items() if k != "_target_"
+    }
+    kwargs |= {"in_channels": int(cfg.data.channels), "num_classes": int(train_ds.num_classes)}
+    torch.manual_seed(seed)  # initial weights: same on every rank, same for a seed
+    model = instantiate(c.model, **{k: kwargs[k] for k in ("in_channels", "num_classes")}).to(
+        d.device
+    )
+    opt = instantiate(c.optimizer)(model.parameters())
+    steps_per_epoch = len(train_ds) // batch
+    total = int(c.epochs) * steps_per_epoch
+    lr = dict(
+        base=float(c.optimizer.lr),
+        warmup=int(c.warmup_steps),
+        total=total,
+        min_ratio=float(c.min_lr_ratio),
+    )
+
+    s = {
+        "step": 0,
+        "epoch": 0,
+        "best_auc": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "best": None,
+        "history": [],
+    }
+    state_file = run.dir / STATE_FILE
+    if state_file.is_file():
+        saved = torch_load(state_file)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        s = saved["loop"]
+        log.info(f"[classifier] resumed from {state_file} at step {s['step']} (epoch {s['epoch']})")
+        run.notes["resumed_from_step"] = s["step"]
+
+    def checkpoint() -> None:
+        if run.is_main:
+            torch_save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "rng": rng_state(),
+                    "loop": s,
+                },
+                state_file,
+            )
+        d.barrier()
+
+    ddp = distributed.wrap_ddp(model, d)
+    bar = tqdm(
+        total=total, initial=s["step"], desc="classifier", unit="step", disable=not run.is_main
+    )
+    while s["epoch"] < int(c.epochs) and s["bad_epochs"] < int(c.patience):
+        batches = epoch_batches(len(train_ds), batch, seed, s["epoch"], d.rank, d.world)
+        skip = (
+            s["step"] - s["epoch"] * steps_per_epoch
+        )  # batches of this epoch done before a resume
+        loader = DataLoader(
+            train_ds,
+            batch_sampler=batches[skip:],
+            collate_fn=collate,
+            num_workers=int(cfg.data.num_workers),
+        )
+        model.train()
+        for x, y, _ in loader:
+            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+            if c.hflip:
+                flip = torch.rand(len(x), generator=generator(seed, 2, s["step"], d.rank)) < 0.5
+                x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+            with distributed.autocast(d.device, bool(c.amp)):
+                loss = F.cross_entropy(ddp(x), y, label_smoothing=float(c.label_smoothing))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(s["step"], **lr)
+            opt.step()
+            s["step"] += 1
+            bar.update()
+            if s["step"] % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                run.log(
+                    {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
+                    step=s["step"],
+                )
+            if s["step"] % int(cfg.checkpoint_every) == 0:
+                checkpoint()
+        val = classification_metrics(
+            *predict(model, splits["val"], int(c.eval_batch_size), d.device)
+        )
+        s["epoch"] += 1
+        improved = val["auc"] > s["best_auc"]
+        if improved:
+            s["best_auc"], s["best_epoch"], s["bad_epochs"] = val["auc"], s["epoch"], 0
+            s["best"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        else:
+            s["bad_epochs"] += 1
+        s["history"].append(
+            {"epoch": s["epoch"], "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
+        )
+        run.log(
+            {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"]},
+            step=s["step"],
+        )
+        if run.is_main:
+            bar.write(
+                f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{'  *' if improved else ''}"
+            )
+        checkpoint()
+    bar.close()
+    if s["best"] is not None:
+        model.load_state_dict(s["best"])
+    files = {"weights": WEIGHTS}
+    if run.is_main:
+        save_model(run.dir / WEIGHTS, model, c.model._target_, kwargs)
+    info = {
+        "model": f"{c.model._target_} {kwargs}",
+        "epochs_run": s["epoch"],
+        "best_epoch": s["best_epoch"],
+        "stopped_early": s["epoch"] < int(c.epochs),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "processes": d.world,
+        "device": str(d.device),
+    }
+    return model.eval(), files, info
+
+
+# ----------------------------------------------------------------------------- external
+
+
+def _import_external(c: DictConfig, test_ds: Dataset, out: Path, device: torch.device):
+    kwargs = OmegaConf.to_container(c.kwargs, resolve=True) if c.get("kwargs") is not None else {}
+    model, source = load_external(
+        target=c.get("target"),
+        kwargs=kwargs,
+        weights=c.get("weights"),
+        torchscript=c.get("torchscript"),
+    )
+    x = torch.stack([test_ds[i]["image"] for i in range(min(2, len(test_ds)))])
+    single_logit = check_classifier(model, x, int(test_ds.num_classes), source)
+    if c.get("torchscript"):
+        shutil.copyfile(c.torchscript, out / TORCHSCRIPT)
+        files = {"torchscript": TORCHSCRIPT}
+    else:
+        save_model(out / WEIGHTS, model, c.target, kwargs)
+        files = {"weights": WEIGHTS}
+    if single_logit:
+        model = BinaryLogitAdapter(model)
+    return model.to(device).eval(), files, {"model": source, "single_logit": single_logit}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, ds: Dataset, batch: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities ``[N, K]`` and labels ``[N]`` over a whole split (eval mode)."""
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    for x, y, _ in DataLoader(ds, batch_size=batch, collate_fn=collate):
+        probs.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """AUC (one-vs-rest macro over the classes present), accuracy, balanced accuracy, confusion matrix."""
+    k = probs.shape[1]
+    pred = probs.argmax(1)
+    present = [c for c in range(k) if 0 < (labels == c).sum() < len(labels)]
+    if k == 2:
+        auc = float(roc_auc_score(labels, probs[:, 1])) if len(present) == 2 else float("nan")
+    else:
+        auc = (
+            float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
+            if present
+            else float("nan")
+        )
+    return {
+        "auc": auc,
+        "accuracy": float((pred == labels).mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+        "confusion_matrix": confusion_matrix(labels, pred, labels=list(range(k))).tolist(),
+    }
+
+
+def _log_examples(run: Run, ds: Dataset, probs: np.ndarray, n: int = 16) -> None:
+    idx = list(range(min(n, len(ds))))
+    images = torch.stack([ds[i]["image"] for i in idx])
+    names = list(ds.class_names)
+    caps = [
+        f"true {names[int(ds[i]['label'])]} · p={probs[i].max():.2f} {names[int(probs[i].argmax())]}"
+        for i in idx
+    ]
+    run.log_images("test/examples", images, caps)

@@ -1,0 +1,199 @@
+"""Train the stage chain: ``python -m cfexplain.train +dataset=knee``.
+
+Stages run in order (classifier → generator → encoder → normative → direction); a stage whose
+config and inputs match a finished artifact is skipped, ``force=true`` reruns, ``stages=[...]``
+selects. Works alone or under ``torchrun`` (DDP; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from cfexplain.stages import CHAIN, STAGES, Stage
+from cfexplain.utils import distributed
+from cfexplain.utils.artifacts import (
+    ARTIFACT_FILE,
+    Artifact,
+    ArtifactError,
+    commit_stage,
+    fingerprint,
+    partial_dir,
+    write_text,
+)
+from cfexplain.utils.seeding import seed_everything
+from cfexplain.utils.tracking import Run
+
+log = logging.getLogger("cfexplain")
+
+# Keys that change speed, not results: they never force a stage to rerun.
+RUNTIME_KEYS = frozenset({"num_workers", "eval_batch_size"})
+
+
+class ConfigError(ValueError):
+    """The composed configuration cannot run; the message names the field."""
+
+
+def dataset_choices() -> list[str]:
+    """Names of the dataset configs shipped in ``cfexplain.conf/dataset``."""
+    folder = resources.files("cfexplain.conf").joinpath("dataset")
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def validate(cfg: DictConfig) -> list[Stage]:
+    """Check the edges of the config; return the selected stages in chain order."""
+    if "name" not in cfg.get("data", {}):
+        raise ConfigError(
+            "no dataset chosen: add +dataset=NAME, where NAME is one of: "
+            + ", ".join(dataset_choices())
+        )
+    if OmegaConf.is_missing(cfg.data, "root"):
+        raise ConfigError(f"dataset '{cfg.data.name}' reads files: set data.root=/path/to/data")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: unknown {unknown}; the chain is {[s.name for s in CHAIN]}")
+    return [s for s in CHAIN if s.name in cfg.stages]
+
+
+def stage_fingerprint(cfg: DictConfig, stage: Stage, inputs: dict[str, Artifact]) -> str:
+    """Hash of what decides a stage's result: its config sections and its inputs' fingerprints."""
+
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in RUNTIME_KEYS}
+        return node
+
+    sections = {k: strip(OmegaConf.to_container(cfg, resolve=True).get(k)) for k in stage.keys}
+    return fingerprint(
+        {
+            "stage": stage.name,
+            "config": sections,
+            "inputs": {k: a.fingerprint for k, a in inputs.items()},
+        }
+    )
+
+
+def _finished(stage_dir: Path, fp: str) -> bool:
+    try:
+        return Artifact.load(stage_dir).fingerprint == fp
+    except ArtifactError:
+        return False
+
+
+def _prepare_partial(partial: Path, fp: str, force: bool) -> None:
+    """Keep a partial folder only when it belongs to the same fingerprint (then it resumes)."""
+    stamp = partial / ".fingerprint"
+    if partial.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_text(stamp, fp)
+
+
+def run_chain(cfg: DictConfig) -> dict[str, Artifact]:
+    """Run the selected stages; return the finished artifact of each stage it touched."""
+    selected = validate(cfg)
+    d = distributed.setup(cfg.device)
+    seed_everything(int(cfg.seed), bool(cfg.deterministic))
+    exp_dir = Path(cfg.runs_dir).resolve() / str(cfg.experiment)
+    done: dict[str, Artifact] = {}
+    try:
+        for stage in selected:
+            if not stage.available:
+                log.info(f"[{stage.name}] not part of this version yet: passed over")
+                continue
+            inputs = {}
+            for name in stage.inputs:
+                try:
+                    inputs[name] = done.get(name) or Artifact.load(exp_dir / name)
+                except ArtifactError as e:
+                    raise ConfigError(
+                        f"stage '{stage.name}' needs the '{name}' stage first ({e})"
+                    ) from e
+            fp = stage_fingerprint(cfg, stage, inputs)
+            final = exp_dir / stage.name
+            if not cfg.force and _finished(final, fp):
+                log.info(
+                    f"[{stage.name}] up to date ({final}, fingerprint {fp}): skipped; force=true reruns it"
+                )
+                done[stage.name] = Artifact.load(final)
+                continue
+            done[stage.name] = _run_stage(cfg, stage, d, exp_dir, inputs, fp)
+    finally:
+        distributed.teardown()
+    return done
+
+
+def _run_stage(
+    cfg: DictConfig, stage: Stage, d: distributed.Dist, exp_dir: Path, inputs: dict, fp: str
+) -> Artifact:
+    partial, final = partial_dir(exp_dir, stage.name), exp_dir / stage.name
+    if d.is_main:
+        _prepare_partial(partial, fp, bool(cfg.force))
+        write_text(partial / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    d.barrier()
+    log.info(f"[{stage.name}] running → {final}")
+    run = Run(
+        stage.name,
+        partial,
+        logger=OmegaConf.to_container(cfg.logger, resolve=True),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        experiment=str(cfg.experiment),
+        inputs=inputs,
+        fingerprint=fp,
+        is_main=d.is_main,
+    )
+    start = time.time()
+    try:
+        artifact = stage.fit(cfg, run)
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    if d.is_main:
+        assert artifact.dir == partial and (partial / ARTIFACT_FILE).is_file(), (
+            f"{stage.name}.fit must write its artifact into run.dir"
+        )
+        commit_stage(partial, final)
+        artifact = Artifact.load(final)
+        log.info(summary(artifact, time.time() - start))
+    d.barrier()
+    return artifact if d.is_main else Artifact.load(final)
+
+
+def summary(art: Artifact, seconds: float) -> str:
+    """One screen: what the stage trained on, its metrics and where the artifacts are."""
+    lines = [f"── {art.stage} finished in {seconds:.0f} s ──"]
+    for k, v in art.info.items():
+        lines.append(f"  {k:<22} {v}")
+    for k, v in art.metrics.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        lines.append(f"  {k:<22} {v}")
+    lines.append(f"  {'artifacts':<22} {art.dir}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from cfexplain.data.readers import DataError
+
+    try:
+        run_chain(cfg)
+    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as e:
+        # Errors about the user's input: one clear line, no traceback.
+        print(f"cfexplain.train: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

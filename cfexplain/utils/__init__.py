@@ -1,0 +1,1 @@
+"""Small shared pieces: artifacts, tracking, seeding, devices, distributed helpers."""

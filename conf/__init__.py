@@ -1,0 +1,1 @@
+# Hydra configuration shipped inside the wheel as cfexplain.conf (see setup.py).

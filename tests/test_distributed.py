@@ -1,0 +1,51 @@
+"""The training loop runs unchanged under torchrun: two gloo processes, one artifact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cfexplain.utils.artifacts import Artifact
+from tests.conftest import ROOT
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_writes_one_artifact(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "cfexplain.train",
+        "+dataset=knee",
+        "preset=smoke",
+        "logger=none",
+        "device=cpu",
+        f"runs_dir={tmp_path}",
+        "stages=[classifier]",
+    ]
+    r = subprocess.run(
+        cmd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    art = Artifact.load(tmp_path / "knee" / "classifier")
+    assert art.info["processes"] == 2
+    assert (
+        r.stdout.count("── classifier finished") + r.stderr.count("── classifier finished") == 1
+    )  # rank 0 alone reports
+    stage_dirs = sorted(p.name for p in (tmp_path / "knee").iterdir() if p.name != "logs")
+    assert stage_dirs == ["classifier"]
+    assert (tmp_path / "knee" / "classifier" / "classifier.safetensors").is_file()
+    steps = [
+        line for line in (tmp_path / "knee" / "classifier" / "log.jsonl").read_text().splitlines()
+    ]
+    assert steps, "rank 0 logged nothing"
