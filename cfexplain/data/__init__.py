@@ -27,7 +27,7 @@ def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if data.get("root"):
-        return open_dataset(
+        ds = open_dataset(
             data["root"],
             split,
             format=data.get("format", "auto"),
@@ -36,6 +36,7 @@ def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
             classes=list(data["classes"]) if data.get("classes") else None,
             on_bad_file=data.get("on_bad_file", "error"),
         )
+        return _binarise(ds, data) if data.get("task", "binary") == "binary" else ds
     name = data.get("name")
     if name not in PHANTOMS:
         raise DataError(
@@ -61,6 +62,50 @@ def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
         )
     ds.source = f"{name} phantom (procedural, seed {common['seed']}), split {split}: {n} images at {common['resolution']} px"
     return ds
+
+
+class Binarised(Dataset):
+    """A multi-class dataset seen as binary: labels ``>= positive_from`` are positive.
+
+    The public knee datasets store KL grades 0-4; ``data.positive_from=2`` gives KL >= 2.
+    """
+
+    def __init__(self, ds: Dataset, positive_from: int) -> None:
+        self.ds, self.positive_from = ds, positive_from
+        names = list(ds.class_names)
+        self.class_names = [f"<{names[positive_from]}", f">={names[positive_from]}"]
+        self.num_classes, self.channels, self.resolution = 2, ds.channels, ds.resolution
+        self.skipped = getattr(ds, "skipped", [])
+        self.source = f"{ds.source}; binary: class >= {names[positive_from]!r} is positive"
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self.ds[i]
+        return {
+            **sample,
+            "label": int(sample["label"] >= self.positive_from),
+            "meta": {**sample["meta"], "original_label": sample["label"]},
+        }
+
+
+def _binarise(ds: Dataset, data: Mapping[str, Any]) -> Dataset:
+    from cfexplain.data.readers import DataError
+
+    positive_from = data.get("positive_from")
+    if ds.num_classes == 2 and positive_from is None:
+        return ds
+    if positive_from is None:
+        raise DataError(
+            f"data.task=binary but {data['root']} has {ds.num_classes} classes {list(ds.class_names)}: "
+            "set data.positive_from=<first positive class index> (e.g. 2 for KL >= 2) or data.task=multiclass"
+        )
+    if not 0 < int(positive_from) < ds.num_classes:
+        raise DataError(
+            f"data.positive_from={positive_from} must be in 1..{ds.num_classes - 1} for classes {list(ds.class_names)}"
+        )
+    return Binarised(ds, int(positive_from))
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:

@@ -52,7 +52,12 @@ class Dist:
 
 
 def setup(device: str = "auto") -> Dist:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    """Join the process group that ``torchrun`` (or a submitit SLURM job) describes, if any."""
+    if "RANK" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        # Hydra's submitit launcher starts one task per GPU; submitit knows the ranks and the master.
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
