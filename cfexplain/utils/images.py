@@ -1,0 +1,41 @@
+"""Image tensors to files: grids and strips as PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cfexplain.utils.artifacts import _atomic
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[N, C, H, W]`` in [-1, 1] → uint8 ``[N, H, W, C]``."""
+    assert images.ndim == 4 and images.shape[1] in (1, 3), f"expected [N, 1|3, H, W], got {tuple(images.shape)}"
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile ``[N, C, H, W]`` in [-1, 1] into one uint8 image ``[rows·H, nrow·W, C]``."""
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    out = np.zeros((rows * (h + pad) - pad, nrow * (w + pad) - pad, c), np.uint8)
+    for i, img in enumerate(arr):
+        r, k = divmod(i, nrow)
+        out[r * (h + pad) : r * (h + pad) + h, k * (w + pad) : k * (w + pad) + w] = img
+    return out
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+    """Write a grid of ``[N, C, H, W]`` images in [-1, 1] as a PNG (atomically); ``scale`` enlarges."""
+    arr = grid(images, nrow)
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return _atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
