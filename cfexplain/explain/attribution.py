@@ -1,0 +1,507 @@
+"""Attribution maps behind one call shape: ``get_method(name)(model, **params).attribute(x, target)``.
+
+Every method returns ``[N, 1, H, W]`` at the input's resolution, signed where the method is
+(``method.signed``). captum computes saliency, integrated gradients, occlusion, guided
+backprop, grad-CAM, guided grad-CAM and LIME; zennit computes LRP; CAM reads the linear head.
+Each call runs inside :func:`isolated`, which puts the model in eval mode with out-of-place
+ReLUs and afterwards restores every module's attributes, children and hook tables, so no hook
+or changed module survives a call, also when the library raises midway. Nothing copies the model.
+
+``normative`` (a healthy-only autoencoder's residual) and ``counterfactual`` (flipping frame
+minus reconstruction) are maps of the same shape from the later stages of a run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Per-module tables that libraries add hooks to; restored wholesale after every call.
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+)
+
+
+@contextmanager
+def isolated(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, out-of-place ReLUs, gradients on; afterwards every module is as it was.
+
+    A shallow snapshot of each module's ``__dict__`` (and of every dict in it: hooks, children,
+    parameters, buffers) is put back in ``finally``: attributes that libraries add (zennit's
+    canonizer ``forward``/``canonizer_sum``), hooks they register and flags they flip are gone
+    even after an exception. Weights are not copied: zennit's BatchNorm merge restores them itself.
+    """
+    import torch.nn.modules.module as module_mod
+
+    saved = [(m, _snapshot(vars(m))) for m in model.modules()]
+    global_saved = {name: dict(getattr(module_mod, name, {})) for name in _GLOBAL_HOOKS}
+    try:
+        model.eval()
+        for m in model.modules():
+            # In-place ReLUs break backward hooks (guided backprop, zennit's rules).
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        with torch.enable_grad():
+            yield model
+    finally:
+        for m, snap in saved:
+            _restore(vars(m), snap)
+        for name, table in global_saved.items():
+            current = getattr(module_mod, name, None)
+            if current is not None:
+                current.clear()
+                current.update(table)
+
+
+def _snapshot(d: dict[str, Any]) -> dict[str, tuple[Any, dict | None]]:
+    return {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in d.items()}
+
+
+def _restore(d: dict[str, Any], snap: dict[str, tuple[Any, dict | None]]) -> None:
+    for k in [k for k in d if k not in snap]:
+        del d[k]
+    for k, (v, contents) in snap.items():
+        d[k] = v
+        if contents is not None:
+            v.clear()
+            v.update(contents)
+
+
+def to_map(a: Tensor, size: tuple[int, int], reduce: str = "sum") -> Tensor:
+    """``[N, C, h, w]`` -> ``[N, 1, H, W]``: channels summed (gradient-like) or averaged (a value
+    broadcast to every channel, e.g. occlusion), bilinear upsampling to ``size`` when smaller."""
+    a = a.detach()
+    if a.shape[1] != 1:
+        a = a.sum(1, keepdim=True) if reduce == "sum" else a.mean(1, keepdim=True)
+    if tuple(a.shape[-2:]) != tuple(size):
+        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+    return a
+
+
+def normalise(maps: Tensor, signed: bool) -> Tensor:
+    """Display scale of ``[N, 1, H, W]`` maps, per image: signed maps / max|value| -> [-1, 1];
+    unsigned maps / max -> [0, 1]. An all-zero map stays zero."""
+    flat = maps.detach().float().flatten(1)
+    if not signed:
+        flat = flat.clamp(min=0)
+    scale = flat.abs().amax(1).clamp(min=1e-12)
+    return (flat / scale[:, None]).view_as(maps)
+
+
+def _cam_layer(model: nn.Module, method: str) -> nn.Module:
+    """``model.cam_layer`` (also inside a wrapper such as BinaryLogitAdapter)."""
+    for m in (model, getattr(model, "model", None)):
+        layer = getattr(m, "cam_layer", None)
+        if isinstance(layer, nn.Module):
+            return layer
+    raise ValueError(
+        f"{method} needs the classifier's last convolutional stage as `model.cam_layer`; "
+        f"{type(model).__name__} has none (cfexplain.nn.classifier.ResNetClassifier has it)"
+    )
+
+
+class Method:
+    """Base: ``Method(model, **params).attribute(x [N, C, H, W], target) -> [N, 1, H, W]``."""
+
+    name: ClassVar[str] = ""
+    # How per-channel maps become one map: "sum" for gradient-like maps, "mean" when every
+    # channel holds the same value (perturbation methods).
+    reduce: ClassVar[str] = "sum"
+    signed: bool = True
+
+    def __init__(self, model: nn.Module, **params: Any) -> None:
+        self.model = model
+        self.params = params
+
+    def attribute(self, x: Tensor, target: int) -> Tensor:
+        assert x.ndim == 4, f"{self.name}: expected images [N, C, H, W], got {tuple(x.shape)}"
+        x = x.detach().clone().requires_grad_(True)
+        with isolated(self.model):
+            a = self._attribute(x, int(target))
+        # captum's perturbation methods end in float32; hand back the input's dtype.
+        out = to_map(a, tuple(x.shape[-2:]), self.reduce).to(x.dtype)
+        assert out.shape == (x.shape[0], 1, *x.shape[-2:]), (self.name, tuple(out.shape))
+        return out
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        raise NotImplementedError
+
+
+class Saliency(Method):
+    """Gradient of the target logit w.r.t. the input (signed; ``abs=True`` for |gradient|)."""
+
+    name = "saliency"
+
+    def __init__(self, model: nn.Module, abs: bool = False) -> None:
+        super().__init__(model)
+        self.abs = abs
+        self.signed = not abs
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import Saliency as CaptumSaliency
+
+        return CaptumSaliency(self.model).attribute(x, target=target, abs=self.abs)
+
+
+class IntegratedGradients(Method):
+    """Integrated gradients from a constant ``baseline`` image (-1: black)."""
+
+    name = "integrated_gradients"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_steps: int = 32,
+        internal_batch_size: int | None = 64,
+        baseline: float = -1.0,
+        method: str = "gausslegendre",
+    ) -> None:
+        super().__init__(model)
+        self.n_steps, self.internal_batch_size = n_steps, internal_batch_size
+        self.baseline, self.method = baseline, method
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import IntegratedGradients as CaptumIG
+
+        return CaptumIG(self.model).attribute(
+            x,
+            baselines=self.baseline,
+            target=target,
+            n_steps=self.n_steps,
+            method=self.method,
+            internal_batch_size=self.internal_batch_size,
+        )
+
+
+class Occlusion(Method):
+    """Drop of the target logit when a ``window`` square is set to ``baseline``, averaged per pixel."""
+
+    name = "occlusion"
+    reduce = "mean"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        window: int = 8,
+        stride: int = 4,
+        baseline: float = -1.0,
+        perturbations_per_eval: int = 32,
+    ) -> None:
+        super().__init__(model)
+        self.window, self.stride, self.baseline = window, stride, baseline
+        self.perturbations_per_eval = perturbations_per_eval
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import Occlusion as CaptumOcclusion
+
+        c = x.shape[1]
+        return CaptumOcclusion(self.model).attribute(
+            x,
+            sliding_window_shapes=(c, self.window, self.window),
+            strides=(c, self.stride, self.stride),
+            baselines=self.baseline,
+            target=target,
+            perturbations_per_eval=self.perturbations_per_eval,
+        )
+
+
+class GuidedBackprop(Method):
+    """Guided backpropagation (ReLU gradients clipped at zero on the way back)."""
+
+    name = "guided_backprop"
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import GuidedBackprop as CaptumGB
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Setting backward hooks on ReLU")
+            return CaptumGB(self.model).attribute(x, target=target)
+
+
+class GradCAM(Method):
+    """grad-CAM on ``model.cam_layer``, bilinearly upsampled; signed unless ``relu=True``."""
+
+    name = "gradcam"
+
+    def __init__(self, model: nn.Module, relu: bool = False) -> None:
+        super().__init__(model)
+        self.relu = relu
+        self.signed = not relu
+        self.layer = _cam_layer(model, self.name)
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        a = LayerGradCam(self.model, self.layer).attribute(
+            x, target=target, relu_attributions=self.relu
+        )
+        return LayerAttribution.interpolate(a, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+
+
+class GuidedGradCAM(Method):
+    """Guided backprop times the (ReLU'd) grad-CAM of ``model.cam_layer``."""
+
+    name = "guided_gradcam"
+
+    def __init__(self, model: nn.Module, interpolate_mode: str = "bilinear") -> None:
+        super().__init__(model)
+        self.interpolate_mode = interpolate_mode
+        self.layer = _cam_layer(model, self.name)
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import GuidedGradCam
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Setting backward hooks on ReLU")
+            return GuidedGradCam(self.model, self.layer).attribute(
+                x, target=target, interpolate_mode=self.interpolate_mode
+            )
+
+
+def cam_maps(model: nn.Module, x: Tensor, target: int) -> Tensor:
+    """Class activation maps ``[N, 1, h, w]`` at the resolution of ``model.cam_layer``.
+
+    ``sum_k W[target, k] A_k``: with global average pooling and a linear head, the map's mean
+    plus the head's bias is the target logit. Call inside :func:`isolated` (it hooks the layer).
+    """
+    layer = _cam_layer(model, "cam")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cam needs a final nn.Linear head; {type(model).__name__} has none")
+    head = linears[-1]
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    a = seen[-1]
+    if a.ndim != 4 or a.shape[1] != head.in_features:
+        raise ValueError(
+            f"cam: model.cam_layer gives {tuple(a.shape)}, expected [N, {head.in_features}, h, w] "
+            "feeding global average pooling and the last nn.Linear"
+        )
+    w = head.weight[target].to(a.dtype)
+    return torch.einsum("k,nkhw->nhw", w, a)[:, None]
+
+
+class CAM(Method):
+    """Class activation map from the linear head over ``model.cam_layer`` (Zhou et al. 2016)."""
+
+    name = "cam"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        _cam_layer(model, self.name)
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        return cam_maps(self.model, x, target)
+
+
+def slic_segments(x: Tensor, n_segments: int = 40, compactness: float = 1.0) -> Tensor:
+    """SLIC superpixels of each image ``[N, C, H, W]`` in [-1, 1] -> int64 labels ``[N, 1, H, W]``."""
+    from skimage.segmentation import slic
+
+    masks = []
+    for img in x.detach().float().cpu().numpy():
+        # skimage wants channels last; gray images are 2D.
+        arr = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        seg = slic(
+            (arr + 1) / 2,
+            n_segments=n_segments,
+            compactness=compactness,
+            channel_axis=None if img.shape[0] == 1 else -1,
+            start_label=0,
+        )
+        masks.append(torch.from_numpy(seg.astype("int64")))
+    return torch.stack(masks)[:, None].to(x.device)
+
+
+class Lime(Method):
+    """LIME on SLIC superpixels: weights of a sparse linear surrogate fitted to masked inputs."""
+
+    name = "lime"
+    reduce = "mean"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_samples: int = 128,
+        perturbations_per_eval: int = 32,
+        n_segments: int = 40,
+        compactness: float = 1.0,
+        baseline: float = -1.0,
+    ) -> None:
+        super().__init__(model)
+        self.n_samples, self.perturbations_per_eval = n_samples, perturbations_per_eval
+        self.n_segments, self.compactness, self.baseline = n_segments, compactness, baseline
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from captum.attr import Lime as CaptumLime
+
+        masks = slic_segments(x, self.n_segments, self.compactness)
+        lime = CaptumLime(self.model)
+        # One image at a time: each has its own superpixels and its own surrogate fit.
+        out = []
+        for i in range(len(x)):
+            out.append(
+                lime.attribute(
+                    x[i : i + 1],
+                    baselines=self.baseline,
+                    target=target,
+                    feature_mask=masks[i : i + 1].expand(-1, x.shape[1], -1, -1),
+                    n_samples=self.n_samples,
+                    perturbations_per_eval=self.perturbations_per_eval,
+                )
+            )
+        return torch.cat(out)
+
+
+def lrp_composite(name: str, **kwargs: Any):
+    """A zennit composite by name (``zennit.composites.COMPOSITES``) with the ResNet canonizer
+    (BatchNorm merged into the convolution before it, skip connections as explicit sums)."""
+    from zennit.composites import COMPOSITES
+    from zennit.torchvision import ResNetCanonizer
+
+    if name not in COMPOSITES:
+        raise ValueError(f"lrp: composite {name!r} unknown; expected one of {sorted(COMPOSITES)}")
+    cls = COMPOSITES[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    # Box rules need the input range: images are in [-1, 1].
+    bounds = {k: v for k, v in {"low": -1.0, "high": 1.0}.items() if k in accepted}
+    return cls(canonizers=[ResNetCanonizer()], **{**bounds, **kwargs})
+
+
+class LRP(Method):
+    """Layer-wise relevance propagation with zennit (``composite="epsilon_plus_flat"`` by default).
+
+    The output relevance is the target logit, so the map sums to about that logit.
+    """
+
+    name = "lrp"
+
+    def __init__(self, model: nn.Module, composite: str = "epsilon_plus_flat") -> None:
+        super().__init__(model)
+        self.composite = composite
+        lrp_composite(composite)  # fail at construction on an unknown name
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from zennit.attribution import Gradient
+
+        def relevance(out: Tensor) -> Tensor:
+            return out * F.one_hot(torch.tensor(target), out.shape[1]).to(out)
+
+        with Gradient(self.model, lrp_composite(self.composite)) as attributor:
+            _, rel = attributor(x, relevance)
+        return rel
+
+
+class Normative(Method):
+    """Residual ``|x - reconstruction|`` of a healthy-only autoencoder (unsigned; ``target`` unused).
+
+    ``normative`` is a loaded model (``cfexplain.nn.normative.load_normative(...)[kind]``) or
+    ``stage_dir`` the run's ``normative`` stage folder.
+    """
+
+    name = "normative"
+    signed = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        normative: Any = None,
+        stage_dir: str | Path | None = None,
+        kind: str = "vae",
+    ) -> None:
+        super().__init__(model)
+        if normative is None:
+            if stage_dir is None:
+                raise ValueError(
+                    "normative needs the run's normative stage (stage_dir=) or a loaded model"
+                )
+            from cfexplain.nn.normative import load_normative
+
+            models = load_normative(stage_dir, device=_device_of(model))
+            if kind not in models:
+                raise ValueError(f"normative: kind {kind!r} not in {stage_dir} ({sorted(models)})")
+            normative = models[kind]
+        self.normative, self.kind = normative, kind
+
+    def attribute(self, x: Tensor, target: int) -> Tensor:
+        with torch.no_grad():
+            _, residual, _ = self.normative.anomaly(x)
+        return to_map(residual.float(), tuple(x.shape[-2:]), "mean")
+
+
+class Counterfactual(Method):
+    """Difference between the first frame that flips the decision and the reconstruction G(E(x)).
+
+    ``engine`` is a ``cfexplain.explain.counterfactual.CounterfactualEngine``; where no frame
+    flips, the last frame along the direction is used.
+    """
+
+    name = "counterfactual"
+
+    def __init__(self, model: nn.Module, engine: Any = None, lambdas: Any = "auto") -> None:
+        super().__init__(model)
+        if engine is None:
+            raise ValueError(
+                "counterfactual needs a CounterfactualEngine (the run's generator, encoder and "
+                "direction stages)"
+            )
+        self.engine, self.lambdas = engine, lambdas
+
+    def attribute(self, x: Tensor, target: int) -> Tensor:
+        cf = self.engine(x, target=target, lambdas=self.lambdas)
+        return counterfactual_difference(cf)
+
+
+def counterfactual_difference(cf: Any) -> Tensor:
+    """``[N, 1, H, W]``: flipping frame minus reconstruction (last frame where none flips)."""
+    flip = cf.flip_index()
+    idx = torch.where(flip >= 0, flip, torch.full_like(flip, cf.images.shape[1] - 1))
+    frames = cf.images[torch.arange(len(idx)), idx.to(cf.images.device)]
+    return to_map((frames - cf.reconstruction).float(), tuple(frames.shape[-2:]), "sum")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m
+    for m in (
+        Counterfactual,
+        GradCAM,
+        Saliency,
+        LRP,
+        IntegratedGradients,
+        Occlusion,
+        GuidedBackprop,
+        GuidedGradCAM,
+        CAM,
+        Lime,
+        Normative,
+    )
+}
+
+
+def get_method(name: str) -> type[Method]:
+    """The attribution class registered under ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown attribution method {name!r}; expected one of {list(METHODS)}")
+    return METHODS[name]
