@@ -145,12 +145,16 @@ class Run:
         self._wandb_run.log({key: media}, step=step)
 
     def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Log a table (cells: numbers, strings)."""
+        """Log a table (cells: numbers, strings, or ``Path``s of image files, shown as images)."""
         if not self.is_main or self._wandb_run is None:
             return
         import wandb  # noqa: PLC0415
 
-        self._wandb_run.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+        def cell(v: Any) -> Any:
+            return wandb.Image(str(v)) if isinstance(v, Path) else v
+
+        data = [[cell(v) for v in r] for r in rows]
+        self._wandb_run.log({key: wandb.Table(columns=list(columns), data=data)})
 
     def log_artifact(self, path: str | Path, name: str, type: str) -> None:
         """Attach a file or folder to the W&B run as an artifact."""

@@ -1,0 +1,327 @@
+"""``python -m cfexplain.explain run=runs/<experiment>``: galleries of a trained run.
+
+For every image (the run's test split, or ``images=`` the user's own files): the counterfactual
+sequence with f's probability under each frame (when the run has generator, encoder and
+direction stages), the attribution maps of ``methods``, the normative residual (when the run has
+a normative stage), per-image metrics; written batch by batch into
+``runs/<experiment>/explain/<timestamp>/`` (or ``out=``) as ``index.html``, PNG strips, GIFs,
+``metrics.csv``, ``summary.json``, and as a W&B table (offline by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cfexplain.explain.attribution import Method, counterfactual_difference, get_method
+from cfexplain.explain.gallery import GalleryWriter, Row
+from cfexplain.utils import distributed
+from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact, ArtifactError
+from cfexplain.utils.seeding import seed_everything
+from cfexplain.utils.tracking import Run
+
+log = logging.getLogger("cfexplain")
+
+COUNTERFACTUAL_STAGES = ("generator", "encoder", "direction")
+
+
+class ConfigError(ValueError):
+    """The explain config cannot run; the message names the field."""
+
+
+def _has(run_dir: Path, stage: str) -> bool:
+    return (run_dir / stage / ARTIFACT_FILE).is_file()
+
+
+def _batches(
+    cfg: DictConfig,
+    data_cfg: Any,
+    classes: list[str],
+    resolution: int,
+    channels: int,
+    skipped: list,
+) -> tuple[Iterator[tuple[torch.Tensor, list[str], list[str | None]]], str, int]:
+    """``(iterator of (images [B, C, R, R], names, true labels), description, count)``."""
+    limit = None if cfg.limit is None else int(cfg.limit)
+    size = int(cfg.batch_size)
+    if cfg.images:
+        from cfexplain.explain.inputs import iter_user_images, list_images
+
+        items = list_images(str(cfg.images), classes)[:limit]
+        source = iter_user_images(items, resolution=resolution, channels=channels, skipped=skipped)
+
+        def user() -> Iterator:
+            chunk = []
+            for item in source:
+                log.info(f"[explain] {item.note}")
+                chunk.append(item)
+                if len(chunk) == size:
+                    yield _stack(chunk)
+                    chunk = []
+            if chunk:
+                yield _stack(chunk)
+
+        return user(), f"{len(items)} files from images={cfg.images}", len(items)
+
+    from cfexplain.data import build_dataset
+
+    ds = build_dataset(data_cfg, str(cfg.split))
+    n = len(ds) if limit is None else min(limit, len(ds))
+    names = list(getattr(ds, "class_names", classes))
+
+    def split() -> Iterator:
+        for start in range(0, n, size):
+            samples = [ds[i] for i in range(start, min(n, start + size))]
+            x = torch.stack([s["image"] for s in samples])
+            labels = [names[int(s["label"])] for s in samples]
+            yield x, [f"{cfg.split} #{start + i}" for i in range(len(samples))], labels
+
+    return split(), f"{n} images of {getattr(ds, 'source', cfg.split)}", n
+
+
+def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None]]:
+    return (
+        torch.stack([it.image for it in items]),
+        [str(it.path.name) for it in items],
+        [it.label for it in items],
+    )
+
+
+def _build_methods(
+    cfg: DictConfig, run_dir: Path, model: torch.nn.Module, notes: list[str]
+) -> tuple[dict[str, Method], Any]:
+    """The attribution objects of ``cfg.methods`` and the counterfactual engine (or None)."""
+    params = OmegaConf.to_container(cfg.params, resolve=True) or {}
+    names = list(cfg.methods)
+    for name in names:
+        try:
+            get_method(name)  # unknown names fail before anything is loaded
+        except ValueError as e:
+            raise ConfigError(f"methods: {e}") from e
+    engine = None
+    if "counterfactual" in names:
+        missing = [s for s in COUNTERFACTUAL_STAGES if not _has(run_dir, s)]
+        if missing:
+            notes.append(
+                "No counterfactual column: it needs the generator, encoder and direction stages "
+                f"of the run; {run_dir} lacks {', '.join(missing)} (python -m cfexplain.train trains them)."
+            )
+        else:
+            from cfexplain.explain.counterfactual import CounterfactualEngine
+
+            cf_params = OmegaConf.to_container(cfg.counterfactual, resolve=True) or {}
+            engine = CounterfactualEngine.from_run(run_dir, device=_device(model), **cf_params)
+    methods: dict[str, Method] = {}
+    for name in names:
+        if name == "counterfactual":
+            continue
+        if name == "normative":
+            if not _has(run_dir, "normative"):
+                notes.append(f"No normative map: {run_dir} has no normative stage.")
+                continue
+            methods[name] = get_method(name)(
+                model, stage_dir=run_dir / "normative", **params.get(name, {})
+            )
+            continue
+        methods[name] = get_method(name)(model, **(params.get(name) or {}))
+    return methods, engine
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def explain(cfg: DictConfig) -> Path:
+    """Render the gallery that ``cfg`` describes; return the path of its ``index.html``."""
+    from cfexplain.nn.classifier import load_classifier
+
+    if OmegaConf.is_missing(cfg, "run"):
+        raise ConfigError(
+            "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
+        )
+    run_dir = Path(str(cfg.run)).expanduser().resolve()
+    if not _has(run_dir, "classifier"):
+        raise ConfigError(
+            f"run={cfg.run}: no finished classifier stage ({run_dir / 'classifier' / ARTIFACT_FILE})"
+        )
+    seed_everything(int(cfg.seed), False)
+    device = distributed.setup(str(cfg.device)).device
+    clf_art = Artifact.load(run_dir / "classifier")
+    train_cfg = OmegaConf.load(run_dir / "classifier" / "config.yaml")
+    classes = [str(c) for c in clf_art.info.get("classes") or []]
+    resolution, channels = int(train_cfg.data.resolution), int(train_cfg.data.channels)
+    target = int(cfg.target)
+    if not classes or not 0 <= target < len(classes):
+        raise ConfigError(f"target={target}: the classifier's classes are {classes}")
+    model = load_classifier(run_dir / "classifier", device)
+
+    notes: list[str] = []
+    methods, engine = _build_methods(cfg, run_dir, model, notes)
+    for n in notes:
+        log.info(f"[explain] {n}")
+
+    out = Path(cfg.out) if cfg.out else run_dir / "explain" / time.strftime("%Y%m%d-%H%M%S")
+    out = out.expanduser().resolve()
+    skipped: list[tuple[str, str]] = []
+    batches, described, count = _batches(
+        cfg, train_cfg.data, classes, resolution, channels, skipped
+    )
+    logger = OmegaConf.to_container(cfg.logger, resolve=True)
+    run = Run(
+        "explain",
+        out,
+        logger=logger,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        experiment=run_dir.name,
+    )
+    target_name = classes[target]
+    header: dict[str, Any] = {
+        "run": str(run_dir),
+        "classifier": clf_art.info.get("model", ""),
+        "classifier test AUC": clf_art.metrics.get("test/auc", math.nan),
+        "images": described,
+        "target": target_name,
+        "methods": ", ".join(["counterfactual"] * (engine is not None) + list(methods)),
+    }
+    writer = GalleryWriter(out, target_name, size=int(cfg.image_px))
+    totals: dict[str, list[float]] = {}
+    start = time.time()
+    try:
+        bar = tqdm(total=count, desc="explain", unit="img")
+        for x, names, labels in batches:
+            rows = _explain_batch(cfg, model, methods, engine, x.to(device), names, labels, classes)
+            for r in rows:
+                for k, v in r.metrics.items():
+                    totals.setdefault(k, []).append(float(v))
+            header.update(_means(totals))
+            writer.add_batch(rows, header, notes + _skip_notes(skipped))
+            bar.update(len(rows))
+        bar.close()
+        if writer.count == 0:
+            raise ConfigError(f"no image could be explained ({described}; {len(skipped)} skipped)")
+        seconds = time.time() - start
+        summary = {
+            "run": str(run_dir),
+            "out": str(out),
+            "classifier": clf_art.info.get("model", ""),
+            "classes": classes,
+            "target": target_name,
+            "methods": list(methods),
+            "counterfactual": engine is not None,
+            "notes": notes,
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+            "metrics": _means(totals),
+            "seconds": round(seconds, 2),
+            "images_per_second": writer.count / max(seconds, 1e-9),
+            "wandb_dir": str(run.wandb_dir) if run.wandb_dir else None,
+        }
+        index = writer.close(header, summary, notes + _skip_notes(skipped))
+        metric_keys = sorted(totals)
+        run.log_table(
+            "explain/gallery",
+            writer.table_columns(list(methods), metric_keys),
+            writer.table_rows,
+        )
+        run.summary({f"explain/{k}": v for k, v in _means(totals).items()})
+        run.log_artifact(out, name=f"{run_dir.name}-explain", type="gallery")
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+    log.info(f"[explain] {writer.count} images, {len(skipped)} skipped, {seconds:.1f} s → {index}")
+    return index
+
+
+def _means(totals: dict[str, list[float]]) -> dict[str, float]:
+    out = {}
+    for k, vals in totals.items():
+        finite = [v for v in vals if not math.isnan(v)]
+        out[f"mean {k}"] = sum(finite) / len(finite) if finite else math.nan
+    return out
+
+
+def _skip_notes(skipped: list[tuple[str, str]]) -> list[str]:
+    return [f"Skipped {Path(p).name}: {r}" for p, r in skipped]
+
+
+def _explain_batch(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    methods: dict[str, Method],
+    engine: Any,
+    x: torch.Tensor,
+    names: list[str],
+    labels: list[str | None],
+    classes: list[str],
+) -> list[Row]:
+    """Probabilities, counterfactuals, maps and per-image metrics of one batch ``x [B, C, H, W]``."""
+    target = int(cfg.target)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).float(), dim=1).cpu()
+    metrics: dict[str, torch.Tensor] = {}
+    cf = diff = flip = None
+    if engine is not None:
+        from cfexplain.explain.metrics import monotonicity, proximity
+
+        lambdas = cfg.lambdas if isinstance(cfg.lambdas, str) else list(cfg.lambdas)
+        cf = engine(x, target=target, lambdas=lambdas, refine_steps=int(cfg.refine_steps))
+        flip = cf.flip_index().cpu()
+        diff = counterfactual_difference(cf).cpu()
+        metrics["flipped"] = (flip >= 0).float()
+        metrics["flip_lambda"] = torch.where(
+            flip >= 0,
+            cf.lambdas.cpu().gather(1, flip.clamp_min(0)[:, None])[:, 0],
+            torch.full((len(x),), math.nan),
+        )
+        metrics["monotonicity"] = monotonicity(cf).cpu()
+        metrics["recon_error"] = cf.recon_error.float().cpu()
+        for k, v in proximity(cf, engine.perceptual).items():
+            metrics[f"proximity_{k}"] = v
+    maps = {name: m.attribute(x, target).float().cpu() for name, m in methods.items()}
+    rows = []
+    for i in range(len(x)):
+        row = Row(
+            name=names[i],
+            image=x[i].cpu(),
+            prob=float(probs[i, target]),
+            pred=classes[int(probs[i].argmax())],
+            true=labels[i],
+            maps={name: (a[i], methods[name].signed) for name, a in maps.items()},
+            metrics={k: float(v[i]) for k, v in metrics.items()},
+        )
+        if cf is not None:
+            row.reconstruction = cf.reconstruction[i].cpu()
+            row.frames = cf.images[i].cpu()
+            row.lambdas = [float(v) for v in cf.lambdas[i]]
+            row.frame_probs = [float(v) for v in cf.probs[i]]
+            row.flip = int(flip[i])
+            row.difference = diff[i]
+        rows.append(row)
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="explain")
+def main(cfg: DictConfig) -> None:
+    from cfexplain.data.readers import DataError
+
+    try:
+        index = explain(cfg)
+    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as e:
+        # Errors about the user's input: one clear line, no traceback.
+        print(f"cfexplain.explain: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"gallery: {index}")
+
+
+if __name__ == "__main__":
+    main()

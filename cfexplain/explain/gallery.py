@@ -1,0 +1,459 @@
+"""Drawing explanations: heatmap colours, per-image PNG strip, GIF and plot, and the HTML gallery.
+
+Computing maps lives in ``attribution``; this module only draws. :class:`GalleryWriter` streams:
+each :meth:`GalleryWriter.add` writes one image's files, appends its ``metrics.csv`` row and its
+HTML row to disk and rewrites ``index.html``, so memory holds one batch, never the whole set.
+The page is self-contained (relative paths, inline CSS and script, no network); every string that
+came from a file name or a config is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from cfexplain.explain.attribution import normalise
+from cfexplain.utils.artifacts import write_json, write_text
+from cfexplain.utils.images import to_uint8
+
+ROWS_FILE = "rows.html.part"  # the HTML rows so far, one per image, appended batch by batch
+
+
+# ----------------------------------------------------------------------------- colours
+
+
+def colorize(maps: Tensor, signed: bool) -> np.ndarray:
+    """``[N, 1, H, W]`` raw maps -> uint8 RGB ``[N, H, W, 3]`` on the shared display scale.
+
+    Signed maps use a diverging colormap centred on zero (blue negative, red positive);
+    unsigned maps a sequential one from black.
+    """
+    from matplotlib import colormaps
+
+    scaled = normalise(maps, signed)[:, 0].cpu().numpy()
+    if signed:
+        rgba = colormaps["RdBu_r"]((scaled + 1) / 2)
+    else:
+        rgba = colormaps["inferno"](scaled)
+    return (rgba[..., :3] * 255).round().astype(np.uint8)
+
+
+def gray_rgb(images: Tensor) -> np.ndarray:
+    """``[N, C, H, W]`` in [-1, 1] -> uint8 RGB ``[N, H, W, 3]`` (gray repeated)."""
+    arr = to_uint8(images)
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+
+
+def overlay(images: Tensor, maps: Tensor, signed: bool, alpha: float = 0.55) -> np.ndarray:
+    """Heatmaps blended over the inputs: uint8 ``[N, H, W, 3]``; opacity grows with |value|."""
+    base = gray_rgb(images).astype(np.float32)
+    heat = colorize(maps, signed).astype(np.float32)
+    weight = normalise(maps, signed)[:, 0].abs().cpu().numpy()[..., None] * alpha
+    return (base * (1 - weight) + heat * weight).round().clip(0, 255).astype(np.uint8)
+
+
+def upscale(arr: np.ndarray, size: int) -> Image.Image:
+    """uint8 ``[H, W, 3]`` or ``[H, W]`` -> a PIL image whose longer side is at least ``size`` (nearest)."""
+    img = Image.fromarray(arr)
+    k = max(1, math.ceil(size / max(img.size)))
+    return img.resize((img.width * k, img.height * k), Image.NEAREST) if k > 1 else img
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    # Plain writes: a gallery image is cheap to redo, and fsync per file would dominate the time.
+    img.save(path, format="PNG")
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+@dataclass
+class Row:
+    """Everything drawn for one image. Tensors are on any device; maps are raw (not normalised).
+
+    Attributes:
+        name: display name (a file name or ``test #i``); escaped when written.
+        image: ``[C, H, W]`` in [-1, 1].
+        prob: f's probability of the target class for the input.
+        pred, true: predicted / true class names (``true`` None for unlabelled files).
+        reconstruction: ``[C, H, W]`` G(E(x)), or None without the counterfactual stages.
+        frames: ``[K, C, H, W]`` counterfactual frames; ``lambdas`` and ``frame_probs`` ``[K]``.
+        flip: index of the first frame whose decision differs from the reconstruction's, -1 none.
+        difference: ``[1, H, W]`` flipping frame minus reconstruction (signed).
+        maps: method name -> (raw map ``[1, H, W]``, signed).
+        metrics: per-image numbers for metrics.csv and the page.
+    """
+
+    name: str
+    image: Tensor
+    prob: float
+    pred: str
+    true: str | None = None
+    reconstruction: Tensor | None = None
+    frames: Tensor | None = None
+    lambdas: Sequence[float] | None = None
+    frame_probs: Sequence[float] | None = None
+    flip: int = -1
+    difference: Tensor | None = None
+    maps: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_counterfactual(self) -> bool:
+        return self.frames is not None
+
+
+def strip_image(row: Row, size: int = 96) -> Image.Image:
+    """One PNG strip: input | reconstruction | frames with p(target) written under each."""
+    tiles = [(gray_rgb(row.image[None])[0], "input", f"p={row.prob:.2f}")]
+    if row.has_counterfactual:
+        tiles.append((gray_rgb(row.reconstruction[None])[0], "G(E(x))", ""))
+        frames = gray_rgb(row.frames)
+        for k, (frame, lam, p) in enumerate(zip(frames, row.lambdas, row.frame_probs)):
+            mark = " *" if k == row.flip else ""
+            tiles.append((frame, f"λ={lam:+.1f}{mark}", f"p={p:.2f}"))
+    imgs = [upscale(t, size) for t, _, _ in tiles]
+    w, h = imgs[0].size
+    text_h = 26
+    out = Image.new("RGB", (len(imgs) * (w + 2), h + text_h), "white")
+    draw = ImageDraw.Draw(out)
+    for i, (img, (_, top, bottom)) in enumerate(zip(imgs, tiles)):
+        out.paste(img, (i * (w + 2), 0))
+        draw.text((i * (w + 2) + 2, h + 1), top, fill="black")
+        draw.text((i * (w + 2) + 2, h + 13), bottom, fill="black")
+    return out
+
+
+def gif_bytes(frames: Tensor, size: int = 128, duration_ms: int = 150) -> bytes:
+    """Animated GIF of ``[K, C, H, W]`` frames, forward then back, looping."""
+    import imageio.v3 as iio
+
+    # Gray frames stay single-channel: a GIF palette then holds every gray level exactly.
+    u8 = to_uint8(frames)
+    arr = [np.asarray(upscale(f[..., 0] if f.shape[-1] == 1 else f, size)) for f in u8]
+    seq = arr + arr[-2:0:-1]
+    buf = io.BytesIO()
+    iio.imwrite(buf, np.stack(seq), extension=".gif", duration=duration_ms, loop=0)
+    return buf.getvalue()
+
+
+def plot_png(lambdas: Sequence[float], probs: Sequence[float], flip: int, target: str) -> bytes:
+    """Probability of ``target`` against λ (matplotlib, Agg), the 0.5 line and the flip marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.6, 1.9), dpi=80)
+    ax = fig.add_subplot()
+    ax.plot(lambdas, probs, "o-", color="#1f5fa8", ms=3)
+    ax.axhline(0.5, color="#888", lw=0.8, ls="--")
+    if flip >= 0:
+        ax.plot([lambdas[flip]], [probs[flip]], "o", color="#c0392b", ms=6)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel("λ")
+    ax.set_ylabel(f"p({target})")
+    fig.tight_layout(pad=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict[str, Any]:
+    """Write one image's PNGs (input, reconstruction, frames, difference, overlays), strip, GIF
+    and plot into ``folder``; return their paths relative to ``folder.parent.parent``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rel = f"{folder.parent.name}/{folder.name}"
+    files: dict[str, Any] = {"frames": [], "maps": {}}
+
+    def put(name: str, img: Image.Image) -> str:
+        _save_png(img, folder / name)
+        return f"{rel}/{name}"
+
+    files["input"] = put("input.png", upscale(gray_rgb(row.image[None])[0], size))
+    for name, (m, signed) in row.maps.items():
+        files["maps"][name] = put(
+            f"map_{name}.png", upscale(overlay(row.image[None], m[None], signed)[0], size)
+        )
+    files["strip"] = put("strip.png", strip_image(row, size))
+    if row.has_counterfactual:
+        files["reconstruction"] = put(
+            "reconstruction.png", upscale(gray_rgb(row.reconstruction[None])[0], size)
+        )
+        for k, frame in enumerate(gray_rgb(row.frames)):
+            files["frames"].append(put(f"frame_{k:02d}.png", upscale(frame, size)))
+        if row.difference is not None:
+            diff = colorize(row.difference[None], signed=True)[0]
+            files["difference"] = put("difference.png", upscale(diff, size))
+        gif = gif_bytes(row.frames, size)
+        (folder / "sequence.gif").write_bytes(gif)
+        files["gif"] = f"{rel}/sequence.gif"
+        png = plot_png(list(row.lambdas), list(row.frame_probs), row.flip, target)
+        (folder / "plot.png").write_bytes(png)
+        files["plot"] = f"{rel}/plot.png"
+    return files
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _figure(src: str, caption: str, cls: str = "") -> str:
+    return (
+        f'<figure class="{cls}"><img src="{_e(src)}" alt="{_e(caption)}" loading="eager">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
+    """One gallery row; ``data-*`` attributes carry what the page sorts and filters by."""
+    flip = "n/a" if not row.has_counterfactual else ("yes" if row.flip >= 0 else "no")
+    attrs = {
+        "data-index": index,
+        "data-name": row.name,
+        "data-true": row.true if row.true is not None else "unknown",
+        "data-pred": row.pred,
+        "data-flip": flip,
+        "data-prob": f"{row.prob:.6f}",
+    }
+    head = " ".join(f'{k}="{_e(v)}"' for k, v in attrs.items())
+    cells = [_figure(files["input"], f"input · p={row.prob:.2f}", "input")]
+    if row.has_counterfactual:
+        cells.append(_figure(files["reconstruction"], "G(E(x))"))
+        for k, (src, lam, p) in enumerate(zip(files["frames"], row.lambdas, row.frame_probs)):
+            mark = " ★" if k == row.flip else ""
+            cells.append(_figure(src, f"λ={lam:+.1f} p={p:.2f}{mark}", "frame"))
+        if "difference" in files:
+            cells.append(_figure(files["difference"], "flip − G(E(x))"))
+    for name, src in files["maps"].items():
+        cells.append(_figure(src, name, "map"))
+    if row.has_counterfactual:
+        cells.append(_figure(files["plot"], "p vs λ", "plot"))
+        cells.append(_figure(files["gif"], "sequence", "gif"))
+    facts = [f"true: {_e(attrs['data-true'])}", f"pred: {_e(row.pred)}", f"flip: {flip}"]
+    facts += [f"{_e(k)}: {_e(_fmt(v))}" for k, v in row.metrics.items()]
+    return (
+        f'<section class="row" {head}>\n'
+        f'<h3>{_e(row.name)}</h3><p class="facts">{" · ".join(facts)}'
+        f' · <a href="{_e(files["strip"])}">strip</a></p>\n'
+        f'<div class="cells">{"".join(cells)}</div>\n</section>\n'
+    )
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
+header{border-bottom:1px solid #ccc;margin-bottom:1em}
+header table{border-collapse:collapse}header td{padding:1px 8px 1px 0;vertical-align:top}
+.controls{margin:.6em 0}.controls button{margin:0 3px 3px 0;padding:2px 8px;border:1px solid #999;
+background:#fff;border-radius:3px;cursor:pointer}.controls button.on{background:#1f5fa8;color:#fff}
+.row{background:#fff;border:1px solid #ddd;border-radius:4px;margin:.6em 0;padding:.4em .6em}
+.row h3{margin:.1em 0;font-size:15px}.facts{margin:.1em 0 .4em;color:#555;font-size:12px}
+.cells{display:flex;flex-wrap:wrap;gap:4px}figure{margin:0;text-align:center}
+figure img{display:block;width:96px;height:auto;image-rendering:pixelated}
+figure.plot img{width:auto;height:96px;image-rendering:auto}
+figcaption{font-size:11px;color:#444;max-width:110px}.frame figcaption{font-variant-numeric:tabular-nums}
+.note{color:#8a5300}
+"""
+
+_SCRIPT = """
+(function(){
+  var rows=Array.prototype.slice.call(document.querySelectorAll('section.row'));
+  var active={true:'all',pred:'all',flip:'all'};
+  var list=document.getElementById('rows'), count=document.getElementById('count');
+  function apply(){
+    var shown=0;
+    rows.forEach(function(r){
+      var ok=Object.keys(active).every(function(k){
+        return active[k]==='all'||r.getAttribute('data-'+k)===active[k];});
+      r.style.display=ok?'':'none'; if(ok){shown++;}
+    });
+    count.textContent=shown+' of '+rows.length+' shown';
+  }
+  document.querySelectorAll('.controls button[data-filter]').forEach(function(b){
+    b.addEventListener('click',function(){
+      var k=b.getAttribute('data-filter'); active[k]=b.getAttribute('data-value');
+      document.querySelectorAll('.controls button[data-filter="'+k+'"]').forEach(function(o){
+        o.classList.toggle('on',o===b);});
+      apply();
+    });
+  });
+  document.getElementById('sort').addEventListener('change',function(e){
+    var key=e.target.value;
+    rows.sort(function(a,b){
+      if(key==='prob'){return parseFloat(b.getAttribute('data-prob'))-parseFloat(a.getAttribute('data-prob'));}
+      if(key==='index'){return parseInt(a.getAttribute('data-index'))-parseInt(b.getAttribute('data-index'));}
+      return a.getAttribute('data-'+key).localeCompare(b.getAttribute('data-'+key));
+    });
+    rows.forEach(function(r){list.appendChild(r);});
+  });
+  apply();
+})();
+"""
+
+
+def _buttons(key: str, label: str, values: Sequence[str]) -> str:
+    out = [f"<span>{_e(label)}:</span>"]
+    for v in ["all", *values]:
+        on = ' class="on"' if v == "all" else ""
+        out.append(
+            f'<button type="button" data-filter="{key}" data-value="{_e(v)}"{on}>{_e(v)}</button>'
+        )
+    return " ".join(out)
+
+
+def page_html(
+    header: Mapping[str, Any],
+    rows: str,
+    facets: Mapping[str, Sequence[str]],
+    notes: Sequence[str] = (),
+) -> str:
+    """The whole page: a header table (run, classifier, metric summary), filter buttons for
+    every value seen in ``facets`` (true, pred, flip), a sort menu, and the rows."""
+    table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in header.items())
+    note_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+    controls = "<br>".join(
+        _buttons(k, lbl, facets.get(k, []))
+        for k, lbl in (("true", "true label"), ("pred", "predicted"), ("flip", "flip"))
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>cfexplain · {_e(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
+        f"<header><h1>cfexplain gallery</h1><table>{table}</table>{note_html}</header>\n"
+        f'<div class="controls">{controls}<br><label>sort by <select id="sort">'
+        '<option value="index">order</option><option value="prob">probability</option>'
+        '<option value="name">name</option><option value="true">true label</option>'
+        '<option value="pred">predicted</option><option value="flip">flip</option></select></label>'
+        ' <span id="count"></span></div>\n'
+        f'<main id="rows">\n{rows}</main>\n<script>{_SCRIPT}</script>\n</body></html>\n'
+    )
+
+
+# ----------------------------------------------------------------------------- streaming writer
+
+
+class GalleryWriter:
+    """Writes a gallery into ``out`` one batch at a time.
+
+    ``index.html`` is rewritten after every :meth:`add_batch`, so an interrupted run still leaves
+    a browsable page of what was done; :meth:`close` adds the final header and ``summary.json``.
+    """
+
+    def __init__(self, out: str | Path, target: str, size: int = 96) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.target, self.size = target, size
+        self.count = 0
+        self.facets: dict[str, set[str]] = {"true": set(), "pred": set(), "flip": set()}
+        self.metric_columns: list[str] | None = None
+        (self.out / ROWS_FILE).write_text("", encoding="utf-8")
+        self.table_rows: list[list[Any]] = []  # small: names, numbers and file paths
+
+    def add_batch(
+        self, rows: Sequence[Row], header: Mapping[str, Any], notes: Sequence[str] = ()
+    ) -> None:
+        threads = torch.get_num_threads()
+        # Drawing runs many tiny tensor ops: with several intra-op threads on a busy CPU each one
+        # costs milliseconds of thread wake-up; one thread is ~1000x faster for them.
+        torch.set_num_threads(1)
+        try:
+            self._add(rows, header, notes)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _add(self, rows: Sequence[Row], header: Mapping[str, Any], notes: Sequence[str]) -> None:
+        fragments = []
+        for row in rows:
+            folder = self.out / "images" / f"{self.count:05d}"
+            files = write_row_files(row, folder, self.target, self.size)
+            fragments.append(row_html(row, files, self.count))
+            self._csv(row, files)
+            self.facets["true"].add(row.true if row.true is not None else "unknown")
+            self.facets["pred"].add(row.pred)
+            self.facets["flip"].add(
+                "n/a" if not row.has_counterfactual else ("yes" if row.flip >= 0 else "no")
+            )
+            self.table_rows.append(self._table_row(row, files))
+            self.count += 1
+        with open(self.out / ROWS_FILE, "a", encoding="utf-8") as f:
+            f.write("".join(fragments))
+        self.write_index(header, notes)
+
+    def _csv(self, row: Row, files: Mapping[str, Any]) -> None:
+        base = {
+            "index": self.count,
+            "name": row.name,
+            "true": row.true if row.true is not None else "",
+            "pred": row.pred,
+            "prob": row.prob,
+            "flip_index": row.flip if row.has_counterfactual else "",
+            "flip_lambda": row.lambdas[row.flip]
+            if row.has_counterfactual and row.flip >= 0
+            else "",
+        }
+        values = {**base, **row.metrics, "strip": files["strip"]}
+        path = self.out / "metrics.csv"
+        if self.metric_columns is None:
+            self.metric_columns = list(values)
+            with open(path, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerow(self.metric_columns)
+        with open(path, "a", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerow([values.get(c, "") for c in self.metric_columns])
+
+    def _table_row(self, row: Row, files: Mapping[str, Any]) -> list[Any]:
+        """Cells of the W&B table: Paths of PNGs (shown as images there), numbers, strings."""
+        out = self.out
+        return [
+            row.name,
+            row.true if row.true is not None else "",
+            row.pred,
+            row.prob,
+            out / files["input"],
+            out / files["strip"],
+            json.dumps([round(float(p), 4) for p in row.frame_probs])
+            if row.has_counterfactual
+            else "",
+            row.flip if row.has_counterfactual else -1,
+            *[out / files["maps"][m] for m in sorted(files["maps"])],
+            *[row.metrics.get(k, float("nan")) for k in sorted(row.metrics)],
+        ]
+
+    def table_columns(self, methods: Sequence[str], metrics: Sequence[str]) -> list[str]:
+        return [
+            "name", "true", "pred", "prob", "input", "strip", "frame_probs", "flip_index",
+            *sorted(methods), *sorted(metrics),
+        ]  # fmt: skip
+
+    def write_index(self, header: Mapping[str, Any], notes: Sequence[str] = ()) -> Path:
+        rows = (self.out / ROWS_FILE).read_text(encoding="utf-8")
+        facets = {k: sorted(v) for k, v in self.facets.items()}
+        return write_text(self.out / "index.html", page_html(header, rows, facets, notes))
+
+    def close(
+        self, header: Mapping[str, Any], summary: Mapping[str, Any], notes: Sequence[str] = ()
+    ) -> Path:
+        """Final ``index.html`` and ``summary.json``; the rows file is removed."""
+        index = self.write_index(header, notes)
+        write_json(self.out / "summary.json", {**summary, "images": self.count})
+        (self.out / ROWS_FILE).unlink(missing_ok=True)
+        return index

@@ -1,0 +1,116 @@
+"""Gallery drawing: colours, strip, GIF, plot, HTML escaping and the streaming writer."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+from PIL import Image
+
+from cfexplain.explain.gallery import (
+    ROWS_FILE,
+    GalleryWriter,
+    Row,
+    colorize,
+    gif_bytes,
+    page_html,
+    plot_png,
+    row_html,
+    strip_image,
+    write_row_files,
+)
+
+EVIL = "<img src=x onerror=alert(1)>.png"
+
+
+def make_row(name: str = "a.png", counterfactual: bool = True, k: int = 5, true: str = "0") -> Row:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 16, 16, generator=g) * 2 - 1
+    row = Row(
+        name=name,
+        image=x,
+        prob=0.3,
+        pred="healthy",
+        true=true,
+        maps={
+            "saliency": (torch.randn(1, 16, 16, generator=g), True),
+            "normative": (torch.rand(1, 16, 16, generator=g), False),
+        },
+        metrics={"monotonicity": 0.9},
+    )
+    if counterfactual:
+        row.reconstruction = x * 0.9
+        row.frames = torch.rand(k, 1, 16, 16, generator=g) * 2 - 1
+        row.lambdas = [float(v) for v in torch.linspace(-2, 2, k)]
+        row.frame_probs = [float(v) for v in torch.linspace(0.1, 0.9, k)]
+        row.flip = 3
+        row.difference = row.frames[3, :1] - row.reconstruction
+    return row
+
+
+def test_colours_diverge_around_zero_and_unsigned_starts_black():
+    m = torch.tensor([[[[-2.0, 0.0, 2.0]]]])
+    rgb = colorize(m, signed=True)[0, 0]
+    neg, zero, pos = rgb.astype(int)
+    assert neg[2] > neg[0] and pos[0] > pos[2], "blue for negative, red for positive"
+    assert abs(zero[0] - zero[2]) < 10 and zero.min() > 200, "zero is near white"
+    u = colorize(torch.tensor([[[[0.0, 1.0]]]]), signed=False)[0, 0]
+    assert u[0].max() < 10 and u[1].sum() > u[0].sum()
+
+
+def test_strip_gif_and_plot_are_real_images():
+    row = make_row(k=5)
+    strip = strip_image(row, size=32)
+    assert strip.size[0] == 7 * (32 + 2)  # input, reconstruction, 5 frames
+    frames = iio.imread(io.BytesIO(gif_bytes(row.frames, size=32)), index=None, extension=".gif")
+    assert frames.shape[0] == 2 * 5 - 2  # forward then back without repeating the ends
+    assert frames.shape[1:3] == (32, 32)
+    # the first GIF frame is the first counterfactual frame (upscaled 2x, gray)
+    first = frames[0] if frames.ndim == 3 else frames[0][..., 0]
+    expected = ((row.frames[0, 0].numpy() + 1) * 127.5).round()
+    assert np.abs(first[::2, ::2].astype(float) - expected).max() <= 1
+    png = Image.open(io.BytesIO(plot_png(row.lambdas, row.frame_probs, row.flip, "sick")))
+    assert png.format == "PNG" and png.size[0] > 100
+
+
+def test_every_string_from_files_and_config_is_escaped(tmp_path):
+    row = make_row(name=EVIL, true="<b>x</b>")
+    files = write_row_files(row, tmp_path / "images" / "00000", target="t", size=16)
+    html_row = row_html(row, files, 0)
+    assert "<img src=x" not in html_row
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in html_row
+    assert "<b>x</b>" not in html_row and "&lt;b&gt;x&lt;/b&gt;" in html_row
+    page = page_html({"run": "<script>alert(2)</script>"}, html_row, {"true": ["<b>x</b>"]})
+    assert "<script>alert(2)" not in page and "&lt;script&gt;alert(2)&lt;/script&gt;" in page
+    assert page.count("<script>") == 1  # only the page's own inline script
+    for src in files["frames"] + [files["input"], files["gif"], files["plot"], files["difference"]]:
+        assert (tmp_path / src).is_file(), src
+
+
+def test_writer_streams_rows_csv_and_summary(tmp_path):
+    w = GalleryWriter(tmp_path / "g", target="sick", size=16)
+    w.add_batch([make_row("a.png"), make_row("b.png", true="1")], {"run": "r"})
+    # after the first batch the page already holds its rows
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert page.count('<section class="row"') == 2
+    w.add_batch([make_row("c.png", counterfactual=False)], {"run": "r"}, notes=["a note"])
+    index = w.close({"run": "r"}, {"flip_rate": 0.5}, notes=["a note"])
+    page = index.read_text()
+    assert page.count('<section class="row"') == 3
+    assert 'data-flip="yes"' in page and 'data-flip="n/a"' in page and "a note" in page
+    assert not (tmp_path / "g" / ROWS_FILE).exists()
+    with open(tmp_path / "g" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["a.png", "b.png", "c.png"]
+    assert rows[0]["flip_index"] == "3" and rows[0]["flip_lambda"] == "1.0"
+    assert rows[2]["flip_index"] == "" and rows[0]["monotonicity"] == "0.9"
+    summary = json.loads((tmp_path / "g" / "summary.json").read_text())
+    assert summary == {"flip_rate": 0.5, "images": 3}
+    # no reference to anything outside the gallery folder, nothing from the network
+    assert "http://" not in page and "https://" not in page
+    columns = w.table_columns(["saliency", "normative"], ["monotonicity"])
+    assert len(columns) == len(w.table_rows[0])
