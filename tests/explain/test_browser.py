@@ -1,0 +1,129 @@
+"""A real browser opens galleries from disk: headless Chromium (Debian's package) via playwright.
+
+``make test`` installs chromium when it runs as root and it is missing; where it still is not
+there, these tests fail with the reason (they never skip).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cfexplain.explain.__main__ import explain
+from cfexplain.explain.gallery import GalleryWriter
+from tests.explain.test_command import FAST, classifier_run, explain_cfg  # noqa: F401 (fixture)
+from tests.explain.test_gallery import EVIL, make_row
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        found = shutil.which("chromium")
+        pytest.fail(
+            f"headless Chromium is needed at {CHROMIUM} (found: {found}); install Debian's package: "
+            "apt-get install -y chromium (make test does this when run as root)"
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def open_page(browser, index: Path):
+    """The page at ``index`` (file://) and the console errors / failed requests it produced."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+    page.goto(index.as_uri())
+    page.wait_for_load_state("load")
+    return page, errors
+
+
+def visible_rows(page) -> int:
+    return page.evaluate(
+        "Array.from(document.querySelectorAll('section.row')).filter(r => r.offsetParent !== null).length"
+    )
+
+
+def assert_images_decoded(page) -> int:
+    sizes = page.evaluate(
+        "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
+    )
+    bad = [s for s in sizes if not (s[1] and s[2] > 0)]
+    assert not bad, f"images not decoded: {bad[:5]}"
+    return len(sizes)
+
+
+def test_command_gallery_in_chromium(browser, classifier_run, tmp_path):  # noqa: F811
+    index = explain(
+        explain_cfg(
+            f"run={classifier_run}",
+            f"out={tmp_path / 'g'}",
+            "limit=8",
+            "batch_size=4",
+            FAST,
+            "logger=none",
+        )
+    )
+    page, errors = open_page(browser, index)
+    try:
+        assert page.locator("section.row").count() == 8
+        assert visible_rows(page) == 8
+        assert assert_images_decoded(page) == 8 * 4  # input + gradcam, saliency, cam
+        labels = page.evaluate(
+            "Array.from(new Set(Array.from(document.querySelectorAll('section.row')).map(r => r.dataset.true)))"
+        )
+        assert len(labels) == 2, labels  # the smoke test split has both classes in its first 8
+        page.locator(f'button[data-filter="true"][data-value="{labels[0]}"]').click()
+        shown = visible_rows(page)
+        assert 0 < shown < 8
+        assert page.locator("#count").inner_text() == f"{shown} of 8 shown"
+        page.locator('button[data-filter="true"][data-value="all"]').click()
+        assert visible_rows(page) == 8
+        page.select_option("#sort", "prob")
+        probs = page.evaluate(
+            "Array.from(document.querySelectorAll('section.row')).map(r => parseFloat(r.dataset.prob))"
+        )
+        assert probs == sorted(probs, reverse=True)
+        assert not errors, errors
+    finally:
+        page.close()
+
+
+def test_counterfactual_rows_gifs_and_escaped_names_in_chromium(browser, tmp_path):
+    w = GalleryWriter(tmp_path / "g", target="sick", size=32)
+    w.add_batch(
+        [make_row(EVIL), make_row("b.png", true="1"), make_row("c.png", counterfactual=False)],
+        {"run": "<i>r</i>"},
+    )
+    index = w.close({"run": "<i>r</i>"}, {})
+    page, errors = open_page(browser, index)
+    try:
+        # the evil name is text, not an element: no extra <img>, the heading shows it verbatim
+        assert page.locator("section.row h3").first.inner_text() == EVIL
+        assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+        # with counterfactual: input, reconstruction, 5 frames, difference, 2 maps, plot, gif
+        assert assert_images_decoded(page) == 2 * 12 + 3
+        page.locator('button[data-filter="flip"][data-value="n/a"]').click()
+        assert visible_rows(page) == 1
+        assert not errors, errors
+    finally:
+        page.close()

@@ -1,0 +1,190 @@
+"""``python -m cfexplain.explain`` on real smoke runs: gallery files, user images, robustness, W&B."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+from PIL import Image
+
+from cfexplain.data.readers import DataError
+from cfexplain.explain.__main__ import ConfigError, explain
+from cfexplain.train import run_chain
+from tests.conftest import compose_config, run_cli
+from tests.utils.test_tracking import read_wandb_records
+
+EVIL = "<img src=x onerror=alert(1)>.png"
+FAST = "methods=[gradcam,saliency,cam,counterfactual,normative]"
+
+
+def explain_cfg(*overrides: str) -> DictConfig:
+    """The explain config as ``python -m cfexplain.explain`` composes it."""
+    with initialize_config_module(config_module="cfexplain.conf", version_base="1.3"):
+        return compose(config_name="explain", overrides=["device=cpu", *overrides])
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory) -> Path:
+    """A smoke run with only the classifier stage (fast)."""
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = compose_config(
+        "+dataset=knee",
+        "preset=smoke",
+        "logger=none",
+        f"runs_dir={runs}",
+        "device=cpu",
+        "stages=[classifier]",
+    )
+    run_chain(cfg)
+    return runs / "knee"
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_classifier_only_run_gives_heatmaps_and_says_why_no_counterfactual(
+    classifier_run, tmp_path
+):
+    out = tmp_path / "g"
+    index = explain(
+        explain_cfg(
+            f"run={classifier_run}", f"out={out}", "limit=5", "batch_size=2", FAST, "logger=none"
+        )
+    )
+    assert index == out / "index.html"
+    page = index.read_text()
+    assert page.count('<section class="row"') == 5
+    assert "counterfactual column" in page and "generator, encoder and direction" in page
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 5 and summary["counterfactual"] is False
+    assert summary["methods"] == ["gradcam", "saliency", "cam"]
+    rows = _rows(out)
+    assert [r["name"] for r in rows] == [f"test #{i}" for i in range(5)]
+    assert {r["true"] for r in rows} <= {"KL<2", "KL>=2"}
+    for i in range(5):
+        for m in ("gradcam", "saliency", "cam"):
+            assert Image.open(out / "images" / f"{i:05d}" / f"map_{m}.png").size == (96, 96)
+        assert (out / "images" / f"{i:05d}" / "strip.png").is_file()
+
+
+def _user_images(folder: Path) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (70, 60, 3), dtype=np.uint8)).save(folder / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / EVIL)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+
+def test_user_images_corrupt_file_skipped_and_names_escaped(classifier_run, tmp_path):
+    _user_images(tmp_path / "mine")
+    out = tmp_path / "g"
+    explain(
+        explain_cfg(
+            f"run={classifier_run}",
+            f"images={tmp_path / 'mine'}",
+            f"out={out}",
+            FAST,
+            "logger=none",
+        )
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 3
+    assert [Path(s["path"]).name for s in summary["skipped"]] == ["broken.png"]
+    assert "corrupt" in summary["skipped"][0]["reason"]
+    page = (out / "index.html").read_text()
+    assert "<img src=x onerror" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;.png" in page
+    assert "Skipped broken.png" in page
+    assert sorted(r["name"] for r in _rows(out)) == sorted([EVIL, "gray.png", "rgb.jpg"])
+
+
+def test_impossible_conversion_names_the_file(classifier_run, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.new("CMYK", (32, 32), (10, 20, 30, 40)).save(folder / "four.jpg")
+    with pytest.raises(DataError, match=r"four\.jpg.*cannot convert.*1 channel"):
+        explain(
+            explain_cfg(
+                f"run={classifier_run}",
+                f"images={folder}",
+                f"out={tmp_path / 'g'}",
+                FAST,
+                "logger=none",
+            )
+        )
+
+
+def test_missing_run_is_one_clear_line(tmp_path):
+    with pytest.raises(ConfigError, match="no finished classifier stage"):
+        explain(explain_cfg(f"run={tmp_path / 'nope'}", "logger=none"))
+    r = run_cli("cfexplain.explain", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)
+    assert r.returncode == 2 and "no finished classifier stage" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "g"
+    explain(explain_cfg(f"run={classifier_run}", f"out={out}", "limit=3", FAST))
+    summary = json.loads((out / "summary.json").read_text())
+    wandb_dir = Path(summary["wandb_dir"])
+    assert wandb_dir.parent == classifier_run / "wandb"
+    (log,) = wandb_dir.glob("run-*.wandb")
+    # wandb's service process writes the log behind the client: wait for the run's exit record.
+    records: list = []
+    for _ in range(120):
+        records = read_wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.25)
+    ref = {}  # the table's reference, logged as one history item per field
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            for i in r.history.item:
+                if list(i.nested_key[:1]) == ["explain/gallery"]:
+                    ref[i.nested_key[1]] = json.loads(i.value_json)
+    assert ref["_type"] == "table-file" and ref["nrows"] == 3
+    # The run folder's copy names the columns; the full table with its image cells travels in
+    # the run_table artifact that the log's artifact record lists (file by file).
+    (art,) = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
+    ]
+    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
+    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
+    table = json.loads(table_file.read_text())
+    columns = table["columns"]
+    assert columns[:4] == ["name", "true", "pred", "prob"]
+    assert [row[0] for row in table["data"]] == ["test #0", "test #1", "test #2"]
+    image_cells = [row[columns.index("gradcam")] for row in table["data"]]
+    assert all(c["_type"] == "image-file" for c in image_cells)
+    assert all(c["path"] in entries and entries[c["path"]].is_file() for c in image_cells)
+    gallery = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "gallery"
+    ]
+    assert any(c.path == "index.html" for a in gallery for c in a.manifest.contents)
+    probs = [float(r["prob"]) for r in _rows(out)]
+    assert [row[3] for row in table["data"]] == pytest.approx(probs)
+
+
+def test_cli_prints_the_gallery_path(classifier_run, tmp_path):
+    out = tmp_path / "g"
+    r = run_cli(
+        "cfexplain.explain", f"run={classifier_run}", f"out={out}", "limit=2", "methods=[cam]",
+        "logger=none", "device=cpu", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"gallery: {out / 'index.html'}" in r.stdout
+    assert not list(tmp_path.glob("*.log")), "hydra must not leave log files in the cwd"
