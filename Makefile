@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml setup.py
 
 demo: $(STAMP)
 	$(PY) -m cfexplain.train +dataset=knee $(ARGS)
+	$(PY) -m cfexplain.explain run=runs/knee limit=16
 
 test: $(STAMP)
+	@# The gallery's browser test drives Debian's chromium; as root, install it when missing.
+	@if [ "$$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium; fi
 	WANDB_MODE=offline $(PY) -m pytest -q
 
 lint: $(STAMP)
