@@ -35,7 +35,7 @@ class Stage:
 CHAIN: tuple[Stage, ...] = (
     Stage("classifier", keys=("data", "classifier", "seed")),
     Stage("generator", keys=("data", "generator", "seed"), inputs=("classifier",)),
-    Stage("encoder", keys=("data", "encoder", "seed"), inputs=("generator",)),
+    Stage("encoder", keys=("data", "encoder", "seed"), inputs=("classifier", "generator")),
     Stage("normative", keys=("data", "normative", "seed")),
     Stage(
         "direction",

@@ -1,0 +1,153 @@
+"""Counterfactual engine: auto-λ reaches its targets, batched == per image, flips, refinement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfexplain.explain.counterfactual import CounterfactualEngine, Counterfactuals
+from cfexplain.nn.classifier import ResNetClassifier
+from cfexplain.nn.encoder import Encoder
+from cfexplain.nn.stylegan2 import Generator
+from tests.stages.test_direction import (
+    LinearEncoder,
+    LinearGenerator,
+    PlantedClassifier,
+    planted_directions,
+)
+
+
+def _planted_engine(**kw) -> CounterfactualEngine:
+    G = LinearGenerator()
+    return CounterfactualEngine(
+        G, LinearEncoder(), PlantedClassifier(), planted_directions(2)[0], device="cpu", **kw
+    )
+
+
+def _planted_images(n: int, seed: int = 0) -> torch.Tensor:
+    G = LinearGenerator()
+    z = torch.randn(n, G.z_dim, generator=torch.Generator().manual_seed(seed))
+    return G.synthesis(G.mapping(z))
+
+
+def test_auto_lambdas_hit_the_target_probabilities():
+    engine = _planted_engine(lambda_range=2.0, bisect_steps=20)
+    x = _planted_images(6)
+    for target in (1, 0):
+        cf = engine(x, target=target, lambdas="auto")
+        goal = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]).expand(6, -1)
+        assert cf.lambdas.shape == cf.probs.shape == (6, 5)
+        assert torch.allclose(cf.probs, goal, atol=1e-3), cf.probs
+        assert (cf.lambdas.diff(dim=1) > 0).all()
+        # probabilities of class `target`: the two targets are mirror images
+        assert torch.allclose(
+            cf.input_probs + engine(x, target=1 - target, lambdas=[0.0]).input_probs, torch.ones(6)
+        )
+    # exact inverse: the reconstruction is the input, frame probabilities follow sigmoid(3 (u·w + λ))
+    assert torch.allclose(cf.reconstruction, x, atol=1e-4) and cf.recon_error.max() < 1e-4
+
+
+def test_unreachable_targets_stop_at_the_end_of_the_range():
+    engine = _planted_engine(lambda_range=0.05, bisect_steps=12)  # far too short to reach 0.1 / 0.9
+    near_boundary = _planted_images(3) * 0.01  # probabilities near 0.5: 0.3..0.7 are out of reach
+    cf = engine(near_boundary, target=1, lambdas="auto")
+    assert ((cf.probs - 0.5).abs() < 0.1).all()
+    assert torch.allclose(cf.lambdas[:, 0], torch.full((3,), -0.1), atol=1e-3)
+    assert torch.allclose(cf.lambdas[:, -1], torch.full((3,), 0.1), atol=1e-3)
+
+
+def _stylegan_engine(max_batch: int, bisect_steps: int = 8) -> CounterfactualEngine:
+    torch.manual_seed(0)
+    G = Generator(
+        z_dim=16, w_dim=16, img_resolution=16, img_channels=1, channel_base=128, channel_max=16
+    )
+    E = Encoder(
+        img_resolution=16, img_channels=1, w_dim=16, num_ws=G.num_ws, width=4, channel_max=16
+    )
+    torch.nn.init.normal_(E.head[-1].weight, std=0.05)  # leave the all-w_avg start behind
+    f = ResNetClassifier(in_channels=1, num_classes=2, width=4, blocks=[1])
+    for m in f.modules():  # BasicBlocks start as identity; make f depend on the image for real
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    d = torch.randn(16)
+    return CounterfactualEngine(
+        G,
+        E,
+        f.eval(),
+        d,
+        lambda_range=4.0,
+        max_batch=max_batch,
+        bisect_steps=bisect_steps,
+        device="cpu",
+    )
+
+
+@pytest.mark.parametrize("lambdas", ["symmetric", "auto", [-1.0, 0.5, 2.0]])
+def test_batched_and_per_image_sequences_are_identical(lambdas):
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    batched = _stylegan_engine(max_batch=64)(x, target=1, lambdas=lambdas)
+    engine = _stylegan_engine(max_batch=3)  # frames of one image split over several passes
+    single = [engine(x[i : i + 1], target=1, lambdas=lambdas) for i in range(4)]
+    for field in (
+        "images",
+        "lambdas",
+        "probs",
+        "reconstruction",
+        "recon_error",
+        "input_probs",
+        "w",
+    ):
+        one = torch.cat([getattr(s, field) for s in single])
+        assert torch.allclose(getattr(batched, field), one, atol=1e-5, rtol=1e-5), field
+    assert batched.images.shape[:2] == batched.lambdas.shape
+    assert batched.probs.std() > 0  # the walk changes what f sees
+
+
+def test_refinement_lowers_the_reconstruction_error_per_image():
+    engine = _stylegan_engine(max_batch=64)
+    with torch.no_grad():
+        target_w = engine.G.mapping(torch.randn(3, 16, generator=torch.Generator().manual_seed(2)))
+        x = engine.G.synthesis(target_w)
+    plain = engine(x, lambdas=[0.0])
+    refined = engine(x, lambdas=[0.0], refine_steps=15)
+    assert (refined.recon_error < plain.recon_error).all()
+    one = engine(x[1:2], lambdas=[0.0], refine_steps=15)
+    assert torch.allclose(one.w, refined.w[1:2], atol=1e-4)
+
+
+def _result(lambdas, probs, recon_probs) -> Counterfactuals:
+    n, k = len(probs), len(probs[0])
+    return Counterfactuals(
+        images=torch.zeros(n, k, 1, 4, 4),
+        lambdas=torch.tensor(lambdas, dtype=torch.float32).expand(n, -1),
+        probs=torch.tensor(probs),
+        reconstruction=torch.zeros(n, 1, 4, 4),
+        recon_error=torch.zeros(n),
+        input_probs=torch.tensor(recon_probs),
+        w=torch.zeros(n, 1, 2),
+        target=1,
+        recon_probs=torch.tensor(recon_probs),
+    )
+
+
+def test_flip_index_is_the_flipping_frame_nearest_the_reconstruction():
+    cf = _result(
+        [-2.0, -1.0, 0.0, 1.0, 2.0],
+        [
+            [0.1, 0.2, 0.3, 0.6, 0.9],  # negative: flips at λ = 1
+            [0.2, 0.4, 0.7, 0.8, 0.9],  # positive: flips at λ = -1 (not the farther -2)
+            [0.1, 0.2, 0.3, 0.4, 0.45],  # never flips
+        ],
+        [0.3, 0.7, 0.3],
+    )
+    assert cf.flip_index().tolist() == [3, 1, -1]
+
+
+def test_bad_arguments_are_named():
+    engine = _planted_engine()
+    with pytest.raises(ValueError, match="targets 0 and 1"):
+        engine(_planted_images(1), target=2)
+    with pytest.raises(ValueError, match="lambdas must be"):
+        engine(_planted_images(1), lambdas="wide")
+    with pytest.raises(ValueError, match="direction must be"):
+        CounterfactualEngine(LinearGenerator(), LinearEncoder(), PlantedClassifier(), torch.ones(5))
