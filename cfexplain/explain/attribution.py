@@ -74,9 +74,17 @@ def _restore(d: dict[str, Any], snap: dict[str, tuple[Any, dict | None]]) -> Non
         del d[k]
     for k, (v, contents) in snap.items():
         d[k] = v
-        if contents is not None:
+        if contents is not None and not _same(v, contents):
             v.clear()
             v.update(contents)
+
+
+def _same(a: dict, b: dict) -> bool:
+    """Same keys bound to the same objects (identity: values may be tensors)."""
+    return len(a) == len(b) and all(b.get(k, _MISSING) is v for k, v in a.items())
+
+
+_MISSING = object()
 
 
 def to_map(a: Tensor, size: tuple[int, int], reduce: str = "sum") -> Tensor:
@@ -127,8 +135,11 @@ class Method:
 
     def attribute(self, x: Tensor, target: int) -> Tensor:
         assert x.ndim == 4, f"{self.name}: expected images [N, C, H, W], got {tuple(x.shape)}"
-        x = x.detach().clone().requires_grad_(True)
-        with isolated(self.model):
+        # No requires_grad here: grad-CAM and CAM need no input gradient (it would cost one
+        # more backward through the first layers); captum sets it where a method needs it.
+        x = x.detach().clone()
+        with isolated(self.model), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Input Tensor 0 did not already require gradients")
             a = self._attribute(x, int(target))
         # captum's perturbation methods end in float32; hand back the input's dtype.
         out = to_map(a, tuple(x.shape[-2:]), self.reduce).to(x.dtype)
@@ -405,7 +416,7 @@ class LRP(Method):
             return out * F.one_hot(torch.tensor(target), out.shape[1]).to(out)
 
         with Gradient(self.model, lrp_composite(self.composite)) as attributor:
-            _, rel = attributor(x, relevance)
+            _, rel = attributor(x.requires_grad_(True), relevance)
         return rel
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from PIL import Image
@@ -16,6 +18,7 @@ from PIL import Image
 from cfexplain.data.readers import DataError
 from cfexplain.explain.__main__ import ConfigError, explain
 from cfexplain.train import run_chain
+from cfexplain.utils.artifacts import Artifact, save_model
 from tests.conftest import compose_config, run_cli
 from tests.utils.test_tracking import read_wandb_records
 
@@ -43,6 +46,109 @@ def classifier_run(tmp_path_factory) -> Path:
     )
     run_chain(cfg)
     return runs / "knee"
+
+
+def _stage(run: Path, name: str, models: dict, info: dict | None = None) -> None:
+    """A finished stage folder holding ``models`` (name -> (module, target, kwargs))."""
+    folder = run / name
+    folder.mkdir()
+    files = {}
+    for key, (module, target, kwargs) in models.items():
+        save_model(folder / f"{key}.safetensors", module, target, kwargs)
+        files[key] = f"{key}.safetensors"
+    Artifact(name, folder, fingerprint=name, files=files, info=info or {}).write()
+
+
+@pytest.fixture(scope="module")
+def full_run(classifier_run, tmp_path_factory) -> Path:
+    """The classifier run plus untrained generator, encoder, direction and normative stages in
+    the formats the training stages write: every explain path runs on real (random) networks."""
+    from safetensors.torch import save_file
+
+    from cfexplain.nn.encoder import Encoder
+    from cfexplain.nn.normative import ConvAAE, ConvVAE
+    from cfexplain.nn.stylegan2 import Generator
+
+    run = tmp_path_factory.mktemp("full") / "knee"
+    shutil.copytree(classifier_run / "classifier", run / "classifier")
+    torch.manual_seed(0)
+    g_kw = dict(
+        z_dim=16, w_dim=16, img_resolution=32, img_channels=1, channel_base=128, channel_max=16
+    )
+    G = Generator(**g_kw)
+    _stage(run, "generator", {"G_ema": (G, "cfexplain.nn.stylegan2.Generator", g_kw)})
+    e_kw = dict(
+        img_resolution=32, img_channels=1, w_dim=16, num_ws=G.num_ws, width=8, channel_max=16
+    )
+    E = Encoder(**e_kw)
+    _stage(
+        run,
+        "encoder",
+        {"encoder": (E, "cfexplain.nn.encoder.Encoder", e_kw)},
+        {"perceptual": "random"},
+    )
+    n_kw = dict(
+        img_channels=1, img_resolution=32, latent_channels=2, width=8, levels=2, width_max=16
+    )
+    _stage(
+        run,
+        "normative",
+        {
+            "vae": (ConvVAE(**n_kw), "cfexplain.nn.normative.ConvVAE", n_kw),
+            "aae": (ConvAAE(**n_kw), "cfexplain.nn.normative.ConvAAE", n_kw),
+        },
+        {"models": ["vae", "aae"]},
+    )
+    (run / "direction").mkdir()
+    save_file(
+        {"direction": torch.randn(16), "lambda_range": torch.tensor([3.0])},
+        str(run / "direction" / "directions.safetensors"),
+    )
+    Artifact(
+        "direction", run / "direction", "direction", files={"directions": "directions.safetensors"}
+    ).write()
+    return run
+
+
+def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_path):
+    out = tmp_path / "g"
+    with pytest.warns(UserWarning, match="random"):  # the untrained perceptual net says so loudly
+        explain(
+            explain_cfg(
+                f"run={full_run}",
+                f"out={out}",
+                "limit=3",
+                "batch_size=2",
+                "methods=[counterfactual,gradcam,normative]",
+                "lambdas=symmetric",
+                "counterfactual.num_frames=5",
+                "logger=none",
+            )  # fmt: skip
+        )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counterfactual"] is True and summary["methods"] == ["gradcam", "normative"]
+    assert summary["notes"] == []
+    rows = _rows(out)
+    assert len(rows) == 3
+    for key in ("flipped", "monotonicity", "recon_error", "proximity_l1"):
+        assert key in rows[0], rows[0].keys()
+    for i in range(3):
+        folder = out / "images" / f"{i:05d}"
+        assert len(list(folder.glob("frame_*.png"))) == 5
+        for name in (
+            "reconstruction.png",
+            "difference.png",
+            "plot.png",
+            "sequence.gif",
+            "map_normative.png",
+        ):
+            assert (folder / name).is_file(), name
+        with Image.open(folder / "sequence.gif") as gif:
+            assert gif.n_frames == 8
+        flip = rows[i]["flip_index"]
+        assert flip == "-1" or 0 <= int(flip) < 5
+    page = (out / "index.html").read_text()
+    assert page.count('class="frame"') == 3 * 5 and "p vs λ" in page
 
 
 def _rows(out: Path) -> list[dict]:
