@@ -20,6 +20,7 @@ from cfexplain.data.readers import (
     DataError,
     _as_batch,
     _BadFile,
+    _decode_dicom,
     _decode_file,
     _fit,
     _with_channels,
@@ -105,8 +106,10 @@ def _manifest(path: Path) -> list[tuple[Path, str | None]]:
 
 def load_user_image(path: Path, label: str | None, *, resolution: int, channels: int) -> UserImage:
     """Decode and fit one file; ``_BadFile`` (corrupt) or ``DataError`` (no conversion rule)."""
+    path = Path(path)
     try:
-        pixels, _ = _decode_file(Path(path))
+        # The readers pick the decoder by suffix; a suffix-less DICOM is recognised by its magic.
+        pixels = _decode_dicom(path) if _is_dicom(path) else _decode_file(path)[0]
     except _BadFile as err:
         if err.reason.startswith(_CORRUPT):
             raise

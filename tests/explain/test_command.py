@@ -294,3 +294,39 @@ def test_cli_prints_the_gallery_path(classifier_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"gallery: {out / 'index.html'}" in r.stdout
     assert not list(tmp_path.glob("*.log")), "hydra must not leave log files in the cwd"
+
+
+def test_inputs_folder_labels_dicom_csv_and_glob(tmp_path):
+    from cfexplain.explain.inputs import list_images, load_user_image
+    from tests.data.test_readers import write_dicom
+
+    root = tmp_path / "scans"
+    (root / "KL>=2").mkdir(parents=True)
+    Image.fromarray(np.full((20, 30), 200, np.uint8)).save(root / "KL>=2" / "a.png")
+    (root / "other").mkdir()
+    Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(root / "other" / "b.jpg")
+    pixels = np.arange(64, dtype=np.uint16).reshape(8, 8) * 100
+    write_dicom(root / "series" / "IM0001", pixels)  # no suffix: found by its DICM magic
+    (root / "notes.txt").write_text("not an image")
+    items = list_images(root, ["KL<2", "KL>=2"])
+    assert [(p.relative_to(root).as_posix(), lab) for p, lab in items] == [
+        ("KL>=2/a.png", "KL>=2"),
+        ("other/b.jpg", None),
+        ("series/IM0001", None),
+    ]
+    dicom = load_user_image(items[2][0], None, resolution=4, channels=1)
+    assert dicom.image.shape == (1, 4, 4)
+    # min..max of the ramp spread over [-1, 1]; the ramp rises row by row
+    assert dicom.image.min() < -0.7 and dicom.image.max() > 0.7
+    assert (dicom.image[0, 1:, 0] > dicom.image[0, :-1, 0]).all()
+    assert "8x8 -> gray 4x4" in dicom.note
+    rgb = load_user_image(items[1][0], None, resolution=4, channels=3)
+    assert rgb.image.shape == (3, 4, 4) and "RGB 8x8 -> RGB 4x4" in rgb.note
+    assert [p.name for p, _ in list_images(str(root / "**" / "*.png"))] == ["a.png"]
+    (tmp_path / "list.csv").write_text("path,label\nscans/KL>=2/a.png,KL<2\nscans/other/b.jpg,\n")
+    assert list_images(tmp_path / "list.csv") == [
+        (tmp_path / "scans/KL>=2/a.png", "KL<2"),
+        (tmp_path / "scans/other/b.jpg", None),
+    ]
+    with pytest.raises(DataError, match="no such file or folder"):
+        list_images(tmp_path / "missing")
