@@ -330,3 +330,25 @@ def test_inputs_folder_labels_dicom_csv_and_glob(tmp_path):
     ]
     with pytest.raises(DataError, match="no such file or folder"):
         list_images(tmp_path / "missing")
+
+
+def test_counterfactual_and_normative_maps_through_the_registry(full_run):
+    from cfexplain.explain.attribution import counterfactual_difference, get_method
+    from cfexplain.explain.counterfactual import CounterfactualEngine
+    from cfexplain.nn.classifier import load_classifier
+    from cfexplain.nn.normative import load_normative
+
+    model = load_classifier(full_run / "classifier")
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with pytest.warns(UserWarning, match="random"):
+        engine = CounterfactualEngine.from_run(full_run, device="cpu", num_frames=3)
+    got = get_method("counterfactual")(model, engine=engine, lambdas="symmetric").attribute(x, 1)
+    cf = engine(x, target=1, lambdas="symmetric")
+    idx = torch.where(cf.flip_index() >= 0, cf.flip_index(), torch.full((2,), 2))
+    expected = (cf.images[torch.arange(2), idx] - cf.reconstruction).sum(1, keepdim=True)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(counterfactual_difference(cf), expected)
+    residual = get_method("normative")(model, stage_dir=full_run / "normative", kind="aae")
+    ref = load_normative(full_run / "normative")["aae"].anomaly(x)[1]
+    torch.testing.assert_close(residual.attribute(x, 0), ref)
+    assert not residual.signed and (ref >= 0).all()
