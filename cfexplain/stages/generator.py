@@ -50,7 +50,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     res, ch = int(cfg.data.resolution), int(cfg.data.channels)
     batch = int(g.batch_size)
     if batch % d.world:
-        raise ValueError(f"generator.batch_size={batch} must be divisible by the number of processes ({d.world})")
+        raise ValueError(
+            f"generator.batch_size={batch} must be divisible by the number of processes ({d.world})"
+        )
 
     torch.manual_seed(seed)
     g_kwargs = _kwargs(g.G, img_resolution=res, img_channels=ch)
@@ -62,13 +64,25 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     if g.ada.fixed_p is not None:
         augment.p.fill_(float(g.ada.fixed_p))
     betas = tuple(float(b) for b in g.betas)
-    g_lr, g_betas = gan.lazy_adam_hparams(float(g.glr), betas, int(g.pl_interval) if g.pl_weight > 0 else 0)
-    d_lr, d_betas = gan.lazy_adam_hparams(float(g.dlr), betas, int(g.r1_interval) if g.r1_gamma > 0 else 0)
+    g_lr, g_betas = gan.lazy_adam_hparams(
+        float(g.glr), betas, int(g.pl_interval) if g.pl_weight > 0 else 0
+    )
+    d_lr, d_betas = gan.lazy_adam_hparams(
+        float(g.dlr), betas, int(g.r1_interval) if g.r1_gamma > 0 else 0
+    )
     G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=1e-8)
     D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=1e-8)
 
     total_nimg = int(float(g.kimg) * 1000)
-    s: dict[str, Any] = {"step": 0, "nimg": 0, "pl_mean": 0.0, "ada_acc": [0.0, 0.0], "train_seconds": 0.0, "snapshots": []}
+    max_seconds = float(g.max_minutes) * 60 if g.get("max_minutes") else math.inf
+    s: dict[str, Any] = {
+        "step": 0,
+        "nimg": 0,
+        "pl_mean": 0.0,
+        "ada_acc": [0.0, 0.0],
+        "train_seconds": 0.0,
+        "snapshots": [],
+    }
     state_file = run.dir / STATE_FILE
     if state_file.is_file():
         saved = torch_load(state_file)
@@ -78,14 +92,24 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         D_opt.load_state_dict(saved["D_opt"])
         set_rng_state(saved["rng"])
         s = saved["loop"]
-        log.info(f"[generator] resumed from {state_file} at {s['nimg'] / 1000:.1f} kimg, ADA p={augment.p.item():.3f}")
+        log.info(
+            f"[generator] resumed from {state_file} at {s['nimg'] / 1000:.1f} kimg, ADA p={augment.p.item():.3f}"
+        )
         run.notes["resumed_from_kimg"] = round(s["nimg"] / 1000, 3)
 
     def checkpoint() -> None:
         if run.is_main:
             torch_save(
-                {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(), "augment": augment.state_dict(),
-                 "G_opt": G_opt.state_dict(), "D_opt": D_opt.state_dict(), "rng": rng_state(), "loop": s},
+                {
+                    "G": G.state_dict(),
+                    "D": D.state_dict(),
+                    "G_ema": G_ema.state_dict(),
+                    "augment": augment.state_dict(),
+                    "G_opt": G_opt.state_dict(),
+                    "D_opt": D_opt.state_dict(),
+                    "rng": rng_state(),
+                    "loop": s,
+                },
                 state_file,
             )
         d.barrier()
@@ -94,10 +118,16 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     grid_z = torch.randn(int(g.grid_size), G.z_dim, generator=generator(seed, 9)).to(d.device)
     per_rank = batch // d.world
     snapshot_nimg = int(float(g.snapshot_kimg) * 1000)
-    bar = tqdm(total=round(total_nimg / 1000, 3), initial=round(s["nimg"] / 1000, 3), unit="kimg", desc="generator",
-               bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]", disable=not run.is_main)
+    bar = tqdm(
+        total=total_nimg / 1000,
+        initial=min(s["nimg"], total_nimg) / 1000,
+        unit="kimg",
+        desc="generator",
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} kimg [{elapsed}<{remaining}{postfix}]",
+        disable=not run.is_main,
+    )
     t0 = time.time() - s["train_seconds"]
-    while s["nimg"] < total_nimg:
+    while s["nimg"] < total_nimg and not s.get("out_of_time"):
         step = s["step"]
         real = _real_batch(train_ds, per_rank, seed, step, d).to(d.device)
         z = torch.randn(per_rank, G.z_dim, device=d.device)
@@ -113,9 +143,13 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             n_pl = max(per_rank // 2, 1)
             ws_pl = _mapping(G, z[:n_pl], float(g.style_mixing)).detach().requires_grad_(True)
             lengths = gan.path_length(G.synthesis(ws_pl, noise_mode="random"), ws_pl)
-            pl_mean = s["pl_mean"] + 0.01 * (_mean_across(lengths.mean().detach(), d) - s["pl_mean"])
+            pl_mean = s["pl_mean"] + 0.01 * (
+                _mean_across(lengths.mean().detach(), d) - s["pl_mean"]
+            )
             s["pl_mean"] = float(pl_mean)
-            (((lengths - pl_mean).square().mean()) * float(g.pl_weight) * int(g.pl_interval)).backward()
+            (
+                ((lengths - pl_mean).square().mean()) * float(g.pl_weight) * int(g.pl_interval)
+            ).backward()
         _step(G, G_opt, d)
         D.requires_grad_(True)
 
@@ -145,25 +179,46 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         s["nimg"] += batch
         s["step"] += 1
         gan.ema_update(G_ema, G, gan.ema_beta(batch, s["nimg"], float(g.ema_kimg), g.ema_rampup))
-        signs = torch.tensor([real_logits.detach().sign().sum().item(), real_logits.numel()], dtype=torch.float64)
+        signs = torch.tensor(
+            [real_logits.detach().sign().sum().item(), real_logits.numel()], dtype=torch.float64
+        )
         if d.enabled:
             dist.all_reduce(signs)
         s["ada_acc"] = [s["ada_acc"][0] + signs[0].item(), s["ada_acc"][1] + signs[1].item()]
         if g.ada.fixed_p is None and s["step"] % int(g.ada.interval) == 0:
             rt = s["ada_acc"][0] / max(s["ada_acc"][1], 1)
-            augment.p.fill_(ada_adjust(augment.p.item(), rt, target=float(g.ada.target), batch=batch,
-                                       interval=int(g.ada.interval), ada_kimg=float(g.ada.kimg)))
+            augment.p.fill_(
+                ada_adjust(
+                    augment.p.item(),
+                    rt,
+                    target=float(g.ada.target),
+                    batch=batch,
+                    interval=int(g.ada.interval),
+                    ada_kimg=float(g.ada.kimg),
+                )
+            )
             s["ada_acc"] = [0.0, 0.0]
 
         s["train_seconds"] = time.time() - t0
-        bar.update(batch / 1000)
+        bar.update((min(s["nimg"], total_nimg) - min(s["nimg"] - batch, total_nimg)) / 1000)
         if s["step"] % 10 == 0:
             sec_per_kimg = s["train_seconds"] / max(s["nimg"] / 1000, 1e-9)
             bar.set_postfix_str(f"{sec_per_kimg:.1f} s/kimg, p={augment.p.item():.3f}")
-            run.log({"loss/G": loss_g.item(), "loss/D": loss_d.item(), "ada/p": augment.p.item(),
-                     "real_logits": real_logits.mean().item(), "fake_logits": fake_logits.mean().item(),
-                     "pl_mean": s["pl_mean"], "kimg": s["nimg"] / 1000, "s_per_kimg": sec_per_kimg}, step=s["step"])
-        done = s["nimg"] >= total_nimg
+            run.log(
+                {
+                    "loss/G": loss_g.item(),
+                    "loss/D": loss_d.item(),
+                    "ada/p": augment.p.item(),
+                    "real_logits": real_logits.mean().item(),
+                    "fake_logits": fake_logits.mean().item(),
+                    "pl_mean": s["pl_mean"],
+                    "kimg": s["nimg"] / 1000,
+                    "s_per_kimg": sec_per_kimg,
+                },
+                step=s["step"],
+            )
+        s["out_of_time"] = _out_of_time(s["train_seconds"], max_seconds, d)
+        done = s["nimg"] >= total_nimg or s["out_of_time"]
         if done or s["nimg"] // snapshot_nimg > (s["nimg"] - batch) // snapshot_nimg:
             if quality is not None:
                 s["snapshots"].append(quality.snapshot(G_ema, grid_z, s, final=done))
@@ -172,7 +227,12 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             checkpoint()
     bar.close()
 
-    files = {"G_ema": "G_ema.safetensors", "G": "G.safetensors", "D": "D.safetensors", "grid": "grid.png"}
+    files = {
+        "G_ema": "G_ema.safetensors",
+        "G": "G.safetensors",
+        "D": "D.safetensors",
+        "grid": "grid.png",
+    }
     metrics: dict[str, Any] = {}
     if run.is_main:
         target_g, target_d = g.G._target_, g.D._target_
@@ -182,14 +242,33 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         last = s["snapshots"][-1]
         metrics = {k: v for k, v in last.items() if k not in ("grid",)}
         (run.dir / files["grid"]).write_bytes((run.dir / last["grid"]).read_bytes())
-        metrics |= {"kimg": round(s["nimg"] / 1000, 3), "train_seconds": round(s["train_seconds"], 1),
-                    "s_per_kimg": round(s["train_seconds"] / max(s["nimg"] / 1000, 1e-9), 2), "ada_p": round(augment.p.item(), 4)}
+        metrics |= {
+            "kimg": round(s["nimg"] / 1000, 3),
+            "train_seconds": round(s["train_seconds"], 1),
+            "s_per_kimg": round(s["train_seconds"] / max(s["nimg"] / 1000, 1e-9), 2),
+            "ada_p": round(augment.p.item(), 4),
+            "stopped_by_time_budget": bool(s.get("out_of_time")),
+        }
         run.summary(metrics)
-    info = {"data": train_ds.source, "G": f"{g.G._target_} {g_kwargs}", "D": f"{g.D._target_} {d_kwargs}",
-            "G_parameters": sum(p.numel() for p in G.parameters()), "D_parameters": sum(p.numel() for p in D.parameters()),
-            "processes": d.world, "device": str(d.device), **(quality.info if quality else {})}
-    artifact = Artifact("generator", run.dir, run.fingerprint, metrics, files, inputs={k: a.fingerprint for k, a in run.inputs.items()},
-                        info={**info, **run.notes})
+    info = {
+        "data": train_ds.source,
+        "G": f"{g.G._target_} {g_kwargs}",
+        "D": f"{g.D._target_} {d_kwargs}",
+        "G_parameters": sum(p.numel() for p in G.parameters()),
+        "D_parameters": sum(p.numel() for p in D.parameters()),
+        "processes": d.world,
+        "device": str(d.device),
+        **(quality.info if quality else {}),
+    }
+    artifact = Artifact(
+        "generator",
+        run.dir,
+        run.fingerprint,
+        metrics,
+        files,
+        inputs={k: a.fingerprint for k, a in run.inputs.items()},
+        info={**info, **run.notes},
+    )
     if run.is_main:
         artifact.write()
     return artifact
@@ -199,7 +278,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
 
 
 def _kwargs(node: DictConfig, **extra: Any) -> dict[str, Any]:
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"} | extra
+    return {
+        k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"
+    } | extra
 
 
 def _real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:
@@ -232,6 +313,16 @@ def _step(module: torch.nn.Module, opt: torch.optim.Optimizer, d: distributed.Di
         for p in params:
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
     opt.step()
+
+
+def _out_of_time(seconds: float, budget: float, d: distributed.Dist) -> bool:
+    """Whether the time budget is spent; rank 0's clock decides for every rank."""
+    if budget == math.inf:
+        return False
+    flag = torch.tensor([float(seconds >= budget)], device=d.device)
+    if d.enabled:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _mean_across(x: torch.Tensor, d: distributed.Dist) -> torch.Tensor:
@@ -269,10 +360,14 @@ class _Quality:
             self.real_shares = self.stats.class_shares(real_train)
             self.info["class_shares_real_train"] = [round(x, 4) for x in self.real_shares]
         else:
-            self.info["metrics"] = "no classifier stage in this run: Fréchet distance and class shares not computed"
+            self.info["metrics"] = (
+                "no classifier stage in this run: Fréchet distance and class shares not computed"
+            )
 
     @torch.no_grad()
-    def snapshot(self, G_ema: torch.nn.Module, grid_z: torch.Tensor, s: dict[str, Any], final: bool) -> dict[str, Any]:
+    def snapshot(
+        self, G_ema: torch.nn.Module, grid_z: torch.Tensor, s: dict[str, Any], final: bool
+    ) -> dict[str, Any]:
         kimg = s["nimg"] / 1000
         grid = torch.cat([G_ema(z, noise_mode="const") for z in grid_z.split(64)]).cpu()
         rel = f"snapshots/grid_{kimg:07.2f}kimg.png"
@@ -280,17 +375,30 @@ class _Quality:
         self.run.log_images("snapshot/grid", grid, step=s["step"])
         out: dict[str, Any] = {"grid": rel, "kimg": round(kimg, 3)}
         if self.classifier is not None:
-            fake = _generate(G_ema, len(self.real_test), self.device, psi=float(self.g.metrics.truncation_psi))
+            fake = _generate(
+                G_ema, len(self.real_test), self.device, psi=float(self.g.metrics.truncation_psi)
+            )
             cmp = self.stats.compare(self.stats.features(fake), self.real_test_feats, kid=True)
             shares = self.stats.class_shares(fake)
             out |= {k: round(v, 4) for k, v in cmp.items()}
             out["class_shares_generated"] = [round(x, 4) for x in shares]
-            out["class_share_gap"] = round(float(np.max(np.abs(np.array(shares) - np.array(self.real_shares)))), 4)
+            out["class_share_gap"] = round(
+                float(np.max(np.abs(np.array(shares) - np.array(self.real_shares)))), 4
+            )
             if self.g.metrics.get("inception_weights"):
-                out["fid_inception"] = round(inception_fd(fake, self.real_test, self.g.metrics.inception_weights, self.device), 4)
-            self.run.log({f"quality/{k}": v for k, v in out.items() if isinstance(v, float)}, step=s["step"])
-            tqdm.write(f"{kimg:7.2f} kimg  FD(classifier) {out['fd_classifier']:.3f}  KID {out.get('kid_classifier', float('nan')):.4f}  "
-                       f"shares generated {out['class_shares_generated']} vs real {self.info['class_shares_real_train']}")
+                out["fid_inception"] = round(
+                    inception_fd(
+                        fake, self.real_test, self.g.metrics.inception_weights, self.device
+                    ),
+                    4,
+                )
+            self.run.log(
+                {f"quality/{k}": v for k, v in out.items() if isinstance(v, float)}, step=s["step"]
+            )
+            tqdm.write(
+                f"{kimg:7.2f} kimg  FD(classifier) {out['fd_classifier']:.3f}  KID {out.get('kid_classifier', float('nan')):.4f}  "
+                f"shares generated {out['class_shares_generated']} vs real {self.info['class_shares_real_train']}"
+            )
         return out
 
 
@@ -300,8 +408,9 @@ def _sample(ds: Dataset, n: int, seed: int, key: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _generate(G: torch.nn.Module, n: int, device: torch.device, psi: float = 1.0, batch: int = 64) -> torch.Tensor:
+def _generate(
+    G: torch.nn.Module, n: int, device: torch.device, psi: float = 1.0, batch: int = 64
+) -> torch.Tensor:
     """``n`` images ``[n, C, H, W]`` from fixed latents (seeded apart from training)."""
     z = torch.randn(n, G.z_dim, generator=generator(12345, 7)).to(device)
     return torch.cat([G(zb, psi=psi, noise_mode="const").cpu() for zb in z.split(batch)])
-
