@@ -13,6 +13,8 @@ Metrics on real test images: LPIPS, PSNR, SSIM, the classifier's agreement on x 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ from cfexplain.nn.classifier import load_classifier
 from cfexplain.nn.encoder import Encoder, load_generator
 from cfexplain.nn.perceptual import Perceptual, build_perceptual
 from cfexplain.stages.classifier import lr_at
-from cfexplain.stages.generator import _real_batch, _sample
+from cfexplain.stages.generator import _out_of_time, _real_batch, _sample
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
@@ -105,7 +107,10 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     pool = _Pool(G, int(e.pool_size), seed, d.device) if int(e.pool_size) > 0 else None
     train_ds = build_dataset(cfg.data, "train") if int(e.real_steps) > 0 else None
 
-    s: dict[str, Any] = {"step": 0}
+    # A wall-clock budget (max_minutes) split between the phases in proportion to their steps.
+    max_seconds = float(e.max_minutes) * 60 if e.get("max_minutes") else math.inf
+    synthetic_seconds = max_seconds * int(e.steps) / max(total, 1)
+    s: dict[str, Any] = {"step": 0, "seconds": 0.0, "cut": []}
     state_file = run.dir / STATE_FILE
     if state_file.is_file():
         saved = torch_load(state_file)
@@ -132,6 +137,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             f"encoder.real_batch_size={e.real_batch_size} must give every process at least one image"
         )
     bar = tqdm(total=total, initial=s["step"], desc="encoder", unit="step", disable=not run.is_main)
+    t0 = time.time() - s["seconds"]
     while s["step"] < total:
         step = s["step"]
         synthetic = step < int(e.steps)
@@ -189,7 +195,16 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                 },
                 step=s["step"],
             )
-        if s["step"] % int(cfg.checkpoint_every) == 0 or s["step"] == total:
+        s["seconds"] = time.time() - t0
+        budget, end = (synthetic_seconds, int(e.steps)) if synthetic else (max_seconds, total)
+        if s["step"] < end and _out_of_time(s["seconds"], budget, d):
+            s["cut"].append(
+                f"{'synthetic' if synthetic else 'real'} phase stopped by encoder.max_minutes at step {s['step']}"
+            )
+            log.warning(f"[encoder] {s['cut'][-1]}")
+            bar.update(end - s["step"])
+            s["step"] = end
+        if s["step"] % int(cfg.checkpoint_every) == 0 or s["step"] == end:
             checkpoint()
     bar.close()
 
@@ -208,6 +223,8 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         "perceptual_note": perceptual.note,
         "parameters": sum(p.numel() for p in E.parameters()),
         "pairs": f"pool of {int(e.pool_size)} rendered once" if pool else "rendered on the fly",
+        "train_seconds": round(s["seconds"], 1),
+        "stopped_by_time_budget": s["cut"],
         "processes": d.world,
         "device": str(d.device),
     }

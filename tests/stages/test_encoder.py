@@ -133,3 +133,16 @@ def test_interrupted_training_resumes_to_the_same_weights(smoke_cfg, tmp_path, m
     assert art.info["resumed_from_step"] == 8
     a, b = load_file(str(ref.path("encoder"))), load_file(str(art.path("encoder")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_time_budget_cuts_both_phases_and_still_finishes(smoke_cfg, tmp_path):
+    random_world(tmp_path / "runs" / "knee")
+    art = run_chain(
+        smoke_cfg(*FAST, "encoder.steps=50", "encoder.real_steps=50", "encoder.max_minutes=1e-5")
+    )["encoder"]
+    cut = art.info["stopped_by_time_budget"]
+    assert len(cut) == 2 and "synthetic phase" in cut[0] and "real phase" in cut[1]
+    assert (
+        "at step 1" in cut[0] and "at step 51" in cut[1]
+    )  # one step of each phase, then the budget
+    assert "test/lpips" in art.metrics
