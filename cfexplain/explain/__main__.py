@@ -243,10 +243,13 @@ def explain(cfg: DictConfig) -> Path:
 
 
 def _means(totals: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of every per-image metric over the images so far (NaN entries left out)."""
     out = {}
     for k, vals in totals.items():
         finite = [v for v in vals if not math.isnan(v)]
-        out[f"mean {k}"] = sum(finite) / len(finite) if finite else math.nan
+        # the mean of the 0/1 "flipped" column is the flip rate
+        name = "flip_rate" if k == "flipped" else f"mean_{k}"
+        out[name] = sum(finite) / len(finite) if finite else math.nan
     return out
 
 

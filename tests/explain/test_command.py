@@ -132,6 +132,10 @@ def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_p
     assert len(rows) == 3
     for key in ("flipped", "monotonicity", "recon_error", "proximity_l1"):
         assert key in rows[0], rows[0].keys()
+    flipped = [float(r["flipped"]) for r in rows]
+    assert summary["metrics"]["flip_rate"] == pytest.approx(sum(flipped) / 3)
+    mono = [float(r["monotonicity"]) for r in rows]
+    assert summary["metrics"]["mean_monotonicity"] == pytest.approx(sum(mono) / 3)
     for i in range(3):
         folder = out / "images" / f"{i:05d}"
         assert len(list(folder.glob("frame_*.png"))) == 5
