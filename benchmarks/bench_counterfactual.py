@@ -13,9 +13,9 @@ Goal (issue 4): <= 50 ms per image batched on CPU.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from bench_stylegan2_ops import _time  # best of `repeats` after a warm-up
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -35,16 +35,6 @@ def networks() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, int]:
     torch.nn.init.normal_(E.head[-1].weight, std=0.01)
     f = instantiate(cfg.classifier.model, in_channels=ch, num_classes=2).eval()
     return G.requires_grad_(False), E.requires_grad_(False), f.requires_grad_(False), res
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator and oneDNN primitive caches
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main() -> None:
@@ -73,19 +63,19 @@ def main() -> None:
     rows = [
         (
             f"batched, max_batch={n * k} (all frames in one pass)",
-            _best(lambda: all_frames(x, lambdas="symmetric"), args.repeats),
+            _time(lambda: all_frames(x, lambdas="symmetric"), args.repeats),
         ),
-        ("batched, max_batch=32", _best(lambda: engine(32)(x, lambdas="symmetric"), args.repeats)),
+        ("batched, max_batch=32", _time(lambda: engine(32)(x, lambdas="symmetric"), args.repeats)),
         (
             "per image (baseline), max_batch=k",
-            _best(
+            _time(
                 lambda: [engine(k)(x[i : i + 1], lambdas="symmetric") for i in range(n)],
                 args.repeats,
             ),
         ),
         (
             "auto λ (5 targets, 14 bisection steps), batched",
-            _best(lambda: all_frames(x, lambdas="auto"), 1),
+            _time(lambda: all_frames(x, lambdas="auto"), 1),
         ),
     ]
     print(
@@ -94,7 +84,7 @@ def main() -> None:
     )
     print(f"{'mode':<52} {'ms / image':>11} {'ms / frame':>11}")
     for name, seconds in rows:
-        frames = k + 1  # the reconstruction is a frame too
+        frames = k  # the reconstruction is the λ = 0 frame of the grid
         print(f"{name:<52} {1000 * seconds / n:>11.1f} {1000 * seconds / (n * frames):>11.2f}")
     batched, single = rows[0][1], rows[2][1]
     print(

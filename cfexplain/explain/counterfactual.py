@@ -187,13 +187,19 @@ class CounterfactualEngine:
         if refine_steps > 0:
             w = self.refine(x, w, refine_steps)
         with torch.no_grad():
-            zero = torch.zeros(len(x), 1, device=self.device)
-            rec, rec_p = self.render(w, zero, alpha, target)
-            rec, rec_p = rec[:, 0], rec_p[:, 0]
+            lam = self._lambdas(w, lambdas, alpha, target)
+            # The reconstruction is the frame at λ = 0: reuse it when the grid has one (the
+            # symmetric grid with an odd K), else render it in the same passes as the frames.
+            zero = (lam == 0).all(dim=0).nonzero()
+            if len(zero):
+                images, probs = self.render(w, lam, alpha, target)
+                rec, rec_p = images[:, int(zero[0])], probs[:, int(zero[0])]
+            else:
+                both = torch.cat([torch.zeros_like(lam[:, :1]), lam], dim=1)
+                images, probs = self.render(w, both, alpha, target)
+                rec, rec_p, images, probs = images[:, 0], probs[:, 0], images[:, 1:], probs[:, 1:]
             input_p = self.probabilities(x, target)
             err = self._distance(x, rec)
-            lam = self._lambdas(w, lambdas, alpha, target)
-            images, probs = self.render(w, lam, alpha, target)
         return Counterfactuals(images, lam, probs, rec, err, input_p, w, target, rec_p)
 
     # ------------------------------------------------------------------------- pieces
@@ -205,12 +211,10 @@ class CounterfactualEngine:
         n = len(w)
         if isinstance(spec, str):
             if spec == "symmetric":
-                L = self.span(target)
-                return (
-                    torch.linspace(-L, L, self.num_frames, device=self.device)
-                    .expand(n, -1)
-                    .contiguous()
-                )
+                grid = torch.linspace(-1.0, 1.0, self.num_frames, device=self.device)
+                if self.num_frames % 2:
+                    grid[self.num_frames // 2] = 0.0  # exactly: that frame is the reconstruction
+                return (self.span(target) * grid).expand(n, -1).contiguous()
             if spec == "auto":
                 return self._bisect(w, alpha, target)
             raise ValueError(
