@@ -76,6 +76,10 @@ def _batches(
     from cfexplain.data import build_dataset
 
     ds = build_dataset(data_cfg, str(cfg.split))
+    if hasattr(ds, "cache"):
+        # The phantoms cache every rendered sample (masks included); each is read once here, so
+        # caching would make memory grow with the number of images instead of batch_size.
+        ds.cache = False
     n = len(ds) if limit is None else min(limit, len(ds))
     names = list(getattr(ds, "class_names", classes))
 
