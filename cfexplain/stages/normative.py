@@ -154,7 +154,10 @@ def pathology_mask(meta: Mapping[str, Any]) -> torch.Tensor | None:
 
 def _model_kwargs(cfg: DictConfig, name: str) -> dict[str, Any]:
     n = cfg.normative
+    # Shared architecture, with per-model overrides (normative.<name>.net).
     net = OmegaConf.to_container(n.net, resolve=True)
+    if n[name].get("net") is not None:
+        net |= OmegaConf.to_container(n[name].net, resolve=True)
     return {
         "img_channels": int(cfg.data.channels),
         "img_resolution": int(cfg.data.resolution),

@@ -22,7 +22,7 @@ from tests.conftest import ROOT
 
 
 def test_smoke_run_writes_the_artifact_and_both_models_load(smoke_cfg):
-    cfg = smoke_cfg("stages=[normative]")
+    cfg = smoke_cfg("stages=[normative]", "normative.aae.net.latent_channels=1")
     art = run_chain(cfg)["normative"]
     assert art.dir.name == "normative" and art.info["models"] == ["vae", "aae"]
     assert art.info["train_healthy"] + art.info["train_excluded"] == cfg.data.n_train
@@ -38,6 +38,8 @@ def test_smoke_run_writes_the_artifact_and_both_models_load(smoke_cfg):
         assert art.path(f"{name}_examples").is_file()
     models = load_normative(art.dir)
     assert isinstance(models["vae"], ConvVAE) and isinstance(models["aae"], ConvAAE)
+    # normative.aae.net overrides the shared normative.net for the AAE alone.
+    assert models["aae"].latent_shape == (1, 8, 8) and models["vae"].latent_shape == (2, 8, 8)
     x = collate([build_dataset(cfg.data, "test")[i] for i in range(4)])[0]
     for model in models.values():
         recon, residual, score = model.anomaly(x)
