@@ -242,7 +242,7 @@ def test_missing_run_is_one_clear_line(tmp_path):
 
 
 def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode=offline, the default
     out = tmp_path / "g"
     explain(explain_cfg(f"run={classifier_run}", f"out={out}", "limit=3", FAST))
     summary = json.loads((out / "summary.json").read_text())
