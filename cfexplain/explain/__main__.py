@@ -137,7 +137,13 @@ def _build_methods(
                 model, stage_dir=run_dir / "normative", **params.get(name, {})
             )
             continue
-        methods[name] = get_method(name)(model, **(params.get(name) or {}))
+        try:
+            methods[name] = get_method(name)(model, **(params.get(name) or {}))
+        except TypeError as e:
+            raise ConfigError(f"params.{name}: {e}") from e
+        except ValueError as e:
+            # e.g. grad-CAM on a user's model without `cam_layer`: the other maps still run.
+            notes.append(f"No {name} map: {e}")
     return methods, engine
 
 

@@ -233,9 +233,24 @@ def test_impossible_conversion_names_the_file(classifier_run, tmp_path):
         )
 
 
-def test_missing_run_is_one_clear_line(tmp_path):
+def test_config_errors_name_the_field(classifier_run, tmp_path):
     with pytest.raises(ConfigError, match="no finished classifier stage"):
         explain(explain_cfg(f"run={tmp_path / 'nope'}", "logger=none"))
+    with pytest.raises(ConfigError, match="methods: unknown attribution method 'gradcum'"):
+        explain(explain_cfg(f"run={classifier_run}", "methods=[gradcum]", "logger=none"))
+    with pytest.raises(ConfigError, match=r"params\.occlusion: .*'size'"):
+        explain(
+            explain_cfg(
+                f"run={classifier_run}",
+                "methods=[occlusion]",
+                "+params.occlusion.size=3",
+                "logger=none",
+            )
+        )
+    with pytest.raises(
+        ConfigError, match=r"target=5: the classifier's classes are \['KL<2', 'KL>=2'\]"
+    ):
+        explain(explain_cfg(f"run={classifier_run}", "target=5", "logger=none"))
     r = run_cli("cfexplain.explain", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)
     assert r.returncode == 2 and "no finished classifier stage" in r.stderr
     assert "Traceback" not in r.stderr
