@@ -123,7 +123,8 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
         frames = gray_rgb(row.frames)
         for k, (frame, lam, p) in enumerate(zip(frames, row.lambdas, row.frame_probs)):
             mark = " *" if k == row.flip else ""
-            tiles.append((frame, f"λ={lam:+.1f}{mark}", f"p={p:.2f}"))
+            # ASCII: the default PIL font has no λ glyph.
+            tiles.append((frame, f"lam {lam:+.1f}{mark}", f"p={p:.2f}"))
     imgs = [upscale(t, size) for t, _, _ in tiles]
     w, h = imgs[0].size
     text_h = 26
