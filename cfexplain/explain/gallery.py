@@ -116,7 +116,8 @@ class Row:
 
 
 def strip_image(row: Row, size: int = 96) -> Image.Image:
-    """One PNG strip: input | reconstruction | frames with p(target) written under each."""
+    """One PNG strip: input | reconstruction | frames with p(target) under each | difference |
+    every map over the input."""
     tiles = [(gray_rgb(row.image[None])[0], "input", f"p={row.prob:.2f}")]
     if row.has_counterfactual:
         tiles.append((gray_rgb(row.reconstruction[None])[0], "G(E(x))", ""))
@@ -125,6 +126,10 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
             mark = " *" if k == row.flip else ""
             # ASCII: the default PIL font has no λ glyph.
             tiles.append((frame, f"lam {lam:+.1f}{mark}", f"p={p:.2f}"))
+        if row.difference is not None:
+            tiles.append((colorize(row.difference[None], signed=True)[0], "flip - G(E(x))", ""))
+    for name, (m, signed) in row.maps.items():
+        tiles.append((overlay(row.image[None], m[None], signed)[0], name[:14], ""))
     imgs = [upscale(t, size) for t, _, _ in tiles]
     w, h = imgs[0].size
     text_h = 26

@@ -65,7 +65,9 @@ def test_colours_diverge_around_zero_and_unsigned_starts_black():
 def test_strip_gif_and_plot_are_real_images():
     row = make_row(k=5)
     strip = strip_image(row, size=32)
-    assert strip.size[0] == 7 * (32 + 2)  # input, reconstruction, 5 frames
+    # input, reconstruction, 5 frames, difference, 2 maps
+    assert strip.size[0] == 10 * (32 + 2)
+    assert strip_image(make_row(counterfactual=False), size=32).size[0] == 3 * (32 + 2)
     frames = iio.imread(io.BytesIO(gif_bytes(row.frames, size=32)), index=None, extension=".gif")
     assert frames.shape[0] == 2 * 5 - 2  # forward then back without repeating the ends
     assert frames.shape[1:3] == (32, 32)
