@@ -236,12 +236,7 @@ def explain(cfg: DictConfig) -> Path:
             "wandb_dir": str(run.wandb_dir) if run.wandb_dir else None,
         }
         index = writer.close(header, summary, notes + _skip_notes(skipped))
-        metric_keys = sorted(totals)
-        run.log_table(
-            "explain/gallery",
-            writer.table_columns(list(methods), metric_keys),
-            writer.table_rows,
-        )
+        run.log_table("explain/gallery", *writer.table())
         run.summary({f"explain/{k}": v for k, v in _means(totals).items()})
         run.log_artifact(out, name=f"{run_dir.name}-explain", type="gallery")
     except BaseException:

@@ -373,7 +373,7 @@ class GalleryWriter:
         self.facets: dict[str, set[str]] = {"true": set(), "pred": set(), "flip": set()}
         self.metric_columns: list[str] | None = None
         (self.out / ROWS_FILE).write_text("", encoding="utf-8")
-        self.table_rows: list[list[Any]] = []  # small: names, numbers and file paths
+        self.table_rows: list[dict[str, Any]] = []  # small: names, numbers and file paths
 
     def add_batch(
         self, rows: Sequence[Row], header: Mapping[str, Any], notes: Sequence[str] = ()
@@ -426,29 +426,31 @@ class GalleryWriter:
         with open(path, "a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerow([values.get(c, "") for c in self.metric_columns])
 
-    def _table_row(self, row: Row, files: Mapping[str, Any]) -> list[Any]:
-        """Cells of the W&B table: Paths of PNGs (shown as images there), numbers, strings."""
+    def _table_row(self, row: Row, files: Mapping[str, Any]) -> dict[str, Any]:
+        """One W&B table row by column: Paths of PNGs (shown as images there), numbers, strings."""
         out = self.out
-        return [
-            row.name,
-            row.true if row.true is not None else "",
-            row.pred,
-            row.prob,
-            out / files["input"],
-            out / files["strip"],
-            json.dumps([round(float(p), 4) for p in row.frame_probs])
-            if row.has_counterfactual
-            else "",
-            row.flip if row.has_counterfactual else -1,
-            *[out / files["maps"][m] for m in sorted(files["maps"])],
-            *[row.metrics.get(k, float("nan")) for k in sorted(row.metrics)],
-        ]
+        cells: dict[str, Any] = {
+            "name": row.name,
+            "true": row.true if row.true is not None else "",
+            "pred": row.pred,
+            "prob": row.prob,
+            "input": out / files["input"],
+            "strip": out / files["strip"],
+        }
+        if row.has_counterfactual:
+            cells["reconstruction"] = out / files["reconstruction"]
+            cells |= {f"frame_{k}": out / f for k, f in enumerate(files["frames"])}
+            cells["frame_probs"] = json.dumps([round(float(p), 4) for p in row.frame_probs])
+            cells["flip_index"] = row.flip
+        cells |= {m: out / files["maps"][m] for m in files["maps"]}
+        return cells | dict(row.metrics)
 
-    def table_columns(self, methods: Sequence[str], metrics: Sequence[str]) -> list[str]:
-        return [
-            "name", "true", "pred", "prob", "input", "strip", "frame_probs", "flip_index",
-            *sorted(methods), *sorted(metrics),
-        ]  # fmt: skip
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """``(columns, rows)`` of the W&B table: every column any row has, None where a row lacks it."""
+        columns: list[str] = []
+        for cells in self.table_rows:
+            columns += [c for c in cells if c not in columns]
+        return columns, [[cells.get(c) for c in columns] for cells in self.table_rows]
 
     def write_index(self, header: Mapping[str, Any], notes: Sequence[str] = ()) -> Path:
         rows = (self.out / ROWS_FILE).read_text(encoding="utf-8")

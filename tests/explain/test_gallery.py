@@ -114,5 +114,9 @@ def test_writer_streams_rows_csv_and_summary(tmp_path):
     assert summary == {"flip_rate": 0.5, "images": 3}
     # no reference to anything outside the gallery folder, nothing from the network
     assert "http://" not in page and "https://" not in page
-    columns = w.table_columns(["saliency", "normative"], ["monotonicity"])
-    assert len(columns) == len(w.table_rows[0])
+    columns, table = w.table()
+    assert columns[:6] == ["name", "true", "pred", "prob", "input", "strip"]
+    assert {"frame_0", "frame_4", "flip_index", "saliency", "monotonicity"} <= set(columns)
+    assert [r[0] for r in table] == ["a.png", "b.png", "c.png"]
+    assert table[2][columns.index("frame_0")] is None  # no counterfactual for c.png
+    assert table[0][columns.index("saliency")] == tmp_path / "g" / "images/00000/map_saliency.png"
