@@ -98,14 +98,21 @@ def to_map(a: Tensor, size: tuple[int, int], reduce: str = "sum") -> Tensor:
     return a
 
 
-def normalise(maps: Tensor, signed: bool) -> Tensor:
+def normalise(maps: Tensor, signed: bool, quantile: float = 1.0) -> Tensor:
     """Display scale of ``[N, 1, H, W]`` maps, per image: signed maps / max|value| -> [-1, 1];
-    unsigned maps / max -> [0, 1]. An all-zero map stays zero."""
+    unsigned maps / max -> [0, 1]. An all-zero map stays zero.
+
+    ``quantile < 1`` divides by that quantile of |value| instead of the max and clips: gradient
+    maps often have a few extreme pixels that would otherwise wash out everything else.
+    """
     flat = maps.detach().float().flatten(1)
     if not signed:
         flat = flat.clamp(min=0)
-    scale = flat.abs().amax(1).clamp(min=1e-12)
-    return (flat / scale[:, None]).view_as(maps)
+    mag = flat.abs()
+    scale = mag.amax(1) if quantile >= 1 else torch.quantile(mag, quantile, dim=1)
+    # A map that is zero almost everywhere has a zero quantile: fall back to its max.
+    scale = torch.where(scale > 0, scale, mag.amax(1)).clamp(min=1e-12)
+    return (flat / scale[:, None]).clamp(-1, 1).view_as(maps)
 
 
 def _cam_layer(model: nn.Module, method: str) -> nn.Module:

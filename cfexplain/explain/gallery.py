@@ -34,6 +34,10 @@ ROWS_FILE = "rows.html.part"  # the HTML rows so far, one per image, appended ba
 # ----------------------------------------------------------------------------- colours
 
 
+# Display maps are scaled by this quantile of |value| (see attribution.normalise).
+DISPLAY_QUANTILE = 0.995
+
+
 def colorize(maps: Tensor, signed: bool) -> np.ndarray:
     """``[N, 1, H, W]`` raw maps -> uint8 RGB ``[N, H, W, 3]`` on the shared display scale.
 
@@ -42,7 +46,7 @@ def colorize(maps: Tensor, signed: bool) -> np.ndarray:
     """
     from matplotlib import colormaps
 
-    scaled = normalise(maps, signed)[:, 0].cpu().numpy()
+    scaled = normalise(maps, signed, DISPLAY_QUANTILE)[:, 0].cpu().numpy()
     if signed:
         rgba = colormaps["RdBu_r"]((scaled + 1) / 2)
     else:
@@ -60,7 +64,9 @@ def overlay(images: Tensor, maps: Tensor, signed: bool, alpha: float = 0.55) -> 
     """Heatmaps blended over the inputs: uint8 ``[N, H, W, 3]``; opacity grows with |value|."""
     base = gray_rgb(images).astype(np.float32)
     heat = colorize(maps, signed).astype(np.float32)
-    weight = normalise(maps, signed)[:, 0].abs().cpu().numpy()[..., None] * alpha
+    # sqrt: weak but real structure stays visible; the colour still carries the value.
+    mag = normalise(maps, signed, DISPLAY_QUANTILE)[:, 0].abs().cpu().numpy()[..., None]
+    weight = np.sqrt(mag) * alpha
     return (base * (1 - weight) + heat * weight).round().clip(0, 255).astype(np.uint8)
 
 

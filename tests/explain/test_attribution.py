@@ -288,3 +288,14 @@ def test_cam_methods_name_what_they_need():
     for name in ("gradcam", "guided_gradcam", "cam"):
         with pytest.raises(ValueError, match="cam_layer"):
             get_method(name)(net)
+
+
+def test_display_quantile_clips_outliers_and_falls_back_to_the_max():
+    m = torch.zeros(1, 1, 10, 10)
+    m[0, 0, 0, :] = torch.linspace(-1, 1, 10)
+    m[0, 0, 5, 5] = 100.0  # one extreme pixel
+    s = normalise(m, signed=True, quantile=0.9)
+    assert s.max() == 1 and s[0, 0, 0, 0] < -0.5, "the outlier no longer washes out the rest"
+    sparse = torch.zeros(1, 1, 10, 10)
+    sparse[0, 0, 3, 3] = 2.0
+    assert normalise(sparse, signed=False, quantile=0.9)[0, 0, 3, 3] == 1
