@@ -254,11 +254,14 @@ def _w_std(G: torch.nn.Module, n: int, seed: int, device: torch.device) -> torch
 
 @torch.no_grad()
 def render(
-    G: torch.nn.Module, z: torch.Tensor, chunk: int = 64
+    G: torch.nn.Module, z: torch.Tensor, chunk: int = 64, desc: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w [N, num_ws, w_dim], x [N, C, H, W])`` for latents ``z [N, z_dim]`` (psi 1, noise const)."""
+    """``(w [N, num_ws, w_dim], x [N, C, H, W])`` for latents ``z [N, z_dim]`` (psi 1, noise const).
+
+    ``desc``: show a progress bar with that title.
+    """
     ws, xs = [], []
-    for zb in z.split(chunk):
+    for zb in tqdm(z.split(chunk), desc=desc, unit="batch", disable=desc is None):
         w = G.mapping(zb)
         ws.append(w)
         xs.append(G.synthesis(w, noise_mode="const"))
@@ -270,7 +273,7 @@ class _Pool:
 
     def __init__(self, G: torch.nn.Module, size: int, seed: int, device: torch.device) -> None:
         z = torch.randn(size, G.z_dim, generator=generator(seed, 41)).to(device)
-        self.w, self.x = render(G, z)
+        self.w, self.x = render(G, z, desc=f"encoder: render a pool of {size} pairs")
 
     def sample(self, n: int, seed: int, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(len(self.w), (n,), generator=generator(seed, 42, step, rank)).to(
