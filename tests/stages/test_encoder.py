@@ -111,8 +111,15 @@ def test_losses_are_pure_and_behave():
     assert stage.w_prior_loss(inside) == 0 and stage.w_prior_loss(outside) == pytest.approx(3.0)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_weights(smoke_cfg, tmp_path, monkeypatch):
-    overrides = (*FAST, "encoder.steps=8", "encoder.real_steps=4", "checkpoint_every=4")
+    overrides = (
+        *FAST,
+        "encoder.steps=8",
+        "encoder.real_steps=4",
+        "checkpoint_every=4",
+        "encoder.eval_images=4",
+    )
     ref_runs = tmp_path / "ref"
     random_world(ref_runs / "knee")
     ref = run_chain(smoke_cfg(*overrides, f"runs_dir={ref_runs}"))["encoder"]
