@@ -313,6 +313,8 @@ def _explain_batch(
             row.lambdas = [float(v) for v in cf.lambdas[i]]
             row.frame_probs = [float(v) for v in cf.probs[i]]
             row.flip = int(flip[i])
+            if cf.recon_probs is not None:
+                row.recon_prob = float(cf.recon_probs[i])
             row.difference = diff[i]
         rows.append(row)
     return rows

@@ -97,6 +97,7 @@ class Row:
         reconstruction: ``[C, H, W]`` G(E(x)), or None without the counterfactual stages.
         frames: ``[K, C, H, W]`` counterfactual frames; ``lambdas`` and ``frame_probs`` ``[K]``.
         flip: index of the first frame whose decision differs from the reconstruction's, -1 none.
+        recon_prob: f's probability of the target for the reconstruction (the flip's reference).
         difference: ``[1, H, W]`` flipping frame minus reconstruction (signed).
         maps: method name -> (raw map ``[1, H, W]``, signed).
         metrics: per-image numbers for metrics.csv and the page.
@@ -112,6 +113,7 @@ class Row:
     lambdas: Sequence[float] | None = None
     frame_probs: Sequence[float] | None = None
     flip: int = -1
+    recon_prob: float | None = None
     difference: Tensor | None = None
     maps: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -126,7 +128,8 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
     every map over the input."""
     tiles = [(gray_rgb(row.image[None])[0], "input", f"p={row.prob:.2f}")]
     if row.has_counterfactual:
-        tiles.append((gray_rgb(row.reconstruction[None])[0], "G(E(x))", ""))
+        rp = f"p={row.recon_prob:.2f}" if row.recon_prob is not None else ""
+        tiles.append((gray_rgb(row.reconstruction[None])[0], "G(E(x))", rp))
         frames = gray_rgb(row.frames)
         for k, (frame, lam, p) in enumerate(zip(frames, row.lambdas, row.frame_probs)):
             mark = " *" if k == row.flip else ""
@@ -252,7 +255,8 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
     head = " ".join(f'{k}="{_e(v)}"' for k, v in attrs.items())
     cells = [_figure(files["input"], f"input · p={row.prob:.2f}", "input")]
     if row.has_counterfactual:
-        cells.append(_figure(files["reconstruction"], "G(E(x))"))
+        rp = f" · p={row.recon_prob:.2f}" if row.recon_prob is not None else ""
+        cells.append(_figure(files["reconstruction"], f"G(E(x)){rp}"))
         for k, (src, lam, p) in enumerate(zip(files["frames"], row.lambdas, row.frame_probs)):
             mark = " ★" if k == row.flip else ""
             cells.append(_figure(src, f"λ={lam:+.1f} p={p:.2f}{mark}", "frame"))
