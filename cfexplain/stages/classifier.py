@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset, collate
 from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_external
+from cfexplain.stages._shared import write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.seeding import generator, rng_state, set_rng_state
@@ -54,12 +55,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         run.log({k: v for k, v in metrics.items() if np.isscalar(v)})
         run.summary(metrics)
         _log_examples(run, splits["test"], probs)
-    artifact = Artifact(
-        "classifier", run.dir, run.fingerprint, metrics, files, info={**info, **run.notes}
-    )
-    if run.is_main:
-        artifact.write()
-    return artifact
+    return write_artifact(run, metrics, files, info)
 
 
 # ----------------------------------------------------------------------------- training

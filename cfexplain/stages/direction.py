@@ -33,7 +33,7 @@ from cfexplain.explain.counterfactual import DIRECTIONS_FILE, CounterfactualEngi
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.nn.encoder import load_encoder, load_generator
 from cfexplain.nn.perceptual import build_perceptual
-from cfexplain.stages.generator import _sample
+from cfexplain.stages._shared import sample_images, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, _atomic, torch_load, torch_save
 from cfexplain.utils.seeding import generator
@@ -150,17 +150,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             "[direction] "
             + "  ".join(f"{k} {v}" for k, v in metrics.items() if isinstance(v, float))
         )
-    artifact = Artifact(
-        "direction",
-        run.dir,
-        run.fingerprint,
-        metrics,
-        files,
-        inputs={k: a.fingerprint for k, a in run.inputs.items()},
-        info={**info, **run.notes},
-    )
-    if run.is_main:
-        artifact.write()
+    artifact = write_artifact(run, metrics, files, info)
     d.barrier()
     return artifact
 
@@ -287,7 +277,7 @@ def _evaluate_real(
     """Latent-predictor AUC on real test images through E (vs f(x)), and counterfactual metrics."""
     c, seed = cfg.direction, int(cfg.seed)
     test_ds = build_dataset(cfg.data, "test")
-    x = _sample(test_ds, min(int(c.eval_images), len(test_ds)), seed, 51).to(device)
+    x = sample_images(test_ds, min(int(c.eval_images), len(test_ds)), seed, 51).to(device)
     with torch.no_grad():
         w = torch.cat([E(b) for b in x.split(64)]).mean(1).cpu().numpy()  # wplus: the layers' mean
         p = torch.cat([torch.softmax(f(b), 1) for b in x.split(64)]).cpu().numpy()

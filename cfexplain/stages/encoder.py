@@ -28,8 +28,8 @@ from cfexplain.data import build_dataset
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.nn.encoder import Encoder, load_generator
 from cfexplain.nn.perceptual import Perceptual, build_perceptual
+from cfexplain.stages._shared import out_of_time, real_batch, sample_images, write_artifact
 from cfexplain.stages.classifier import lr_at
-from cfexplain.stages.generator import _out_of_time, _real_batch, _sample
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
@@ -156,7 +156,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         else:
             # Real images have no true w: image losses and the W prior, plus the latent loss on
             # synthetic pairs so that E keeps speaking W (one forward pass for both).
-            real = _real_batch(train_ds, k_real, seed, step, d).to(d.device)
+            real = real_batch(train_ds, k_real, seed, step, d).to(d.device)
             pred = ddp(torch.cat([real, x_syn]))
             pred_real, pred_syn = pred[:k_real], pred[k_real:]
             loss_lat = latent_loss(E.normalise(pred_syn), E.normalise(w_true))
@@ -197,7 +197,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             )
         s["seconds"] = time.time() - t0
         budget, end = (synthetic_seconds, int(e.steps)) if synthetic else (max_seconds, total)
-        if s["step"] < end and _out_of_time(s["seconds"], budget, d):
+        if s["step"] < end and out_of_time(s["seconds"], budget, d):
             s["cut"].append(
                 f"{'synthetic' if synthetic else 'real'} phase stopped by encoder.max_minutes at step {s['step']}"
             )
@@ -228,18 +228,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         "processes": d.world,
         "device": str(d.device),
     }
-    artifact = Artifact(
-        "encoder",
-        run.dir,
-        run.fingerprint,
-        metrics,
-        files,
-        inputs={k: a.fingerprint for k, a in run.inputs.items()},
-        info={**info, **run.notes},
-    )
-    if run.is_main:
-        artifact.write()
-    return artifact
+    return write_artifact(run, metrics, files, info)
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -331,7 +320,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     e, seed = cfg.encoder, int(cfg.seed)
     test_ds: Dataset = build_dataset(cfg.data, "test")
-    x = _sample(test_ds, min(int(e.eval_images), len(test_ds)), seed, 44).to(device)
+    x = sample_images(test_ds, min(int(e.eval_images), len(test_ds)), seed, 44).to(device)
     classifier = (
         load_classifier(run.inputs["classifier"].dir, device)
         if "classifier" in run.inputs

@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from cfexplain.data import build_dataset, collate
+from cfexplain.data import build_dataset
 from cfexplain.nn import gan
 from cfexplain.nn.augment import AugmentPipe, ada_adjust
 from cfexplain.nn.classifier import load_classifier
+from cfexplain.stages._shared import out_of_time, real_batch, sample_images, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
@@ -129,7 +129,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     t0 = time.time() - s["train_seconds"]
     while s["nimg"] < total_nimg and not s.get("out_of_time"):
         step = s["step"]
-        real = _real_batch(train_ds, per_rank, seed, step, d).to(d.device)
+        real = real_batch(train_ds, per_rank, seed, step, d).to(d.device)
         z = torch.randn(per_rank, G.z_dim, device=d.device)
 
         # G step: fool D; lazy path-length regularisation every pl_interval steps.
@@ -217,7 +217,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                 },
                 step=s["step"],
             )
-        s["out_of_time"] = _out_of_time(s["train_seconds"], max_seconds, d)
+        s["out_of_time"] = out_of_time(s["train_seconds"], max_seconds, d)
         done = s["nimg"] >= total_nimg or s["out_of_time"]
         if done or s["nimg"] // snapshot_nimg > (s["nimg"] - batch) // snapshot_nimg:
             if quality is not None:
@@ -260,18 +260,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         "device": str(d.device),
         **(quality.info if quality else {}),
     }
-    artifact = Artifact(
-        "generator",
-        run.dir,
-        run.fingerprint,
-        metrics,
-        files,
-        inputs={k: a.fingerprint for k, a in run.inputs.items()},
-        info={**info, **run.notes},
-    )
-    if run.is_main:
-        artifact.write()
-    return artifact
+    return write_artifact(run, metrics, files, info)
 
 
 # ----------------------------------------------------------------------------- loop pieces
@@ -281,12 +270,6 @@ def _kwargs(node: DictConfig, **extra: Any) -> dict[str, Any]:
     return {
         k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"
     } | extra
-
-
-def _real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:
-    """Reals ``[n, C, H, W]`` for this rank and step, drawn with replacement: the same after a resume."""
-    idx = torch.randint(len(ds), (n,), generator=generator(seed, 3, step, d.rank)).tolist()
-    return collate([ds[i] for i in idx])[0]
 
 
 def _mapping(G: torch.nn.Module, z: torch.Tensor, mixing: float) -> torch.Tensor:
@@ -315,16 +298,6 @@ def _step(module: torch.nn.Module, opt: torch.optim.Optimizer, d: distributed.Di
     opt.step()
 
 
-def _out_of_time(seconds: float, budget: float, d: distributed.Dist) -> bool:
-    """Whether the time budget is spent; rank 0's clock decides for every rank."""
-    if budget == math.inf:
-        return False
-    flag = torch.tensor([float(seconds >= budget)], device=d.device)
-    if d.enabled:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
 def _mean_across(x: torch.Tensor, d: distributed.Dist) -> torch.Tensor:
     if d.enabled:
         x = x.clone()
@@ -346,14 +319,14 @@ class _Quality:
         n = int(g.metrics.num_images)
         test_ds = build_dataset(cfg.data, "test")
         train_ds = build_dataset(cfg.data, "train")
-        self.real_test = _sample(test_ds, n, int(cfg.seed), 5)
+        self.real_test = sample_images(test_ds, n, int(cfg.seed), 5)
         self.classifier = None
         self.info: dict[str, Any] = {}
         if "classifier" in run.inputs:
             self.classifier = load_classifier(run.inputs["classifier"].dir, device)
             self.stats = FeatureStats(self.classifier, device)
             self.info["feature_source"] = self.stats.feature_source
-            real_train = _sample(train_ds, n, int(cfg.seed), 6)
+            real_train = sample_images(train_ds, n, int(cfg.seed), 6)
             self.real_test_feats = self.stats.features(self.real_test)
             base = self.stats.compare(self.stats.features(real_train), self.real_test_feats)
             self.info["fd_classifier_real_train_vs_test"] = round(base["fd_classifier"], 4)
@@ -400,11 +373,6 @@ class _Quality:
                 f"shares generated {out['class_shares_generated']} vs real {self.info['class_shares_real_train']}"
             )
         return out
-
-
-def _sample(ds: Dataset, n: int, seed: int, key: int) -> torch.Tensor:
-    idx = torch.randperm(len(ds), generator=generator(seed, key))[:n].tolist()
-    return collate([ds[i] for i in idx])[0]
 
 
 @torch.no_grad()

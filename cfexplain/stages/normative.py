@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from cfexplain.data import build_dataset, collate
 from cfexplain.data.phantoms.knee import JSW_DEFINITE
 from cfexplain.nn import normative as nm
+from cfexplain.stages._shared import write_artifact
 from cfexplain.stages.classifier import epoch_batches, lr_at
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
@@ -113,12 +114,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     info |= {"processes": d.world, "device": str(d.device)}
     if run.is_main:
         run.summary(metrics)
-    artifact = Artifact(
-        "normative", run.dir, run.fingerprint, metrics, files, info={**info, **run.notes}
-    )
-    if run.is_main:
-        artifact.write()
-    return artifact
+    return write_artifact(run, metrics, files, info)
 
 
 # ----------------------------------------------------------------------------- data
