@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,3 +56,51 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def smoke_train(runs: Path, *overrides: str, processes: int = 1) -> list[str]:
+    """The command line of ``python -m cfexplain.train`` on the knee smoke preset into ``runs``.
+
+    ``processes > 1`` runs it under ``torchrun --standalone`` (gloo on CPU).
+    """
+    launcher = (
+        ["torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m"]
+        if processes > 1
+        else []
+    )
+    return [
+        sys.executable,
+        "-m",
+        *launcher,
+        "cfexplain.train",
+        "+dataset=knee",
+        "preset=smoke",
+        "logger=none",
+        "device=cpu",
+        f"runs_dir={runs}",
+        *overrides,
+    ]
+
+
+def run_train(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a ``smoke_train`` command to the end; fail with the tail of its output if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def kill_when(cmd: list[str], ready: Callable[[], bool], settle: float = 0.0) -> None:
+    """Start ``cmd`` and SIGKILL it once ``ready()`` holds (plus ``settle`` seconds).
+
+    Fails when the run finished before it could be killed: the test would then prove nothing.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"

@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from cfexplain.utils.artifacts import Artifact
-from tests.conftest import ROOT
+from tests.conftest import run_train, smoke_train
 
 
 @pytest.mark.slow
 def test_two_process_gloo_run_writes_one_artifact(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "cfexplain.train",
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        "device=cpu",
-        f"runs_dir={tmp_path}",
-        "stages=[classifier]",
-    ]
-    r = subprocess.run(
-        cmd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_train(smoke_train(tmp_path, "stages=[classifier]", processes=2))
     art = Artifact.load(tmp_path / "knee" / "classifier")
     assert art.info["processes"] == 2
     assert (

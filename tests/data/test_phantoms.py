@@ -19,8 +19,12 @@ CHANNELS = {"knee": 1, "histology": 3}
 
 
 def _same(a: dict, b: dict) -> bool:
-    return torch.equal(a["image"], b["image"]) and a["label"] == b["label"] and all(
-        torch.equal(a["meta"]["masks"][k], b["meta"]["masks"][k]) for k in a["meta"]["masks"]
+    return (
+        torch.equal(a["image"], b["image"])
+        and a["label"] == b["label"]
+        and all(
+            torch.equal(a["meta"]["masks"][k], b["meta"]["masks"][k]) for k in a["meta"]["masks"]
+        )
     )
 
 
@@ -117,8 +121,13 @@ _ost = st.floats(0.0, 0.15, allow_nan=False)
 @settings(max_examples=300, deadline=None)
 @given(
     base=st.fixed_dictionaries(
-        {"jsw_medial": _jsw, "jsw_lateral": _jsw, "osteophyte": _ost, "sclerosis": _factor,
-         "deformity": _factor}
+        {
+            "jsw_medial": _jsw,
+            "jsw_lateral": _jsw,
+            "osteophyte": _ost,
+            "sclerosis": _factor,
+            "deformity": _factor,
+        }
     ),
     key=st.sampled_from(knee_mod.DISEASE_FACTORS),
     step=st.floats(0.0, 0.2, allow_nan=False),
@@ -134,18 +143,32 @@ def test_kl_grade_is_monotone_in_every_factor(base, key, step):
 
 def test_kl_grade_rule_levels():
     k = knee_mod
-    healthy = {"jsw_medial": 2 * k.JSW_DOUBTFUL, "jsw_lateral": 2 * k.JSW_DOUBTFUL,
-               "osteophyte": 0.0, "sclerosis": 0.0, "deformity": 0.0}
+    healthy = {
+        "jsw_medial": 2 * k.JSW_DOUBTFUL,
+        "jsw_lateral": 2 * k.JSW_DOUBTFUL,
+        "osteophyte": 0.0,
+        "sclerosis": 0.0,
+        "deformity": 0.0,
+    }
     assert kl_grade(healthy) == 0
     assert kl_grade({**healthy, "osteophyte": 0.5 * k.OST_DEFINITE}) == 1
     assert kl_grade({**healthy, "jsw_medial": k.JSW_DOUBTFUL}) == 1
     assert kl_grade({**healthy, "osteophyte": k.OST_DEFINITE}) == 2
-    grade3 = {**healthy, "osteophyte": k.OST_MODERATE, "jsw_lateral": k.JSW_DEFINITE,
-              "sclerosis": k.SCL_SOME}
+    grade3 = {
+        **healthy,
+        "osteophyte": k.OST_MODERATE,
+        "jsw_lateral": k.JSW_DEFINITE,
+        "sclerosis": k.SCL_SOME,
+    }
     assert kl_grade(grade3) == 3
     assert kl_grade({**grade3, "sclerosis": 1.0, "deformity": 1.0}) == 3  # no marked narrowing
-    grade4 = {**grade3, "osteophyte": k.OST_LARGE, "jsw_medial": k.JSW_MARKED,
-              "sclerosis": k.SCL_SEVERE, "deformity": k.DEF_PRESENT}
+    grade4 = {
+        **grade3,
+        "osteophyte": k.OST_LARGE,
+        "jsw_medial": k.JSW_MARKED,
+        "sclerosis": k.SCL_SEVERE,
+        "deformity": k.DEF_PRESENT,
+    }
     assert kl_grade(grade4) == 4
     with pytest.raises(KeyError, match="osteophyte"):
         kl_grade({"jsw_medial": 0.1, "jsw_lateral": 0.1, "sclerosis": 0, "deformity": 0})
@@ -247,8 +270,10 @@ def test_shortcut_marker_rule():
         assert s["meta"]["factors"]["marker"] == float(s["label"])
         assert bool(s["meta"]["masks"]["marker"].any()) == bool(s["label"])
     never = KneePhantom(n=400, resolution=16, seed=13, shortcut_rate=0.0)
-    agree = [never.params(i)[0]["marker"] == float(kl_grade(never.params(i)[0]) >= 2)
-             for i in range(len(never))]
+    agree = [
+        never.params(i)[0]["marker"] == float(kl_grade(never.params(i)[0]) >= 2)
+        for i in range(len(never))
+    ]
     assert 0.4 <= np.mean(agree) <= 0.6
 
 
@@ -260,11 +285,28 @@ def test_disease_signal_is_concentrated_at_the_joint():
     for i in range(6):
         anatomy = ds.params(i)[1]
         still = {"noise": 0.0, "marker": 0.0}
-        healthy = ds.render(i, {**still, "jsw_medial": anatomy["jsw0_medial"],
-                                "jsw_lateral": anatomy["jsw0_lateral"], "osteophyte": 0.0,
-                                "sclerosis": 0.0, "deformity": 0.0})
-        sick = ds.render(i, {**still, "jsw_medial": 0.01, "jsw_lateral": 0.03,
-                             "osteophyte": 0.1, "sclerosis": 1.0, "deformity": 1.0})
+        healthy = ds.render(
+            i,
+            {
+                **still,
+                "jsw_medial": anatomy["jsw0_medial"],
+                "jsw_lateral": anatomy["jsw0_lateral"],
+                "osteophyte": 0.0,
+                "sclerosis": 0.0,
+                "deformity": 0.0,
+            },
+        )
+        sick = ds.render(
+            i,
+            {
+                **still,
+                "jsw_medial": 0.01,
+                "jsw_lateral": 0.03,
+                "osteophyte": 0.1,
+                "sclerosis": 1.0,
+                "deformity": 1.0,
+            },
+        )
         assert healthy["label"] == 0 and sick["label"] == 1
         diff = (healthy["image"] - sick["image"]).abs()[0].numpy()
         joint = np.zeros(diff.shape, dtype=bool)

@@ -55,7 +55,9 @@ def test_ema_update_lerps_params_and_copies_buffers():
         b.weight.fill_(1.0)
         b.running_mean.fill_(3.0)
     gan.ema_update(a, b, beta=0.75)
-    assert torch.allclose(a.weight, torch.full((2,), 0.25)) and torch.equal(a.running_mean, b.running_mean)
+    assert torch.allclose(a.weight, torch.full((2,), 0.25)) and torch.equal(
+        a.running_mean, b.running_mean
+    )
 
 
 def test_mixing_cutoff_range_and_probability():

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -17,7 +11,7 @@ from cfexplain.nn.classifier import ResNetClassifier, load_classifier
 from cfexplain.stages.classifier import classification_metrics, epoch_batches, lr_at
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact
-from tests.conftest import ROOT
+from tests.conftest import kill_when, run_train, smoke_train
 
 
 def test_smoke_run_writes_a_complete_artifact(smoke_cfg):
@@ -68,45 +62,20 @@ def test_same_seed_same_weights_other_seed_differs(smoke_cfg, tmp_path):
     assert not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
 
 
-def _train_cmd(runs, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "cfexplain.train",
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        "device=cpu",
-        f"runs_dir={runs}",
-        "stages=[classifier]",
-        "data.n_train=256",
-        "classifier.epochs=3",
-        "checkpoint_every=3",
-        *extra,
-    ]
+def _train_cmd(runs):
+    return smoke_train(
+        runs, "stages=[classifier]", "data.n_train=256", "classifier.epochs=3", "checkpoint_every=3"
+    )
 
 
 @pytest.mark.slow
 def test_kill_then_resume_gives_the_same_weights(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ref = subprocess.run(
-        _train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300
-    )
-    assert ref.returncode == 0, ref.stderr
+    run_train(_train_cmd(tmp_path / "ref"))
     runs = tmp_path / "killed"
     state = runs / "knee" / ".classifier.partial" / "state.pt"
-    proc = subprocess.Popen(
-        _train_cmd(runs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    kill_when(_train_cmd(runs), state.exists)
     assert not (runs / "knee" / "classifier").exists()
-    resumed = subprocess.run(_train_cmd(runs), env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    run_train(_train_cmd(runs))
     art = Artifact.load(runs / "knee" / "classifier")
     assert art.info["resumed_from_step"] > 0
     a = load_file(str(Artifact.load(tmp_path / "ref" / "knee" / "classifier").path("weights")))

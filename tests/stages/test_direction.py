@@ -20,6 +20,7 @@ from cfexplain.explain.counterfactual import CounterfactualEngine
 from cfexplain.stages import direction as stage
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact, fingerprint, save_model
+from tests.conftest import run_train, smoke_train
 
 RES, W_DIM, NUM_WS = 32, 8, 3
 
@@ -231,39 +232,12 @@ def test_interrupted_sampling_resumes_to_the_same_direction(smoke_cfg, tmp_path,
 
 @pytest.mark.slow
 def test_two_gloo_processes_find_the_same_direction_as_one(smoke_cfg, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
 
     overrides = ("stages=[direction]", "direction.n_samples=1000", "direction.batch_size=125")
     plant_run(tmp_path / "one" / "knee")
     one = run_chain(smoke_cfg(*overrides, f"runs_dir={tmp_path / 'one'}"))["direction"]
     plant_run(tmp_path / "two" / "knee")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "cfexplain.train",
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        "device=cpu",
-        f"runs_dir={tmp_path / 'two'}",
-        *overrides,
-    ]
-    r = subprocess.run(
-        cmd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_train(smoke_train(tmp_path / "two", *overrides, processes=2))
     two = Artifact.load(tmp_path / "two" / "knee" / "direction")
     assert two.info["processes"] == 2 and two.info["samples"] == 1000
     a, b = load_file(str(one.path("directions"))), load_file(str(two.path("directions")))

@@ -12,6 +12,7 @@ from cfexplain.nn.stylegan2 import Generator
 from cfexplain.stages import encoder as stage
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact, fingerprint, save_model
+from tests.conftest import run_train, smoke_train
 
 SMOKE_G = dict(
     z_dim=32,
@@ -157,36 +158,9 @@ def test_time_budget_cuts_both_phases_and_still_finishes(smoke_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_one_encoder(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
 
     random_world(tmp_path / "knee")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "cfexplain.train",
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        "device=cpu",
-        f"runs_dir={tmp_path}",
-        *FAST,
-    ]
-    r = subprocess.run(
-        cmd,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_train(smoke_train(tmp_path, *FAST, processes=2))
     art = Artifact.load(tmp_path / "knee" / "encoder")
     assert art.info["processes"] == 2 and "test/lpips" in art.metrics
     assert (r.stdout + r.stderr).count("── encoder finished") == 1  # rank 0 alone reports

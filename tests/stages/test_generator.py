@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +13,7 @@ from cfexplain.nn.stylegan2 import Generator
 from cfexplain.stages import generator as stage
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact, load_model
-from tests.conftest import ROOT
+from tests.conftest import kill_when, run_train, smoke_train
 
 
 def _moments(x: torch.Tensor) -> torch.Tensor:
@@ -72,49 +67,27 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(smoke_cf
     assert all(torch.isfinite(v).all() for v in saved["G"].values())
 
 
-def _train_cmd(runs, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "cfexplain.train",
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        "device=cpu",
-        f"runs_dir={runs}",
+def _train_cmd(runs):
+    return smoke_train(
+        runs,
         "stages=[classifier,generator]",
         "generator.kimg=0.8",
         "generator.snapshot_kimg=0.4",
         "checkpoint_every=5",
-        *extra,
-    ]
+    )
 
 
 @pytest.mark.slow
 def test_kill_then_resume_continues_from_the_same_kimg_and_ada_p(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ref = subprocess.run(
-        _train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300
-    )
-    assert ref.returncode == 0, ref.stderr
+    run_train(_train_cmd(tmp_path / "ref"))
     runs = tmp_path / "killed"
     state = runs / "knee" / ".generator.partial" / "state.pt"
-    proc = subprocess.Popen(
-        _train_cmd(runs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # let it run past the first checkpoint
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    kill_when(_train_cmd(runs), state.exists, settle=0.3)  # past the first checkpoint
     assert not (runs / "knee" / "generator").exists()
     saved = torch.load(state, weights_only=True)
     kimg_at_kill, p_at_kill = saved["loop"]["nimg"] / 1000, float(saved["augment"]["p"])
 
-    resumed = subprocess.run(_train_cmd(runs), env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_train(_train_cmd(runs))
     assert f"resumed from {state}" in resumed.stderr + resumed.stdout
     assert f"at {kimg_at_kill:.1f} kimg, ADA p={p_at_kill:.3f}" in resumed.stderr + resumed.stdout
     art = Artifact.load(runs / "knee" / "generator")

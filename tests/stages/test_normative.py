@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +12,7 @@ from cfexplain.nn.normative import ConvAAE, ConvVAE, load_normative
 from cfexplain.stages import normative as stage
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact, torch_load
-from tests.conftest import ROOT
+from tests.conftest import kill_when, run_train, smoke_train
 
 
 def test_smoke_run_writes_the_artifact_and_both_models_load(smoke_cfg):
@@ -92,21 +86,8 @@ def test_best_dice_on_known_maps():
     assert np.isnan(stage.best_dice(perfect, np.zeros(6, dtype=bool))[0])
 
 
-def _train_cmd(runs, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "cfexplain.train",
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        "device=cpu",
-        f"runs_dir={runs}",
-        "stages=[normative]",
-        "normative.steps=14",
-        "checkpoint_every=2",
-        *extra,
-    ]
+def _train_cmd(runs):
+    return smoke_train(runs, "stages=[normative]", "normative.steps=14", "checkpoint_every=2")
 
 
 def _aae_started(state_file) -> bool:
@@ -119,25 +100,12 @@ def _aae_started(state_file) -> bool:
 
 @pytest.mark.slow
 def test_kill_in_the_second_model_then_resume_gives_the_same_weights(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ref = subprocess.run(
-        _train_cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300
-    )
-    assert ref.returncode == 0, ref.stderr
+    run_train(_train_cmd(tmp_path / "ref"))
     runs = tmp_path / "killed"
     state = runs / "knee" / ".normative.partial" / "state.pt"
-    proc = subprocess.Popen(
-        _train_cmd(runs), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while not _aae_started(state) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    kill_when(_train_cmd(runs), lambda: _aae_started(state))
     assert not (runs / "knee" / "normative").exists()
-    resumed = subprocess.run(_train_cmd(runs), env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    run_train(_train_cmd(runs))
     art = Artifact.load(runs / "knee" / "normative")
     where = art.info["resumed_from_steps"]
     assert where["vae"] == 14 and 0 < where["aae"] < 14

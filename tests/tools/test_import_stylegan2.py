@@ -43,9 +43,12 @@ D_FIXTURE = PARAM_NAMES / "D_res64_ch1_cbase4096_cmax128_map2_zw256.tsv"
 # Text that must never run: the importer only hashes a record's module_src.
 HOSTILE_SRC = "import os\nos.system('touch {pwned}')\n"
 
+
 def needs_fixtures(test):
     """The published-name fixtures are the contract: a checkout without them fails, never skips."""
-    assert G_FIXTURE.is_file() and D_FIXTURE.is_file(), f"fixtures missing: {PARAM_NAMES} (shared/ must sit beside the repo)"
+    assert G_FIXTURE.is_file() and D_FIXTURE.is_file(), (
+        f"fixtures missing: {PARAM_NAMES} (shared/ must sit beside the repo)"
+    )
     return test
 
 
