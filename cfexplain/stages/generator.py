@@ -31,7 +31,7 @@ from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.quality import FeatureStats, inception_fd
-from cfexplain.utils.seeding import generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import derived_seed, generator, rng_state, set_rng_state
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -82,7 +82,11 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         "ada_acc": [0.0, 0.0],
         "train_seconds": 0.0,
         "snapshots": [],
+        "best": None,  # index into snapshots of the kept G_ema (generator.keep=best)
     }
+    G_best: dict[str, torch.Tensor] | None = None
+    # Built before the RNG state is restored: loading the classifier draws from the global RNG.
+    quality = _Quality(cfg, run, d.device) if run.is_main else None
     state_file = run.dir / STATE_FILE
     if state_file.is_file():
         saved = torch_load(state_file)
@@ -92,6 +96,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         D_opt.load_state_dict(saved["D_opt"])
         set_rng_state(saved["rng"])
         s = saved["loop"]
+        G_best = saved.get("G_best")
         log.info(
             f"[generator] resumed from {state_file} at {s['nimg'] / 1000:.1f} kimg, ADA p={augment.p.item():.3f}"
         )
@@ -109,12 +114,12 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                     "D_opt": D_opt.state_dict(),
                     "rng": rng_state(),
                     "loop": s,
+                    **({"G_best": G_best} if G_best is not None else {}),
                 },
                 state_file,
             )
         d.barrier()
 
-    quality = _Quality(cfg, run, d.device) if run.is_main else None
     grid_z = torch.randn(int(g.grid_size), G.z_dim, generator=generator(seed, 9)).to(d.device)
     per_rank = batch // d.world
     snapshot_nimg = int(float(g.snapshot_kimg) * 1000)
@@ -129,6 +134,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     t0 = time.time() - s["train_seconds"]
     while s["nimg"] < total_nimg and not s.get("out_of_time"):
         step = s["step"]
+        # Latents, noise and augmentations of a step come from (seed, step, rank): each rank
+        # draws its own, and a resumed run draws what the uninterrupted one did.
+        torch.manual_seed(derived_seed(seed, 4, step, d.rank))
         real = real_batch(train_ds, per_rank, seed, step, d).to(d.device)
         z = torch.randn(per_rank, G.z_dim, device=d.device)
 
@@ -222,6 +230,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         if done or s["nimg"] // snapshot_nimg > (s["nimg"] - batch) // snapshot_nimg:
             if quality is not None:
                 s["snapshots"].append(quality.snapshot(G_ema, grid_z, s, final=done))
+                if g.keep == "best" and _better(s["snapshots"], s["best"]):
+                    s["best"] = len(s["snapshots"]) - 1
+                    G_best = {k: v.detach().clone() for k, v in G_ema.state_dict().items()}
             checkpoint()
         elif s["step"] % int(cfg.checkpoint_every) == 0:
             checkpoint()
@@ -229,6 +240,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
 
     files = {
         "G_ema": "G_ema.safetensors",
+        "G_ema_last": "G_ema_last.safetensors",
         "G": "G.safetensors",
         "D": "D.safetensors",
         "grid": "grid.png",
@@ -236,12 +248,23 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     metrics: dict[str, Any] = {}
     if run.is_main:
         target_g, target_d = g.G._target_, g.D._target_
+        save_model(run.dir / files["G_ema_last"], G_ema, target_g, g_kwargs)
+        kept = s["snapshots"][-1]
+        if s["best"] is not None and G_best is not None:
+            kept = s["snapshots"][s["best"]]
+            G_ema.load_state_dict(G_best)
         save_model(run.dir / files["G_ema"], G_ema, target_g, g_kwargs)
         save_model(run.dir / files["G"], G, target_g, g_kwargs)
         save_model(run.dir / files["D"], D, target_d, d_kwargs)
+        metrics = {k: v for k, v in kept.items() if k not in ("grid", "kimg")}
+        (run.dir / files["grid"]).write_bytes((run.dir / kept["grid"]).read_bytes())
         last = s["snapshots"][-1]
-        metrics = {k: v for k, v in last.items() if k not in ("grid",)}
-        (run.dir / files["grid"]).write_bytes((run.dir / last["grid"]).read_bytes())
+        metrics |= {
+            "kept": f"G_ema at {kept['kimg']} kimg ({g.keep}{': lowest FD on the validation split' if g.keep == 'best' else ''})",
+            "kept_kimg": kept["kimg"],
+            "last/fd_classifier": last.get("fd_classifier"),
+            "last/class_share_gap": last.get("class_share_gap"),
+        }
         metrics |= {
             "kimg": round(s["nimg"] / 1000, 3),
             "train_seconds": round(s["train_seconds"], 1),
@@ -327,6 +350,9 @@ class _Quality:
             self.stats = FeatureStats(self.classifier, device)
             self.info["feature_source"] = self.stats.feature_source
             real_train = sample_images(train_ds, n, int(cfg.seed), 6)
+            # Snapshots are chosen on the validation split and reported on the test split.
+            real_val = sample_images(build_dataset(cfg.data, "val"), n, int(cfg.seed), 8)
+            self.real_val_feats = self.stats.features(real_val)
             self.real_test_feats = self.stats.features(self.real_test)
             base = self.stats.compare(self.stats.features(real_train), self.real_test_feats)
             self.info["fd_classifier_real_train_vs_test"] = round(base["fd_classifier"], 4)
@@ -351,9 +377,13 @@ class _Quality:
             fake = _generate(
                 G_ema, len(self.real_test), self.device, psi=float(self.g.metrics.truncation_psi)
             )
-            cmp = self.stats.compare(self.stats.features(fake), self.real_test_feats, kid=True)
+            fake_feats = self.stats.features(fake)
+            cmp = self.stats.compare(fake_feats, self.real_test_feats, kid=True)
             shares = self.stats.class_shares(fake)
             out |= {k: round(v, 4) for k, v in cmp.items()}
+            out["fd_classifier_val"] = round(
+                self.stats.compare(fake_feats, self.real_val_feats)["fd_classifier"], 4
+            )
             out["class_shares_generated"] = [round(x, 4) for x in shares]
             out["class_share_gap"] = round(
                 float(np.max(np.abs(np.array(shares) - np.array(self.real_shares)))), 4
@@ -373,6 +403,14 @@ class _Quality:
                 f"shares generated {out['class_shares_generated']} vs real {self.info['class_shares_real_train']}"
             )
         return out
+
+
+def _better(snapshots: list[dict[str, Any]], best: int | None) -> bool:
+    """Whether the newest snapshot has a lower validation FD than the kept one."""
+    new = snapshots[-1].get("fd_classifier_val")
+    if new is None:
+        return False
+    return best is None or new < snapshots[best]["fd_classifier_val"]
 
 
 @torch.no_grad()

@@ -37,7 +37,9 @@ class FeatureStats:
         head = None if isinstance(classifier, torch.jit.ScriptModule) else _last_linear(classifier)
         # TorchScript modules take no hooks: their logits stand in for features.
         self.head = head
-        self.feature_source = "penultimate layer (input of the last Linear)" if head is not None else "logits"
+        self.feature_source = (
+            "penultimate layer (input of the last Linear)" if head is not None else "logits"
+        )
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,11 @@ class FeatureStats:
         out = []
         for x in images.split(self.batch):
             captured: list[torch.Tensor] = []
-            ctx = self.head.register_forward_pre_hook(lambda m, a: captured.append(a[0])) if self.head else None
+            ctx = (
+                self.head.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+                if self.head
+                else None
+            )  # noqa: B023  (used within this iteration)
             with contextlib.ExitStack() as stack:
                 if ctx is not None:
                     stack.callback(ctx.remove)
@@ -56,11 +62,15 @@ class FeatureStats:
     @torch.no_grad()
     def class_shares(self, images: torch.Tensor) -> list[float]:
         """Share of images the classifier assigns to each class (argmax)."""
-        preds = torch.cat([self.model(x.to(self.device)).argmax(1).cpu() for x in images.split(self.batch)])
+        preds = torch.cat(
+            [self.model(x.to(self.device)).argmax(1).cpu() for x in images.split(self.batch)]
+        )
         k = int(self.model(images[:1].to(self.device)).shape[1])
         return (torch.bincount(preds, minlength=k).double() / len(preds)).tolist()
 
-    def compare(self, fake: torch.Tensor, real: torch.Tensor, kid: bool = False) -> dict[str, float]:
+    def compare(
+        self, fake: torch.Tensor, real: torch.Tensor, kid: bool = False
+    ) -> dict[str, float]:
         """Fréchet distance (and KID) between feature sets ``[N, F]``."""
         from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -79,7 +89,9 @@ class FeatureStats:
         return out
 
 
-def inception_fd(fake: torch.Tensor, real: torch.Tensor, weights: str, device: torch.device) -> float:
+def inception_fd(
+    fake: torch.Tensor, real: torch.Tensor, weights: str, device: torch.device
+) -> float:
     """Inception-v3 FID of images ``[N, C, H, W]`` in [-1, 1], from a local weights file.
 
     Needs torch-fidelity (``pip install 'cfexplain[inception]'``); 1-channel images are repeated
@@ -92,9 +104,13 @@ def inception_fd(fake: torch.Tensor, real: torch.Tensor, weights: str, device: t
     try:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        fid = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(weights)).to(device)
+        fid = FrechetInceptionDistance(
+            feature=2048, normalize=True, feature_extractor_weights_path=str(weights)
+        ).to(device)
     except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"generator.metrics.inception_weights needs torch-fidelity: pip install 'cfexplain[inception]' ({e})") from e
+        raise ModuleNotFoundError(
+            f"generator.metrics.inception_weights needs torch-fidelity: pip install 'cfexplain[inception]' ({e})"
+        ) from e
     for imgs, is_real in ((real, True), (fake, False)):
         for x in imgs.split(64):
             x = (x.to(device) + 1) / 2

@@ -18,14 +18,19 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed derived from ``seed`` and integer ``keys``, independent for distinct keys."""
+    ss = np.random.SeedSequence([seed, *keys])
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def generator(seed: int, *keys: int) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded from ``seed`` and integer ``keys`` (e.g. epoch, step).
 
     Drawing every random number of a loop from ``generator(seed, step)`` makes step ``k`` the
     same whether the run started at 0 or resumed at ``k``.
     """
-    ss = np.random.SeedSequence([seed, *keys])
-    return torch.Generator().manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+    return torch.Generator().manual_seed(derived_seed(seed, *keys))
 
 
 def rng_state() -> dict[str, torch.Tensor | list[torch.Tensor]]:
