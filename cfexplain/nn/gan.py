@@ -42,7 +42,9 @@ def path_length(images: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
     return grad.square().sum(dim=2).mean(dim=1).sqrt()
 
 
-def lazy_adam_hparams(lr: float, betas: tuple[float, float], interval: int) -> tuple[float, tuple[float, float]]:
+def lazy_adam_hparams(
+    lr: float, betas: tuple[float, float], interval: int
+) -> tuple[float, tuple[float, float]]:
     """Adam settings for a loss whose regulariser runs every ``interval`` steps (0: never)."""
     if interval <= 0:
         return lr, betas

@@ -14,7 +14,9 @@ from cfexplain.utils.artifacts import _atomic
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[N, C, H, W]`` in [-1, 1] → uint8 ``[N, H, W, C]``."""
-    assert images.ndim == 4 and images.shape[1] in (1, 3), f"expected [N, 1|3, H, W], got {tuple(images.shape)}"
+    assert images.ndim == 4 and images.shape[1] in (1, 3), (
+        f"expected [N, 1|3, H, W], got {tuple(images.shape)}"
+    )
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
 
@@ -32,7 +34,9 @@ def grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndar
     return out
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
+def save_grid(
+    images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 1
+) -> Path:
     """Write a grid of ``[N, C, H, W]`` images in [-1, 1] as a PNG (atomically); ``scale`` enlarges."""
     arr = grid(images, nrow)
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)

@@ -47,11 +47,8 @@ class FeatureStats:
         out = []
         for x in images.split(self.batch):
             captured: list[torch.Tensor] = []
-            ctx = (
-                self.head.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-                if self.head
-                else None
-            )  # noqa: B023  (used within this iteration)
+            hook = lambda m, a: captured.append(a[0])  # noqa: B023, E731  (used in this iteration)
+            ctx = self.head.register_forward_pre_hook(hook) if self.head else None
             with contextlib.ExitStack() as stack:
                 if ctx is not None:
                     stack.callback(ctx.remove)

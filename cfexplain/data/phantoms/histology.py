@@ -62,8 +62,12 @@ def _sample_factors(rng: np.random.Generator, tumour: bool) -> dict[str, float]:
         "fibre_angle": u(0.0, 180.0),
         "lumen": u(0.0, 0.2),
         # Acquisition.
-        "stain_h_r": float(h[0]), "stain_h_g": float(h[1]), "stain_h_b": float(h[2]),
-        "stain_e_r": float(e[0]), "stain_e_g": float(e[1]), "stain_e_b": float(e[2]),
+        "stain_h_r": float(h[0]),
+        "stain_h_g": float(h[1]),
+        "stain_h_b": float(h[2]),
+        "stain_e_r": float(e[0]),
+        "stain_e_g": float(e[1]),
+        "stain_e_b": float(e[2]),
         "h_strength": u(0.75, 1.25),
         "e_strength": u(0.7, 1.3),
         "brightness": u(0.88, 1.0),
@@ -72,14 +76,22 @@ def _sample_factors(rng: np.random.Generator, tumour: bool) -> dict[str, float]:
     }
 
 
-def _nuclei(rng: np.random.Generator, count: int, radius: float, spread: float,
-            aspect_max: float, darkness: float) -> dict[str, np.ndarray]:
+def _nuclei(
+    rng: np.random.Generator,
+    count: int,
+    radius: float,
+    spread: float,
+    aspect_max: float,
+    darkness: float,
+) -> dict[str, np.ndarray]:
     """Centres (image-side units), semi-axes, angles, irregularity and darkness of nuclei."""
     r = radius * np.exp(rng.normal(0.0, spread, count))
     aspect = rng.uniform(1.0, aspect_max, count)
     return {
-        "x": rng.uniform(-0.5, 0.5, count), "y": rng.uniform(-0.5, 0.5, count),
-        "a": r * np.sqrt(aspect), "b": r / np.sqrt(aspect),
+        "x": rng.uniform(-0.5, 0.5, count),
+        "y": rng.uniform(-0.5, 0.5, count),
+        "a": r * np.sqrt(aspect),
+        "b": r / np.sqrt(aspect),
         "angle": rng.uniform(0.0, math.pi, count),
         "irregular": rng.uniform(0.0, 1.0, count) * spread,
         "phase": rng.uniform(0.0, 2.0 * math.pi, (2, count)),
@@ -129,8 +141,9 @@ def _splat_nuclei(nuc: dict[str, np.ndarray], size: int, chroma: np.ndarray) -> 
     return out.reshape(size, size)
 
 
-def render_histology(factors: Mapping[str, float], seeds: Mapping[str, int], resolution: int,
-                     supersample: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_histology(
+    factors: Mapping[str, float], seeds: Mapping[str, int], resolution: int, supersample: int = 2
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """RGB image [R, R, 3] float32 in [0, 1] and masks {"tumour": bool [R, R]}.
 
     Normal nuclei come from their own stream and only those inside the tumour region are
@@ -162,21 +175,29 @@ def render_histology(factors: Mapping[str, float], seeds: Mapping[str, int], res
     # crowded ones inside it; optional lymphocyte clusters (small, round, very dark) anywhere.
     chroma = np.random.default_rng(seeds["chroma"]).random((size, size), dtype=np.float32)
     nrng = np.random.default_rng(seeds["normal"])
-    normal = _nuclei(nrng, int(nrng.poisson(f["normal_density"])),
-                     f["normal_nucleus_radius"], 0.12, 2.2, 1.0)
+    normal = _nuclei(
+        nrng, int(nrng.poisson(f["normal_density"])), f["normal_nucleus_radius"], 0.12, 2.2, 1.0
+    )
     groups = [(normal, False)]  # (nuclei, lives inside the tumour region)
     if f["lymphocytes"] >= 0.5:
         lrng = np.random.default_rng(seeds["lymph"])
-        lymph = _nuclei(lrng, int(lrng.poisson(40)), 0.6 * f["normal_nucleus_radius"],
-                        0.05, 1.1, 1.6)
+        lymph = _nuclei(
+            lrng, int(lrng.poisson(40)), 0.6 * f["normal_nucleus_radius"], 0.05, 1.1, 1.6
+        )
         cx, cy = lrng.uniform(-0.35, 0.35, 2)
         lymph["x"] = cx + 0.09 * lrng.standard_normal(lymph["x"].size)
         lymph["y"] = cy + 0.09 * lrng.standard_normal(lymph["y"].size)
         groups.append((lymph, False))
     if is_tumour:
         rng = np.random.default_rng(seeds["tumour"])
-        tumour = _nuclei(rng, int(rng.poisson(f["tumour_density"])),
-                         f["tumour_nucleus_radius"], f["pleomorphism"], 1.8, f["hyperchromasia"])
+        tumour = _nuclei(
+            rng,
+            int(rng.poisson(f["tumour_density"])),
+            f["tumour_nucleus_radius"],
+            f["pleomorphism"],
+            1.8,
+            f["hyperchromasia"],
+        )
         groups.append((tumour, True))
     for nuc, in_tumour in groups:
         col = np.clip(((nuc["x"] + 0.5) * size).astype(np.intp), 0, size - 1)
@@ -186,9 +207,11 @@ def render_histology(factors: Mapping[str, float], seeds: Mapping[str, int], res
         conc_h = conc_h + _splat_nuclei({k: v[..., keep] for k, v in nuc.items()}, size, chroma)
 
     od = (f["h_strength"] * conc_h)[..., None] * np.array(
-        [f["stain_h_r"], f["stain_h_g"], f["stain_h_b"]], dtype=np.float32)
+        [f["stain_h_r"], f["stain_h_g"], f["stain_h_b"]], dtype=np.float32
+    )
     od = od + (f["e_strength"] * conc_e)[..., None] * np.array(
-        [f["stain_e_r"], f["stain_e_g"], f["stain_e_b"]], dtype=np.float32)
+        [f["stain_e_r"], f["stain_e_g"], f["stain_e_b"]], dtype=np.float32
+    )
     rgb = f["brightness"] * np.exp(-od.astype(np.float32))
     rgb = area_down(np.moveaxis(rgb, -1, 0), supersample)  # [3, R, R]
 
@@ -222,8 +245,15 @@ class HistologyPhantom(Dataset):
     class_names = CLASS_NAMES
     num_classes = 2
 
-    def __init__(self, n: int, resolution: int = 64, seed: int = 0, split: str = "train",
-                 cache: bool = True, supersample: int = 2) -> None:
+    def __init__(
+        self,
+        n: int,
+        resolution: int = 64,
+        seed: int = 0,
+        split: str = "train",
+        cache: bool = True,
+        supersample: int = 2,
+    ) -> None:
         check_common(n, resolution, seed, split)
         if supersample not in (1, 2, 4):
             raise ValueError(f"supersample must be 1, 2 or 4, got {supersample!r}")
@@ -253,7 +283,8 @@ class HistologyPhantom(Dataset):
         for key, val in (overrides or {}).items():
             if key not in factors:
                 raise KeyError(
-                    f"unknown histology factor {key!r}; expected one of {sorted(factors)}")
+                    f"unknown histology factor {key!r}; expected one of {sorted(factors)}"
+                )
             factors[key] = float(val)
         return self._sample(i, factors, seeds)
 

@@ -42,7 +42,15 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 TASKS = {"binary": ["KL<2", "KL>=2"], "kl": ["KL0", "KL1", "KL2", "KL3", "KL4"]}
 DISEASE_FACTORS = ("jsw_medial", "jsw_lateral", "osteophyte", "sclerosis", "deformity")
 NUISANCE_FACTORS = (
-    "rotation", "scale", "shift_x", "shift_y", "exposure", "gamma", "noise", "blur", "laterality",
+    "rotation",
+    "scale",
+    "shift_x",
+    "shift_y",
+    "exposure",
+    "gamma",
+    "noise",
+    "blur",
+    "laterality",
 )
 MASK_NAMES = ("osteophyte", "joint_space", "sclerosis", "marker")
 
@@ -165,8 +173,14 @@ def smooth_min(a: np.ndarray, b: np.ndarray, k: float) -> np.ndarray:
     return -smooth_max(-a, -b, k)
 
 
-def band_noise(rng: np.random.Generator, size: int, fine: float, coarse: float,
-               aspect: float = 1.0, angle: float = 0.0) -> np.ndarray:
+def band_noise(
+    rng: np.random.Generator,
+    size: int,
+    fine: float,
+    coarse: float,
+    aspect: float = 1.0,
+    angle: float = 0.0,
+) -> np.ndarray:
     """Unit-variance, tileable band-pass noise [size, size]: a difference of Gaussians with
     sigmas ``fine`` < ``coarse`` (pixels). ``aspect`` > 1 stretches the grain along the
     direction ``angle`` (degrees from vertical, counter-clockwise)."""
@@ -326,8 +340,9 @@ def marker_rule(diseased: bool, shortcut_rate: float, rng: np.random.Generator) 
 # Rendering.
 
 
-def _ellipse_sdf(u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float,
-                 ry: float) -> np.ndarray:
+def _ellipse_sdf(
+    u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float, ry: float
+) -> np.ndarray:
     """Approximate signed distance (positive inside) to an axis-aligned ellipse."""
     du, dv = (u - cx) / rx, (v - cy) / ry
     rho = np.sqrt(du * du + dv * dv) + 1e-6
@@ -335,8 +350,16 @@ def _ellipse_sdf(u: np.ndarray, v: np.ndarray, cx: float, cy: float, rx: float,
     return (1.0 - rho) / grad
 
 
-def _condyle_sdf(u: np.ndarray, v: np.ndarray, xc: float, yc: float, rx: float, ry: float,
-                 ry_low: float, flat: float) -> np.ndarray:
+def _condyle_sdf(
+    u: np.ndarray,
+    v: np.ndarray,
+    xc: float,
+    yc: float,
+    rx: float,
+    ry: float,
+    ry_low: float,
+    flat: float,
+) -> np.ndarray:
     """Signed distance to a condyle: an ellipse whose lower half has its own height ``ry_low``
     and a superellipse exponent ``2 + flat`` (flattened bone end)."""
     low = v > yc
@@ -355,8 +378,17 @@ def _condyle_sdf(u: np.ndarray, v: np.ndarray, xc: float, yc: float, rx: float, 
     return (1.0 - rho) / grad
 
 
-def _spur_sdf(u: np.ndarray, v: np.ndarray, ax: float, ay: float, dx: float, dy: float,
-              length: float, width: float, bend: float) -> np.ndarray:
+def _spur_sdf(
+    u: np.ndarray,
+    v: np.ndarray,
+    ax: float,
+    ay: float,
+    dx: float,
+    dy: float,
+    length: float,
+    width: float,
+    bend: float,
+) -> np.ndarray:
     """Signed distance of a tapering beak from anchor (ax, ay) along unit (dx, dy).
 
     Its base half-width is ``width * length``; its tip curls by ``bend * length`` along the
@@ -433,8 +465,9 @@ class _Grid:
         return rows, _span(np.minimum(first, last), np.maximum(first, last), ulo, uhi)
 
 
-def render_knee(factors: Mapping[str, float], anatomy: Mapping[str, Any], resolution: int,
-                supersample: int = 2) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def render_knee(
+    factors: Mapping[str, float], anatomy: Mapping[str, Any], resolution: int, supersample: int = 2
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Image [R, R] float32 in [0, 1] and masks {name: bool [R, R]} for one knee.
 
     ``factors`` holds the disease and nuisance factors and ``marker``; ``anatomy`` comes from
@@ -450,8 +483,10 @@ def render_knee(factors: Mapping[str, float], anatomy: Mapping[str, Any], resolu
     xm = fx0 - W + a["rx_medial"]
     xl = fx0 + W - a["rx_lateral"]
     cond = {}
-    for name, xc, rx, ry in (("medial", xm, a["rx_medial"], a["ry_medial"]),
-                             ("lateral", xl, a["rx_lateral"], a["ry_lateral"])):
+    for name, xc, rx, ry in (
+        ("medial", xm, a["rx_medial"], a["ry_medial"]),
+        ("lateral", xl, a["rx_lateral"], a["ry_lateral"]),
+    ):
         yc = _plateau_height(xc, a, xm) - a[f"jsw0_{name}"] - ry
         # Narrowing stretches only the lower half, so the change stays at the joint.
         cond[name] = (xc, yc, rx, ry, ry + a[f"jsw0_{name}"] - f[f"jsw_{name}"])
@@ -460,8 +495,12 @@ def render_knee(factors: Mapping[str, float], anatomy: Mapping[str, Any], resolu
     # Each structure is computed only on the rows it can reach: the femur above the joint, the
     # tibia below it, and everything that disease touches (J) in a band around it.
     reach = max(W, a["tibia_width"]) + 0.16  # osteophytes included
-    J = grid.box(fx0 - reach, fx0 + reach,
-                 yc_top - 0.35 * max(a["ry_medial"], a["ry_lateral"]) - 0.02, yj + 0.16)
+    J = grid.box(
+        fx0 - reach,
+        fx0 + reach,
+        yc_top - 0.35 * max(a["ry_medial"], a["ry_lateral"]) - 0.02,
+        yj + 0.16,
+    )
     F = grid.rows(-np.inf, yj + 0.13)
     T = grid.rows(yj - 0.10, np.inf)
     uJ, vJ = u[J], v[J]
@@ -522,16 +561,31 @@ def render_knee(factors: Mapping[str, float], anatomy: Mapping[str, Any], resolu
             tx = xt + side * (tw - 0.015)
             # Femoral beaks curl down, tibial ones up: both towards the joint line.
             for bone_d, ax, ay, dx, dy, bend, site in (
-                (d_femur, xc + side * rx * math.cos(ang), yc + ry_low * math.sin(ang),
-                 side * 0.92, 0.39, 0.3 * side, k),
-                (d_tibia, tx, _plateau_height(tx, a, xm) + 0.014, side * 0.94, -0.34,
-                 -0.3 * side, k + 2),
+                (
+                    d_femur,
+                    xc + side * rx * math.cos(ang),
+                    yc + ry_low * math.sin(ang),
+                    side * 0.92,
+                    0.39,
+                    0.3 * side,
+                    k,
+                ),
+                (
+                    d_tibia,
+                    tx,
+                    _plateau_height(tx, a, xm) + 0.014,
+                    side * 0.94,
+                    -0.34,
+                    -0.3 * side,
+                    k + 2,
+                ),
             ):
                 length = ost * a[f"spur_size_{site}"]
                 r = 1.2 * length + 0.015
                 box = grid.box(ax - r, ax + r, ay - r, ay + r)
-                d_s = _spur_sdf(u[box], v[box], ax, ay, dx, dy, length,
-                                a[f"spur_width_{site}"], bend)
+                d_s = _spur_sdf(
+                    u[box], v[box], ax, ay, dx, dy, length, a[f"spur_width_{site}"], bend
+                )
                 bone_d[box] = smooth_max(bone_d[box], d_s, 0.006)
                 spur[box] = np.maximum(spur[box], d_s)
 
@@ -649,8 +703,9 @@ def render_knee(factors: Mapping[str, float], anatomy: Mapping[str, Any], resolu
     return clip01(img).astype(np.float32), masks
 
 
-def _draw_marker(img: np.ndarray, corner: int, laterality: float,
-                 resolution: int) -> tuple[np.ndarray, np.ndarray]:
+def _draw_marker(
+    img: np.ndarray, corner: int, laterality: float, resolution: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Paint an 'L'/'R' lead marker into corner 0-3 (clockwise from top-left).
 
     Returns (image [R, R], coverage [R, R]).
@@ -663,8 +718,8 @@ def _draw_marker(img: np.ndarray, corner: int, laterality: float,
     c0 = resolution - lo_px - n if right else lo_px
     r0 = resolution - lo_px - n if bottom else lo_px
     g = pixel_grid(resolution * ss)
-    gx = g[c0 * ss:(c0 + n) * ss]
-    gy = g[r0 * ss:(r0 + n) * ss]
+    gx = g[c0 * ss : (c0 + n) * ss]
+    gy = g[r0 * ss : (r0 + n) * ss]
     cx = (0.5 - margin - side / 2) * (1 if right else -1)
     cy = (0.5 - margin - side / 2) * (1 if bottom else -1)
     lx = (gx[None, :] - cx) / side + 0.5
@@ -676,8 +731,13 @@ def _draw_marker(img: np.ndarray, corner: int, laterality: float,
     plate = rect(0.0, 1.0, 0.0, 1.0)
     if laterality >= 0.5:
         leg = (np.abs((ly - 0.56) - (lx - 0.42) * 0.95) < 0.1) & rect(0.38, 0.8, 0.52, 0.82)
-        glyph = (rect(0.22, 0.38, 0.18, 0.82) | rect(0.22, 0.72, 0.18, 0.32)
-                 | rect(0.22, 0.72, 0.46, 0.58) | rect(0.60, 0.74, 0.18, 0.58) | leg)
+        glyph = (
+            rect(0.22, 0.38, 0.18, 0.82)
+            | rect(0.22, 0.72, 0.18, 0.32)
+            | rect(0.22, 0.72, 0.46, 0.58)
+            | rect(0.60, 0.74, 0.18, 0.58)
+            | leg
+        )
     else:
         glyph = rect(0.25, 0.42, 0.18, 0.82) | rect(0.25, 0.76, 0.66, 0.82)
     cover = area_down(plate.astype(np.float32), ss)
@@ -705,9 +765,17 @@ class KneePhantom(Dataset):
 
     channels = 1
 
-    def __init__(self, n: int, resolution: int = 64, seed: int = 0, split: str = "train",
-                 task: str = "binary", shortcut_rate: float = 0.0, cache: bool = True,
-                 supersample: int = 2) -> None:
+    def __init__(
+        self,
+        n: int,
+        resolution: int = 64,
+        seed: int = 0,
+        split: str = "train",
+        task: str = "binary",
+        shortcut_rate: float = 0.0,
+        cache: bool = True,
+        supersample: int = 2,
+    ) -> None:
         check_common(n, resolution, seed, split)
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
@@ -782,4 +850,3 @@ class KneePhantom(Dataset):
         for i in range(self.n):
             self[i]
         return self
-
