@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from bench_stylegan2_ops import _time  # best of `repeats` after a warm-up
 from torch.utils.flop_counter import FlopCounterMode
 
 from cfexplain.nn import stylegan2, stylegan2_ops
@@ -96,16 +96,6 @@ def reference_maths() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- measurements
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, oneDNN primitive caches
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def _flops(fn) -> int:
