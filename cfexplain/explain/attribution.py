@@ -65,16 +65,21 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
                 current.update(table)
 
 
-def _snapshot(d: dict[str, Any]) -> dict[str, tuple[Any, dict | None]]:
-    return {k: (v, dict(v) if isinstance(v, dict) else None) for k, v in d.items()}
+def _snapshot(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """A shallow copy of a module's ``__dict__`` and of every dict in it (hooks, children, ...)."""
+    return dict(d), {k: dict(v) for k, v in d.items() if isinstance(v, dict)}
 
 
-def _restore(d: dict[str, Any], snap: dict[str, tuple[Any, dict | None]]) -> None:
-    for k in [k for k in d if k not in snap]:
-        del d[k]
-    for k, (v, contents) in snap.items():
-        d[k] = v
-        if contents is not None and not _same(v, contents):
+def _restore(d: dict[str, Any], snap: tuple[dict[str, Any], dict[str, dict]]) -> None:
+    top, inner = snap
+    d.clear()
+    d.update(top)
+    for k, contents in inner.items():
+        v = top[k]
+        if not contents:  # most hook tables: empty before, so empty after
+            if v:
+                v.clear()
+        elif not _same(v, contents):
             v.clear()
             v.update(contents)
 
