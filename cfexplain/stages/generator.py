@@ -31,7 +31,7 @@ from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.quality import FeatureStats, inception_fd
-from cfexplain.utils.seeding import derived_seed, generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import derived_seed, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -85,7 +85,6 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         "best": None,  # index into snapshots of the kept G_ema (generator.keep=best)
     }
     G_best: dict[str, torch.Tensor] | None = None
-    # Built before the RNG state is restored: loading the classifier draws from the global RNG.
     quality = _Quality(cfg, run, d.device) if run.is_main else None
     state_file = run.dir / STATE_FILE
     if state_file.is_file():
@@ -94,7 +93,6 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             module.load_state_dict(saved[name])
         G_opt.load_state_dict(saved["G_opt"])
         D_opt.load_state_dict(saved["D_opt"])
-        set_rng_state(saved["rng"])
         s = saved["loop"]
         G_best = saved.get("G_best")
         log.info(
@@ -112,7 +110,6 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                     "augment": augment.state_dict(),
                     "G_opt": G_opt.state_dict(),
                     "D_opt": D_opt.state_dict(),
-                    "rng": rng_state(),
                     "loop": s,
                     **({"G_best": G_best} if G_best is not None else {}),
                 },
@@ -135,7 +132,8 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     while s["nimg"] < total_nimg and not s.get("out_of_time"):
         step = s["step"]
         # Latents, noise and augmentations of a step come from (seed, step, rank): each rank
-        # draws its own, and a resumed run draws what the uninterrupted one did.
+        # draws its own, a resumed run draws what the uninterrupted one did, and state.pt needs
+        # no RNG state.
         torch.manual_seed(derived_seed(seed, 4, step, d.rank))
         real = real_batch(train_ds, per_rank, seed, step, d).to(d.device)
         z = torch.randn(per_rank, G.z_dim, device=d.device)
