@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,19 +46,21 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
     """
     import torch.nn.modules.module as module_mod
 
-    saved = [(m, _snapshot(vars(m))) for m in model.modules()]
+    modules = list(model.modules())
+    saved = [(vars(m), _snapshot(vars(m))) for m in modules]
     global_saved = {name: dict(getattr(module_mod, name, {})) for name in _GLOBAL_HOOKS}
     try:
-        model.eval()
-        for m in model.modules():
+        if any(m.training for m in modules):
+            model.eval()
+        for m in modules:
             # In-place ReLUs break backward hooks (guided backprop, zennit's rules).
-            if isinstance(m, nn.ReLU):
+            if isinstance(m, nn.ReLU) and m.inplace:
                 m.inplace = False
         with torch.enable_grad():
             yield model
     finally:
-        for m, snap in saved:
-            _restore(vars(m), snap)
+        for d, snap in saved:
+            _restore(d, snap)
         for name, table in global_saved.items():
             current = getattr(module_mod, name, None)
             if current is not None:
@@ -65,21 +68,30 @@ def isolated(model: nn.Module) -> Iterator[nn.Module]:
                 current.update(table)
 
 
-def _snapshot(d: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict]]:
-    """A shallow copy of a module's ``__dict__`` and of every dict in it (hooks, children, ...)."""
-    return dict(d), {k: dict(v) for k, v in d.items() if isinstance(v, dict)}
+# A module keeps its hooks, children, parameters and buffers in plain or ordered dicts.
+_DICTS = (dict, OrderedDict)
+_Snapshot = tuple[dict[str, Any], list[dict], list[tuple[dict, dict]]]
 
 
-def _restore(d: dict[str, Any], snap: tuple[dict[str, Any], dict[str, dict]]) -> None:
-    top, inner = snap
+def _snapshot(d: dict[str, Any]) -> _Snapshot:
+    """A shallow copy of a module's ``__dict__``, the dicts in it that are empty (most hook
+    tables: nothing to copy) and a copy of the others. Called once per module per attribution
+    call, so it stays in C-level copies and comprehensions."""
+    top = d.copy()
+    empty = [v for v in top.values() if type(v) in _DICTS and not v]
+    full = [(v, v.copy()) for v in top.values() if v and type(v) in _DICTS]
+    return top, empty, full
+
+
+def _restore(d: dict[str, Any], snap: _Snapshot) -> None:
+    top, empty, full = snap
     d.clear()
     d.update(top)
-    for k, contents in inner.items():
-        v = top[k]
-        if not contents:  # most hook tables: empty before, so empty after
-            if v:
-                v.clear()
-        elif not _same(v, contents):
+    for v in empty:
+        if v:
+            v.clear()
+    for v, contents in full:
+        if not _same(v, contents):
             v.clear()
             v.update(contents)
 

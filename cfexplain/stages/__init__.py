@@ -42,5 +42,7 @@ CHAIN: tuple[Stage, ...] = (
         keys=("data", "direction", "seed"),
         inputs=("classifier", "generator", "encoder"),
     ),
+    # Not in the default `stages`: the built-in segmentation model for sensitivity analysis.
+    Stage("segmentation", keys=("data", "segmentation", "seed")),
 )
 STAGES = {s.name: s for s in CHAIN}
