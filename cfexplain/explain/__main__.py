@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -101,7 +103,7 @@ def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None]]:
     )
 
 
-def _build_methods(
+def build_methods(
     cfg: DictConfig, run_dir: Path, model: torch.nn.Module, notes: list[str]
 ) -> tuple[dict[str, Method], Any]:
     """The attribution objects of ``cfg.methods`` and the counterfactual engine (or None)."""
@@ -176,7 +178,7 @@ def explain(cfg: DictConfig) -> Path:
     model = load_classifier(run_dir / "classifier", device)
 
     notes: list[str] = []
-    methods, engine = _build_methods(cfg, run_dir, model, notes)
+    methods, engine = build_methods(cfg, run_dir, model, notes)
     for n in notes:
         log.info(f"[explain] {n}")
 
@@ -203,13 +205,23 @@ def explain(cfg: DictConfig) -> Path:
         "target": target_name,
         "methods": ", ".join(["counterfactual"] * (engine is not None) + list(methods)),
     }
-    writer = GalleryWriter(out, target_name, size=int(cfg.image_px))
+    evaluation = run_dir / "evaluation" / "index.html"
+    links = (
+        {"evaluation of this run": os.path.relpath(evaluation, out)} if evaluation.is_file() else {}
+    )
+    writer = GalleryWriter(out, target_name, size=int(cfg.image_px), links=links)
+    reports = {int(i) for i in (cfg.get("reports") or [])}
     totals: dict[str, list[float]] = {}
     start = time.time()
     try:
         bar = tqdm(total=count, desc="explain", unit="img")
         for x, names, labels in batches:
             rows = _explain_batch(cfg, model, methods, engine, x.to(device), names, labels, classes)
+            wanted = [i for i in range(len(rows)) if writer.count + i in reports]
+            if wanted:
+                _write_reports(
+                    cfg, run_dir, model, methods, rows, x.to(device), wanted, out, classes
+                )
             for r in rows:
                 for k, v in r.metrics.items():
                     totals.setdefault(k, []).append(float(v))
@@ -296,6 +308,15 @@ def _explain_batch(
         for k, v in proximity(cf, engine.perceptual).items():
             metrics[f"proximity_{k}"] = v
     maps = {name: m.attribute(x, target).float().cpu() for name, m in methods.items()}
+    drawn: dict[str, list] = {}
+    if "dominant_class" in methods:
+        from cfexplain.explain.dominant import draw_dominant
+
+        dominant = methods["dominant_class"].classes(x).cpu()  # cached: no second pass
+        level = maps["dominant_class"]
+        drawn["dominant_class"] = [
+            draw_dominant(dominant[i], level[i], classes)[0] for i in range(len(x))
+        ]
     rows = []
     for i in range(len(x)):
         row = Row(
@@ -306,6 +327,7 @@ def _explain_batch(
             true=labels[i],
             maps={name: (a[i], methods[name].signed) for name, a in maps.items()},
             metrics={k: float(v[i]) for k, v in metrics.items()},
+            drawn={name: pics[i] for name, pics in drawn.items()},
         )
         if cf is not None:
             row.reconstruction = cf.reconstruction[i].cpu()
@@ -318,6 +340,58 @@ def _explain_batch(
             row.difference = diff[i]
         rows.append(row)
     return rows
+
+
+def _write_reports(
+    cfg: DictConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    methods: dict[str, Method],
+    rows: list[Row],
+    x: torch.Tensor,
+    wanted: list[int],
+    out: Path,
+    classes: list[str],
+) -> None:
+    """Per-image reports (``reports=[i, ...]``) for a non-technical reader: one HTML (and PDF)
+    per image under ``out/reports/``, with guided grad-CAM for the predicted class."""
+    from cfexplain.explain.report import write_report
+
+    guided = get_method("guided_gradcam")(model)
+    provenance: dict[str, Any] = {"run": str(run_dir)}
+    for stage in ("classifier", *COUNTERFACTUAL_STAGES, "normative"):
+        if _has(run_dir, stage):
+            art = Artifact.load(run_dir / stage)
+            provenance[f"{stage} stage"] = f"fingerprint {art.fingerprint}, written {art.created}"
+    provenance["explain config"] = f"target={cfg.target} lambdas={cfg.lambdas} seed={cfg.seed}"
+    for i in wanted:
+        row = rows[i]
+        pred = classes.index(row.pred)
+        with torch.no_grad():
+            p_pred = float(torch.softmax(model(x[i : i + 1]).float(), 1)[0, pred])
+        normative = methods.get("normative")
+        path = write_report(
+            out / "reports" / f"{writer_safe(row.name)}.html",
+            name=row.name,
+            image=row.image,
+            prediction=pred,
+            probability=p_pred,
+            class_names=classes,
+            guided_gradcam=guided.attribute(x[i : i + 1], pred)[0].cpu(),
+            counterfactual_frames=row.frames,
+            frame_probs=row.frame_probs,
+            frame_target=int(cfg.target) if row.frames is not None else None,
+            normative_residual=normative.attribute(x[i : i + 1], 0)[0].cpu() if normative else None,
+            provenance=provenance,
+        )
+        log.info(f"[explain] report: {path}")
+
+
+def writer_safe(name: str) -> str:
+    """A file name for a display name (``test #3`` -> ``test_3``; user file names keep their stem)."""
+    stem = Path(name).stem if "." in name else name
+    safe = re.sub(r"[^A-Za-z0-9-]+", "_", stem).strip("_")
+    return safe or "image"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="explain")

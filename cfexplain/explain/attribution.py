@@ -341,6 +341,13 @@ class CAM(Method):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         _cam_layer(model, self.name)
+        if any(
+            getattr(m, "attention", False) is True for m in (model, getattr(model, "model", None))
+        ):
+            raise ValueError(
+                "cam: this classifier has trainable attention; its head reads attended "
+                "descriptors, not the global average pool, so CAM does not apply (use gradcam or attention)"
+            )
 
     def _attribute(self, x: Tensor, target: int) -> Tensor:
         return cam_maps(self.model, x, target)
@@ -540,3 +547,101 @@ def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise ValueError(f"unknown attribution method {name!r}; expected one of {list(METHODS)}")
     return METHODS[name]
+
+
+# ----------------------------------------------------------------------------- seed toolkits
+
+
+def _attention_net(model: nn.Module) -> nn.Module:
+    """The module with trainable attention (also inside a wrapper such as BinaryLogitAdapter)."""
+    for m in (model, getattr(model, "model", None)):
+        if getattr(m, "attention", False) is True and callable(getattr(m, "attention_maps", None)):
+            return m
+    raise ValueError(
+        f"attention needs a classifier with trainable attention (train it with "
+        f"classifier.attention=true: ResNetClassifier(attention=True)); {type(model).__name__} "
+        "has no attention maps"
+    )
+
+
+class AttentionMap(Method):
+    """Trainable attention maps (Jetley et al. 2018), upsampled and averaged over the levels.
+
+    Unsigned and class-agnostic (``target`` unused): the maps are part of the forward pass, the
+    same for every class. Each level is rescaled to sum to 1 over the input's pixels before the
+    mean, so the map sums to 1 per image (``cfexplain.nn.attention.upsampled_attention``).
+    """
+
+    name = "attention"
+    signed = False
+    reduce = "mean"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.net = _attention_net(model)
+
+    def _attribute(self, x: Tensor, target: int) -> Tensor:
+        from cfexplain.nn.attention import upsampled_attention
+
+        with torch.no_grad():
+            maps = self.net.attention_maps(x)
+        return upsampled_attention(maps, tuple(x.shape[-2:]))
+
+
+class DominantClass(Method):
+    """CLEAR-DR dominant-class map (Kumar et al. 2019) from a base method run for every class.
+
+    :meth:`attribute` returns the dominant *level* ``[N, 1, H, W]`` (``target`` unused: every
+    class is scored); :meth:`classes` the dominant class ``[N, H, W]``; :meth:`class_maps` the
+    per-class maps ``[N, K, H, W]``. The last result is kept, so asking for levels and classes of
+    the same images runs the base method once per class, not twice. ``base`` is any registered
+    method (grad-CAM by default); ``base_params`` go to it. Binary models: see
+    ``cfexplain.explain.dominant`` (two classes; the sign of the margin's attribution).
+    """
+
+    name = "dominant_class"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base: str = "gradcam",
+        num_classes: int | None = None,
+        **base_params: Any,
+    ) -> None:
+        super().__init__(model)
+        if base == self.name:
+            raise ValueError("dominant_class: base must be another method, not dominant_class")
+        self.base = get_method(base)(model, **base_params)
+        self.signed = self.base.signed
+        self.num_classes = num_classes
+        self._last: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    def class_maps(self, x: Tensor) -> Tensor:
+        """Base attribution of every class: ``x [N, C, H, W]`` -> ``[N, K, H, W]``."""
+        if self.num_classes is None:
+            with isolated(self.model), torch.no_grad():
+                self.num_classes = int(self.model(x[:1].detach()).shape[1])
+        return torch.cat([self.base.attribute(x, k) for k in range(self.num_classes)], dim=1)
+
+    def dominant(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(classes LongTensor [N, H, W], levels [N, 1, H, W])`` of ``x [N, C, H, W]``."""
+        from cfexplain.explain.dominant import dominant_class_map
+
+        last = self._last
+        if last is not None and last[0].shape == x.shape and torch.equal(last[0], x.detach()):
+            return last[2], last[3]
+        per_class = self.class_maps(x)
+        classes, levels = dominant_class_map(per_class)
+        self._last = (x.detach().clone(), per_class, classes, levels)
+        return classes, levels
+
+    def classes(self, x: Tensor) -> Tensor:
+        """Dominant class per pixel, LongTensor ``[N, H, W]``."""
+        return self.dominant(x)[0]
+
+    def attribute(self, x: Tensor, target: int) -> Tensor:
+        return self.dominant(x)[1]
+
+
+METHODS[AttentionMap.name] = AttentionMap
+METHODS[DominantClass.name] = DominantClass

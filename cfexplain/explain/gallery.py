@@ -100,6 +100,7 @@ class Row:
         recon_prob: f's probability of the target for the reconstruction (the flip's reference).
         difference: ``[1, H, W]`` flipping frame minus reconstruction (signed).
         maps: method name -> (raw map ``[1, H, W]``, signed).
+        drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
     """
 
@@ -117,10 +118,17 @@ class Row:
     difference: Tensor | None = None
     maps: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Maps that draw themselves (the dominant-class map's colours): uint8 RGB [H, W, 3].
+    drawn: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def has_counterfactual(self) -> bool:
         return self.frames is not None
+
+
+def _map_rgb(row: Row, name: str, m: Tensor, signed: bool) -> np.ndarray:
+    drawn = row.drawn.get(name)
+    return drawn if drawn is not None else overlay(row.image[None], m[None], signed)[0]
 
 
 def strip_image(row: Row, size: int = 96) -> Image.Image:
@@ -138,7 +146,7 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
         if row.difference is not None:
             tiles.append((colorize(row.difference[None], signed=True)[0], "flip - G(E(x))", ""))
     for name, (m, signed) in row.maps.items():
-        tiles.append((overlay(row.image[None], m[None], signed)[0], name[:14], ""))
+        tiles.append((_map_rgb(row, name, m, signed), name[:14], ""))
     imgs = [upscale(t, size) for t, _, _ in tiles]
     w, h = imgs[0].size
     text_h = 26
@@ -199,9 +207,7 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
 
     files["input"] = put("input.png", upscale(gray_rgb(row.image[None])[0], size))
     for name, (m, signed) in row.maps.items():
-        files["maps"][name] = put(
-            f"map_{name}.png", upscale(overlay(row.image[None], m[None], signed)[0], size)
-        )
+        files["maps"][name] = put(f"map_{name}.png", upscale(_map_rgb(row, name, m, signed), size))
     files["strip"] = put("strip.png", strip_image(row, size))
     if row.has_counterfactual:
         files["reconstruction"] = put(
@@ -343,11 +349,16 @@ def page_html(
     rows: str,
     facets: Mapping[str, Sequence[str]],
     notes: Sequence[str] = (),
+    links: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole page: a header table (run, classifier, metric summary), filter buttons for
-    every value seen in ``facets`` (true, pred, flip), a sort menu, and the rows."""
+    """The whole page: a header table (run, classifier, metric summary), links (label -> relative
+    href, e.g. the run's evaluation), filter buttons for every value seen in ``facets`` (true,
+    pred, flip), a sort menu, and the rows."""
     table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in header.items())
     note_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+    note_html += "".join(
+        f'<p><a href="{_e(href)}">{_e(label)}</a></p>' for label, href in (links or {}).items()
+    )
     controls = "<br>".join(
         _buttons(k, lbl, facets.get(k, []))
         for k, lbl in (("true", "true label"), ("pred", "predicted"), ("flip", "flip"))
@@ -375,8 +386,11 @@ class GalleryWriter:
     a browsable page of what was done; :meth:`close` adds the final header and ``summary.json``.
     """
 
-    def __init__(self, out: str | Path, target: str, size: int = 96) -> None:
+    def __init__(
+        self, out: str | Path, target: str, size: int = 96, links: Mapping[str, str] | None = None
+    ) -> None:
         self.out = Path(out)
+        self.links = dict(links or {})
         self.out.mkdir(parents=True, exist_ok=True)
         self.target, self.size = target, size
         self.count = 0
@@ -465,7 +479,8 @@ class GalleryWriter:
     def write_index(self, header: Mapping[str, Any], notes: Sequence[str] = ()) -> Path:
         rows = (self.out / ROWS_FILE).read_text(encoding="utf-8")
         facets = {k: sorted(v) for k, v in self.facets.items()}
-        return write_text(self.out / "index.html", page_html(header, rows, facets, notes))
+        page = page_html(header, rows, facets, notes, self.links)
+        return write_text(self.out / "index.html", page)
 
     def close(
         self, header: Mapping[str, Any], summary: Mapping[str, Any], notes: Sequence[str] = ()

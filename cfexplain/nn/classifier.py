@@ -1,7 +1,9 @@
 """The classifier to explain: a small ResNet with BatchNorm, global average pooling and a linear head.
 
 Built from torchvision's ``BasicBlock`` so that zennit's ResNet canonizer recognises the skip
-connections (LRP), and ending in GAP + linear so that CAM and grad-CAM apply.
+connections (LRP), and ending in GAP + linear so that CAM and grad-CAM apply. With
+``attention=True`` the head reads attended descriptors instead (``cfexplain.nn.attention``):
+grad-CAM still applies, CAM does not (the head no longer sits on global average pooling).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from cfexplain.nn.attention import AttentionEstimator
 
 
 class ResNetClassifier(nn.Module):
@@ -24,6 +28,12 @@ class ResNetClassifier(nn.Module):
         blocks: residual blocks per stage; every stage after the first halves the resolution.
         stem_stride: stride of the 3x3 stem (2 halves the cost at large inputs).
         dropout: dropout before the linear head.
+        attention: trainable attention (Jetley et al. 2018) at the outputs of
+            ``attention_stages``; the head then reads their attended descriptors, concatenated,
+            instead of the pooled last feature map. Off: the model and its checkpoints are as
+            without the option.
+        attention_stages: stage indices (negative counts from the end) with an attention
+            estimator; ``None`` is the last two stages (the only one for a one-stage model).
     """
 
     def __init__(
@@ -34,6 +44,8 @@ class ResNetClassifier(nn.Module):
         blocks: Sequence[int] = (1, 1, 1, 1),
         stem_stride: int = 1,
         dropout: float = 0.0,
+        attention: bool = False,
+        attention_stages: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -55,12 +67,25 @@ class ResNetClassifier(nn.Module):
         self.layers = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(c_in, num_classes)
+        self.attention = bool(attention)
+        self.attention_stages: tuple[int, ...] = ()
+        head_in = c_in
+        if self.attention:
+            self.attention_stages = _stage_indices(attention_stages, len(blocks))
+            # g is the pooled last stage (C_last); every level's descriptor has that size.
+            self.attend = nn.ModuleList(
+                AttentionEstimator(width * 2**i, c_in) for i in self.attention_stages
+            )
+            head_in = c_in * len(self.attention_stages)
+        self.fc = nn.Linear(head_in, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)  # each block starts as identity: stable early training
+        for estimator in getattr(self, "attend", ()):
+            # u = 0: attention starts uniform, so the head starts on plain average pooling.
+            nn.init.zeros_(estimator.u.weight)
 
     @staticmethod
     def _stage(c_in: int, c_out: int, n: int, stride: int) -> nn.Sequential:
@@ -76,7 +101,11 @@ class ResNetClassifier(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        """The last convolutional stage: its output feeds GAP, so CAM and grad-CAM read it."""
+        """The last convolutional stage: its output feeds GAP, so CAM and grad-CAM read it.
+
+        With attention it still feeds every output (through ``g`` and the last level), so
+        grad-CAM reads it; CAM's head-weight shortcut no longer holds there.
+        """
         return self.layers[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +116,49 @@ class ResNetClassifier(nn.Module):
         assert x.ndim == 4 and x.shape[1] == self.in_channels, (
             f"expected images [N, {self.in_channels}, H, W], got {tuple(x.shape)}"
         )
+        if self.attention:
+            return self.forward_attention(x)[0]
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
+
+    def forward_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``x [N, C, H, W] -> (logits [N, K], maps)``: one attention map ``[N, 1, h_s, w_s]`` per
+        level in ``attention_stages``, each summing to 1 per image."""
+        if not self.attention:
+            raise ValueError(
+                "this ResNetClassifier has no attention modules (built with attention=False)"
+            )
+        h, outs = self.stem(x), []
+        for stage in self.layers:
+            h = stage(h)
+            outs.append(h)
+        g = torch.flatten(self.pool(outs[-1]), 1)
+        maps, descriptors = [], []
+        for i, estimator in zip(self.attention_stages, self.attend, strict=True):
+            a, g_a = estimator(outs[i], g)
+            maps.append(a)
+            descriptors.append(g_a)
+        return self.fc(self.dropout(torch.cat(descriptors, 1))), maps
+
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention maps ``[N, 1, h_s, w_s]`` of ``x [N, C, H, W]``, one per attention level."""
+        return self.forward_attention(x)[1]
+
+
+def _stage_indices(stages: Sequence[int] | None, n_stages: int) -> tuple[int, ...]:
+    """``attention_stages`` as sorted non-negative stage indices; the error names the field."""
+    if stages is None:
+        return tuple(range(max(0, n_stages - 2), n_stages))
+    out = set()
+    for s in stages:
+        if not -n_stages <= int(s) < n_stages:
+            raise ValueError(
+                f"attention_stages: stage {s} does not exist; the model has {n_stages} stages "
+                f"(indices 0..{n_stages - 1} or -{n_stages}..-1)"
+            )
+        out.add(int(s) % n_stages)
+    if not out:
+        raise ValueError("attention_stages: empty; give at least one stage index (or null)")
+    return tuple(sorted(out))
 
 
 class BinaryLogitAdapter(nn.Module):

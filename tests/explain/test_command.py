@@ -371,3 +371,32 @@ def test_counterfactual_and_normative_maps_through_the_registry(full_run):
     ref = load_normative(full_run / "normative")["aae"].anomaly(x)[1]
     torch.testing.assert_close(residual.attribute(x, 0), ref)
     assert not residual.signed and (ref >= 0).all()
+
+
+def test_reports_dominant_class_and_evaluation_link(full_run, tmp_path):
+    """``reports=[0]`` writes one self-contained page; the dominant-class map draws its colours;
+    the gallery links the run's evaluation page when there is one."""
+    (full_run / "evaluation").mkdir(exist_ok=True)
+    (full_run / "evaluation" / "index.html").write_text("<html></html>")
+    try:
+        index = explain(
+            explain_cfg(
+                f"run={full_run}",
+                f"out={tmp_path}",
+                "limit=2",
+                "methods=[counterfactual,gradcam,dominant_class,normative]",
+                "reports=[1]",
+                "logger=none",
+            )
+        )
+    finally:
+        shutil.rmtree(full_run / "evaluation")
+    page = index.read_text()
+    assert 'href="' in page and "evaluation/index.html" in page
+    reports = sorted((tmp_path / "reports").glob("*.html"))
+    assert [p.name for p in reports] == ["test_1.html"]
+    report = reports[0].read_text()
+    assert "What the model said" in report and 'src="http' not in report
+    dominant = np.asarray(Image.open(next(tmp_path.glob("images/*/map_dominant_class.png"))))
+    gradcam = np.asarray(Image.open(next(tmp_path.glob("images/*/map_gradcam.png"))))
+    assert dominant.shape == gradcam.shape and not np.array_equal(dominant, gradcam)

@@ -1,0 +1,449 @@
+"""Mimer-style per-image report (Hicks et al. 2018): one self-contained page for a non-technical reader.
+
+:func:`write_report` writes ONE HTML file: images embedded as base64 PNG/GIF data URIs, inline
+CSS, no script and no network, every string that came from a file name or a config HTML-escaped.
+Plain-language sections: what the model said, where it looked (guided grad-CAM), what would change
+its mind (the counterfactual sequence), how unusual the image is (normative residual), where this
+came from (run provenance). A PDF goes beside it: printed by headless chromium when it is
+installed (the same page), else drawn with matplotlib (the same content, simpler layout).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from cfexplain.utils.artifacts import _atomic, write_text
+
+log = logging.getLogger("cfexplain")
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
+PDF_MODES = ("auto", "chromium", "matplotlib", "none")
+_SIZE = 224  # displayed side of the main images, pixels
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:52rem;
+margin:2rem auto;padding:0 1rem;color:#1d1d1f;line-height:1.5}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;
+border-bottom:1px solid #ddd;padding-bottom:.2rem}
+.note{color:#555;font-size:.92rem} .answer{font-size:1.25rem}
+.figs{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0;text-align:center}
+figure img{image-rendering:pixelated;border:1px solid #ccc}
+figcaption{font-size:.85rem;color:#444;max-width:14rem}
+.strip figure img{width:96px;height:96px} .flip img{border:3px solid #d62728}
+table{border-collapse:collapse;font-size:.9rem} td,th{border:1px solid #ddd;padding:.25rem .5rem;
+text-align:left;vertical-align:top} th{background:#f5f5f7}
+.bar{display:inline-block;height:.8rem;background:#1f77b4;vertical-align:middle}
+@media print{body{margin:0}}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _uri(arr: np.ndarray) -> str:
+    """uint8 ``[H, W, 3]`` -> a PNG data URI."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(src: str, caption: str, cls: str = "", size: int = _SIZE) -> str:
+    return (
+        f'<figure class="{cls}"><img src="{src}" width="{size}" height="{size}" alt="{_e(caption)}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+    )
+
+
+def _as_map(t: Tensor | None, field: str, hw: tuple[int, int]) -> Tensor | None:
+    """A map ``[1, H, W]`` or ``[H, W]`` -> ``[1, 1, H, W]`` float; the error names the field."""
+    if t is None:
+        return None
+    t = torch.as_tensor(t).detach().float().cpu()
+    if t.ndim == 2:
+        t = t[None]
+    if t.ndim != 3 or t.shape[0] != 1 or tuple(t.shape[-2:]) != hw:
+        raise ValueError(
+            f"write_report: {field} must be [1, {hw[0]}, {hw[1]}], got {tuple(t.shape)}"
+        )
+    return t[None]
+
+
+def _percent(p: float) -> str:
+    return f"{100 * p:.0f}%" if 0.01 <= p <= 0.99 else f"{100 * p:.1f}%"
+
+
+def write_report(
+    path: str | Path,
+    *,
+    name: str,
+    image: Tensor,
+    prediction: int,
+    probability: float,
+    class_names: Sequence[str],
+    guided_gradcam: Tensor,
+    counterfactual_frames: Tensor | None = None,
+    frame_probs: Sequence[float] | Tensor | None = None,
+    frame_target: int | None = None,
+    normative_residual: Tensor | None = None,
+    provenance: Mapping[str, Any],
+    pdf: str = "auto",
+) -> Path:
+    """Write the report of one image to ``path`` (HTML, atomically); returns ``path``.
+
+    Args:
+        name: the image's display name (a file name or ``test #i``); escaped.
+        image: ``[C, H, W]`` in [-1, 1], C = 1 or 3.
+        prediction: index of the predicted class in ``class_names``.
+        probability: the model's probability of that class.
+        guided_gradcam: raw guided grad-CAM map ``[1, H, W]`` for the predicted class (signed).
+        counterfactual_frames: ``[K, C, H, W]`` in [-1, 1], the image changed step by step.
+        frame_probs: ``[K]`` probability of ``class_names[frame_target]`` for every frame.
+        frame_target: the class ``frame_probs`` refer to; the predicted class when None.
+        normative_residual: ``[1, H, W]`` residual of a healthy-only autoencoder (unsigned).
+        provenance: run facts (run folder, checkpoints, config, versions); shown escaped.
+        pdf: ``"auto"`` (chromium when installed, else matplotlib), ``"chromium"``,
+            ``"matplotlib"`` or ``"none"``; the PDF is ``path`` with the suffix ``.pdf``.
+    """
+    path = Path(path)
+    if pdf not in PDF_MODES:
+        raise ValueError(f"write_report: pdf must be one of {PDF_MODES}, got {pdf!r}")
+    image = torch.as_tensor(image).detach().float().cpu()
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"write_report: image must be [1|3, H, W], got {tuple(image.shape)}")
+    hw = tuple(image.shape[-2:])
+    names = [str(c) for c in class_names]
+    if not 0 <= int(prediction) < len(names):
+        raise ValueError(
+            f"write_report: prediction {prediction} is not an index into class_names {names}"
+        )
+    if not 0.0 <= float(probability) <= 1.0:
+        raise ValueError(f"write_report: probability must be in [0, 1], got {probability}")
+    gg = _as_map(guided_gradcam, "guided_gradcam", hw)
+    residual = _as_map(normative_residual, "normative_residual", hw)
+    frames, probs = _frames(counterfactual_frames, frame_probs, image.shape[0])
+    target = int(prediction if frame_target is None else frame_target)
+    if not 0 <= target < len(names):
+        raise ValueError(f"write_report: frame_target {target} is not an index into {names}")
+
+    content = _Content(
+        name=str(name),
+        image=image,
+        prediction=int(prediction),
+        probability=float(probability),
+        class_names=names,
+        guided_gradcam=gg,
+        frames=frames,
+        probs=probs,
+        frame_target=target,
+        residual=residual,
+        provenance=dict(provenance),
+        written=time.strftime("%Y-%m-%d %H:%M"),
+    )
+    write_text(path, report_html(content))
+    if pdf != "none":
+        write_pdf(path, content, mode=pdf)
+    return path
+
+
+def _frames(frames: Tensor | None, probs: Any, channels: int) -> tuple[Tensor | None, list[float]]:
+    if frames is None:
+        return None, []
+    frames = torch.as_tensor(frames).detach().float().cpu()
+    if frames.ndim != 4 or frames.shape[1] != channels:
+        raise ValueError(
+            f"write_report: counterfactual_frames must be [K, {channels}, H, W], got {tuple(frames.shape)}"
+        )
+    if probs is None:
+        raise ValueError("write_report: counterfactual_frames needs frame_probs (one per frame)")
+    p = [float(v) for v in torch.as_tensor(probs).flatten().tolist()]
+    if len(p) != len(frames):
+        raise ValueError(
+            f"write_report: {len(frames)} counterfactual_frames but {len(p)} frame_probs"
+        )
+    return frames, p
+
+
+class _Content:
+    """The validated inputs of one report, shared by the HTML and the matplotlib PDF."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+    @property
+    def answer(self) -> str:
+        return self.class_names[self.prediction]
+
+    def flips(self) -> list[bool]:
+        """Per frame: is the model's answer about ``frame_target`` the opposite of the original?"""
+        yes = self.frame_target == self.prediction
+        return [(p >= 0.5) != yes for p in self.probs]
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _section_said(c: _Content) -> str:
+    return (
+        "<h2>What the model said</h2>"
+        f'<p class="answer">The model\'s answer: <b>{_e(c.answer)}</b>, '
+        f"with a probability of <b>{_percent(c.probability)}</b>.</p>"
+        f'<p class="note">Possible answers: {", ".join(_e(n) for n in c.class_names)}. '
+        "This is the output of a computer model, not a diagnosis: read it together with "
+        "the rest of this page.</p>"
+    )
+
+
+def _section_looked(c: _Content) -> str:
+    from cfexplain.explain.gallery import gray_rgb, overlay, upscale
+
+    x = c.image[None]
+    original = _uri(np.asarray(upscale(gray_rgb(x)[0], _SIZE)))
+    heat = _uri(np.asarray(upscale(overlay(x, c.guided_gradcam, signed=True)[0], _SIZE)))
+    return (
+        "<h2>Where it looked</h2>"
+        f'<div class="figs">{_img(original, "The image")}'
+        f"{_img(heat, f'Evidence for {c.answer}')}</div>"
+        f'<p class="note">Coloured areas are the details the model relied on (guided grad-CAM): '
+        f"red pushed it towards “{_e(c.answer)}”, blue pushed it away. Uncoloured areas "
+        "played little part.</p>"
+    )
+
+
+def _section_change(c: _Content) -> str:
+    from cfexplain.explain.gallery import gif_bytes, gray_rgb, upscale
+
+    head = "<h2>What would change its mind</h2>"
+    if c.frames is None:
+        return (
+            head
+            + '<p class="note">Not available for this run (it has no counterfactual stages).</p>'
+        )
+    target = c.class_names[c.frame_target]
+    figs = []
+    for i, (frame, p, flip) in enumerate(zip(gray_rgb(c.frames), c.probs, c.flips(), strict=True)):
+        cap = f"step {i + 1}: {_percent(p)} {target}"
+        figs.append(_img(_uri(np.asarray(upscale(frame, 96))), cap, "flip" if flip else "", 96))
+    gif = "data:image/gif;base64," + base64.b64encode(gif_bytes(c.frames, 160)).decode("ascii")
+    return (
+        head
+        + '<p class="note">A generative model changed this image a little at a time, keeping it '
+        "realistic, and the model was asked again at every step. Under each picture: the model's "
+        f"probability of “{_e(target)}”. A red frame marks the steps where its answer would "
+        "no longer be the original one; what differs between the image and those steps is what "
+        "the decision rests on.</p>"
+        f'<div class="figs strip">{"".join(figs)}</div>'
+        f'<div class="figs" style="margin-top:1rem">{_img(gif, "The steps as an animation", size=160)}</div>'
+    )
+
+
+def _section_unusual(c: _Content) -> str:
+    from cfexplain.explain.gallery import overlay, upscale
+
+    head = "<h2>How unusual the image is</h2>"
+    if c.residual is None:
+        return head + '<p class="note">Not available for this run (it has no normative model).</p>'
+    heat = _uri(np.asarray(upscale(overlay(c.image[None], c.residual, signed=False)[0], _SIZE)))
+    score = float(c.residual.abs().mean())
+    return (
+        head + f'<div class="figs">{_img(heat, "Differences from healthy images")}</div>'
+        '<p class="note">A second model learnt what healthy images look like and redrew this '
+        "image as a healthy one. Bright areas are where the two differ most: regions that look "
+        f"unusual for a healthy image. Average difference: {score:.3g} "
+        "(0 would be a perfect match).</p>"
+    )
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, Mapping | list | tuple):
+        return json.dumps(v, default=str, sort_keys=True)
+    return str(v)
+
+
+def _section_provenance(c: _Content) -> str:
+    rows = [("image", c.name), *((str(k), _value(v)) for k, v in c.provenance.items())]
+    rows.append(("report written", c.written))
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return (
+        "<h2>Where this came from</h2>"
+        '<p class="note">The facts needed to reproduce this page: which trained models made it '
+        "and with what settings.</p>"
+        f"<table>{body}</table>"
+    )
+
+
+def report_html(c: _Content) -> str:
+    """The whole page as one string (inline CSS, data URIs, no script)."""
+    sections = (
+        _section_said(c),
+        _section_looked(c),
+        _section_change(c),
+        _section_unusual(c),
+        _section_provenance(c),
+    )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>Report: {_e(c.name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>Report: {_e(c.name)}</h1>"
+        '<p class="note">What an image classifier concluded about one image, and why.</p>'
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+
+
+# ----------------------------------------------------------------------------- PDF
+
+
+def write_pdf(html_path: Path, content: _Content, mode: str = "auto") -> Path | None:
+    """``html_path`` with the suffix ``.pdf``: chromium's print of the page, or matplotlib's
+    drawing of ``content`` (``mode="auto"`` falls back to matplotlib when chromium fails)."""
+    out = html_path.with_suffix(".pdf")
+    chromium = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+    if mode == "chromium" and chromium is None:
+        raise FileNotFoundError(
+            f"write_report: pdf='chromium' but none of {CHROMIUM_NAMES} is on PATH"
+        )
+    if mode in ("auto", "chromium") and chromium is not None:
+        try:
+            return _atomic(out, lambda tmp: _chromium_pdf(chromium, html_path, Path(tmp)))
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            if mode == "chromium":
+                raise
+            log.warning(
+                f"[report] chromium could not print {html_path} ({e}); drawing the PDF with matplotlib"
+            )
+    return _atomic(out, lambda tmp: _matplotlib_pdf(content, Path(tmp)))
+
+
+def _chromium_pdf(chromium: str, html_path: Path, out: Path) -> None:
+    # A throwaway profile: never touch the user's browser profile, never leave one behind.
+    with tempfile.TemporaryDirectory(prefix="cfexplain-chromium-") as profile:
+        r = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--disable-gpu",
+                "--no-sandbox",  # needed as root (containers); the page has no script
+                "--no-pdf-header-footer",
+                f"--user-data-dir={profile}",
+                f"--print-to-pdf={out}",
+                html_path.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    if r.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+        raise RuntimeError(f"chromium exited with {r.returncode}: {r.stderr.strip()[-300:]}")
+
+
+def _matplotlib_pdf(c: _Content, out: Path) -> None:
+    """One A4 page: the same sections as the HTML, drawn without a browser."""
+    from matplotlib.figure import Figure
+
+    from cfexplain.explain.gallery import gray_rgb, overlay
+
+    # parse_math=False everywhere: a "$" in a file name or config must print as itself.
+    fig = Figure(figsize=(8.27, 11.69))
+    fig.text(
+        0.06, 0.965, f"Report: {c.name}", fontsize=15, weight="bold", va="top", parse_math=False
+    )
+    fig.text(
+        0.06,
+        0.935,
+        f"What the model said: {c.answer}, with a probability of {_percent(c.probability)}.",
+        fontsize=11,
+        va="top",
+        parse_math=False,
+    )
+    fig.text(
+        0.06,
+        0.915,
+        "A computer model's output, not a diagnosis.",
+        fontsize=8,
+        va="top",
+        parse_math=False,
+    )
+
+    def show(rect: tuple[float, float, float, float], arr: np.ndarray, title: str) -> None:
+        ax = fig.add_axes(rect)
+        ax.imshow(arr, interpolation="nearest")
+        ax.set_title(title, fontsize=8, parse_math=False)
+        ax.set_axis_off()
+
+    x = c.image[None]
+    fig.text(0.06, 0.89, "Where it looked", fontsize=12, weight="bold", va="top", parse_math=False)
+    show((0.06, 0.66, 0.25, 0.21), gray_rgb(x)[0], "The image")
+    show(
+        (0.36, 0.66, 0.25, 0.21), overlay(x, c.guided_gradcam, True)[0], f"Evidence for {c.answer}"
+    )
+    if c.residual is not None:
+        fig.text(
+            0.66,
+            0.89,
+            "How unusual the image is",
+            fontsize=12,
+            weight="bold",
+            va="top",
+            parse_math=False,
+        )
+        show((0.66, 0.66, 0.25, 0.21), overlay(x, c.residual, False)[0], "Differences from healthy")
+
+    fig.text(
+        0.06,
+        0.63,
+        "What would change its mind",
+        fontsize=12,
+        weight="bold",
+        va="top",
+        parse_math=False,
+    )
+    if c.frames is None:
+        fig.text(0.06, 0.605, "Not available for this run.", fontsize=9, va="top", parse_math=False)
+    else:
+        k = len(c.frames)
+        w = min(0.11, 0.88 / k)
+        target = c.class_names[c.frame_target]
+        for i, (frame, p, flip) in enumerate(
+            zip(gray_rgb(c.frames), c.probs, c.flips(), strict=True)
+        ):
+            title = f"{_percent(p)}" + (" *" if flip else "")
+            show((0.06 + i * w, 0.5, w * 0.95, w * 0.95 * 8.27 / 11.69), frame, title)
+        fig.text(
+            0.06,
+            0.48,
+            f"Under each step: the probability of {target}; * marks an answer that differs from the original.",
+            fontsize=8,
+            va="top",
+            parse_math=False,
+        )
+
+    fig.text(
+        0.06, 0.44, "Where this came from", fontsize=12, weight="bold", va="top", parse_math=False
+    )
+    rows = [("image", c.name), *((str(k), _value(v)) for k, v in c.provenance.items())]
+    rows.append(("report written", c.written))
+    y = 0.415
+    for key, val in rows[:30]:
+        val = val if len(val) <= 95 else val[:92] + "..."
+        fig.text(
+            0.06, y, f"{key}: {val}", fontsize=7.5, va="top", parse_math=False, family="monospace"
+        )
+        y -= 0.013
+    fig.savefig(out, format="pdf")

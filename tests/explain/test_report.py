@@ -1,0 +1,134 @@
+"""Per-image report: escaping, self-contained, the five sections, optional parts, PDF."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from cfexplain.explain import report as report_mod
+from cfexplain.explain.attribution import get_method
+from cfexplain.explain.report import write_report
+from cfexplain.nn.classifier import ResNetClassifier
+
+EVIL = "<img src=x onerror=alert(1)>"
+SECTIONS = (
+    "What the model said",
+    "Where it looked",
+    "What would change its mind",
+    "How unusual the image is",
+    "Where this came from",
+)
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A real image, a real guided grad-CAM of a tiny classifier, frames and their probabilities."""
+    torch.manual_seed(0)
+    model = ResNetClassifier(1, 2, width=4, blocks=(1, 1), stem_stride=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, SIZE, SIZE, generator=g) * 2 - 1
+    gg = get_method("guided_gradcam")(model).attribute(x, 1)[0]
+    frames = torch.stack([x[0] * (1 - t) + t for t in torch.linspace(0, 1, 5)])  # brighten
+    with torch.no_grad():
+        probs = torch.softmax(model(frames), 1)[:, 1]
+        p = float(torch.softmax(model(x), 1)[0, 1])
+    return dict(image=x[0], guided_gradcam=gg, frames=frames, probs=probs, p=p)
+
+
+def _write(tmp_path, parts, **kw):
+    args = dict(
+        name=EVIL,
+        image=parts["image"],
+        prediction=1,
+        probability=0.83,
+        class_names=["healthy", "<b>lesion</b>"],
+        guided_gradcam=parts["guided_gradcam"],
+        provenance={"run": "runs/<script>alert(2)</script>", EVIL: {"lr": 0.003}},
+        pdf="none",
+    )
+    path = write_report(tmp_path / "r" / "report.html", **{**args, **kw})
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_user_strings_are_escaped_and_the_page_is_self_contained(tmp_path, parts):
+    path, page = _write(
+        tmp_path,
+        parts,
+        counterfactual_frames=parts["frames"],
+        frame_probs=parts["probs"],
+        normative_residual=parts["guided_gradcam"].abs(),
+    )
+    assert EVIL not in page and "<script" not in page and "<b>lesion" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page  # shown as text
+    assert "&lt;b&gt;lesion&lt;/b&gt;" in page and "&lt;script&gt;alert(2)" in page
+    assert 'src="http' not in page and "url(" not in page and "<link" not in page
+    srcs = re.findall(r'<img src="([^"]*)"', page)
+    assert len(srcs) == 2 + 5 + 1 + 1  # image, evidence, 5 steps, animation, residual
+    assert all(s.startswith(("data:image/png;base64,", "data:image/gif;base64,")) for s in srcs)
+    first = Image.open(io.BytesIO(base64.b64decode(srcs[0].split(",", 1)[1])))
+    assert first.size[0] >= SIZE and first.mode == "RGB"
+    positions = [page.index(f"<h2>{s}</h2>") for s in SECTIONS]
+    assert positions == sorted(positions)  # all five, in reading order
+    assert "83%" in page
+    assert "Not available" not in page
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # atomic: no temp file left
+
+
+def test_flipping_steps_are_marked(tmp_path, parts):
+    probs = torch.tensor([0.9, 0.7, 0.55, 0.4, 0.1])  # probability of the predicted class
+    _, page = _write(tmp_path, parts, counterfactual_frames=parts["frames"], frame_probs=probs)
+    assert page.count('<figure class="flip">') == 2  # the two steps below 50%
+    # the same steps read as the other class's probability: the marks follow the answer
+    _, other = _write(
+        tmp_path,
+        parts,
+        counterfactual_frames=parts["frames"],
+        frame_probs=1 - probs,
+        frame_target=0,
+    )
+    assert other.count('<figure class="flip">') == 2
+
+
+def test_missing_parts_say_so_in_plain_words(tmp_path, parts):
+    _, page = _write(tmp_path, parts)
+    assert page.count("Not available for this run") == 2
+    assert all(f"<h2>{s}</h2>" in page for s in SECTIONS)
+
+
+def test_inputs_are_validated_by_name(tmp_path, parts):
+    with pytest.raises(ValueError, match="frame_probs"):
+        _write(tmp_path, parts, counterfactual_frames=parts["frames"], frame_probs=[0.5, 0.4])
+    with pytest.raises(ValueError, match="guided_gradcam"):
+        _write(tmp_path, parts, guided_gradcam=torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="prediction"):
+        _write(tmp_path, parts, prediction=2)
+    with pytest.raises(ValueError, match="pdf"):
+        _write(tmp_path, parts, pdf="word")
+
+
+def test_pdf_with_matplotlib_when_no_browser(tmp_path, parts, monkeypatch):
+    monkeypatch.setattr(report_mod.shutil, "which", lambda name: None)
+    path, _ = _write(
+        tmp_path,
+        parts,
+        pdf="auto",
+        name="knee $x$ #1",  # "$" must not be read as maths
+        counterfactual_frames=parts["frames"],
+        frame_probs=parts["probs"],
+    )
+    pdf = path.with_suffix(".pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 2000
+    with pytest.raises(FileNotFoundError, match="chromium"):
+        _write(tmp_path, parts, pdf="chromium")
+
+
+def test_pdf_auto_uses_what_is_installed(tmp_path, parts):
+    path, _ = _write(tmp_path, parts, pdf="auto")
+    assert path.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.html", "report.pdf"]
