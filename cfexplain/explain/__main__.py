@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,17 +27,14 @@ from tqdm.auto import tqdm
 from cfexplain.explain.attribution import Method, counterfactual_difference, get_method
 from cfexplain.explain.gallery import GalleryWriter, Row
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact, ArtifactError
+from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
+from cfexplain.utils.cli import ConfigError, run_command
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
 
 COUNTERFACTUAL_STAGES = ("generator", "encoder", "direction")
-
-
-class ConfigError(ValueError):
-    """The explain config cannot run; the message names the field."""
 
 
 def _has(run_dir: Path, stage: str) -> bool:
@@ -396,15 +392,7 @@ def writer_safe(name: str) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="explain")
 def main(cfg: DictConfig) -> None:
-    from cfexplain.data.readers import DataError
-
-    try:
-        index = explain(cfg)
-    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as e:
-        # Errors about the user's input: one clear line, no traceback.
-        print(f"cfexplain.explain: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"gallery: {index}")
+    run_command("explain", explain, cfg, "gallery")
 
 
 if __name__ == "__main__":

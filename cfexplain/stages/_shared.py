@@ -5,6 +5,7 @@ Private to ``cfexplain.stages`` (not a stage: it is not in the chain).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -15,9 +16,11 @@ from torch.utils.data import Dataset
 
 from cfexplain.data import collate
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import Artifact
-from cfexplain.utils.seeding import generator
+from cfexplain.utils.artifacts import STATE_FILE, Artifact, torch_load, torch_save
+from cfexplain.utils.seeding import generator, rng_state, set_rng_state
 from cfexplain.utils.tracking import Run
+
+log = logging.getLogger("cfexplain")
 
 
 def sample_images(ds: Dataset, n: int, seed: int, key: int) -> torch.Tensor:
@@ -58,3 +61,42 @@ def write_artifact(
     if run.is_main:
         artifact.write()
     return artifact
+
+
+def resume_state(
+    run: Run, model: torch.nn.Module, opt: torch.optim.Optimizer, loop: dict[str, Any], stage: str
+) -> dict[str, Any]:
+    """Model, optimiser and RNG from the stage's resumable ``state.pt`` when there is one; the
+    loop counters saved with them, else ``loop`` as given."""
+    state_file = run.dir / STATE_FILE
+    if not state_file.is_file():
+        return loop
+    saved = torch_load(state_file)
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    loop = dict(saved["loop"])
+    log.info(f"[{stage}] resumed from {state_file} at step {loop['step']}")
+    run.notes["resumed_from_step"] = loop["step"]
+    return loop
+
+
+def save_state(
+    run: Run,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    loop: Mapping[str, Any],
+    d: distributed.Dist,
+) -> None:
+    """Write the resumable ``state.pt`` (rank 0, atomically); every rank waits for it."""
+    if run.is_main:
+        torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": rng_state(),
+                "loop": dict(loop),
+            },
+            run.dir / STATE_FILE,
+        )
+    d.barrier()

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset, collate
 from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_external
-from cfexplain.stages._shared import write_artifact
+from cfexplain.stages._shared import resume_state, save_state, write_artifact
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
-from cfexplain.utils.seeding import generator, rng_state, set_rng_state
+from cfexplain.utils.artifacts import Artifact, save_model
+from cfexplain.utils.seeding import generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -123,28 +123,10 @@ def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed
         "best": None,
         "history": [],
     }
-    state_file = run.dir / STATE_FILE
-    if state_file.is_file():
-        saved = torch_load(state_file)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
-        s = saved["loop"]
-        log.info(f"[classifier] resumed from {state_file} at step {s['step']} (epoch {s['epoch']})")
-        run.notes["resumed_from_step"] = s["step"]
+    s = resume_state(run, model, opt, s, "classifier")
 
     def checkpoint() -> None:
-        if run.is_main:
-            torch_save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "rng": rng_state(),
-                    "loop": s,
-                },
-                state_file,
-            )
-        d.barrier()
+        save_state(run, model, opt, s, d)
 
     ddp = distributed.wrap_ddp(model, d)
     bar = tqdm(

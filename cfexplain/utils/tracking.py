@@ -157,12 +157,15 @@ class Run:
         self._wandb_run.log({key: wandb.Table(columns=list(columns), data=data)})
 
     def log_artifact(self, path: str | Path, name: str, type: str) -> None:
-        """Attach a file or folder to the W&B run as an artifact."""
+        """Attach a file or folder to the W&B run as an artifact (``name`` made W&B-safe: it
+        accepts only letters, digits, ``_``, ``-`` and ``.``; experiment names may hold more)."""
         if not self.is_main or self._wandb_run is None:
             return
+        import re
+
         import wandb  # noqa: PLC0415
 
-        art = wandb.Artifact(name=name, type=type)
+        art = wandb.Artifact(name=re.sub(r"[^A-Za-z0-9_.-]", "_", name), type=type)
         path = Path(path)
         art.add_dir(str(path)) if path.is_dir() else art.add_file(str(path))
         self._wandb_run.log_artifact(art)

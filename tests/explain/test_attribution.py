@@ -29,10 +29,10 @@ FAST = {
 }
 
 
-def tiny_resnet(dtype=torch.float64, seed: int = 0) -> ResNetClassifier:
+def tiny_resnet(dtype=torch.float64, seed: int = 0, attention: bool = False) -> ResNetClassifier:
     """A two-stage ResNet with non-trivial BatchNorm statistics (the init makes blocks identity)."""
     torch.manual_seed(seed)
-    m = ResNetClassifier(in_channels=1, num_classes=2, width=4, blocks=(1, 1))
+    m = ResNetClassifier(in_channels=1, num_classes=2, width=4, blocks=(1, 1), attention=attention)
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.weight.data.uniform_(0.5, 1.5)
@@ -67,6 +67,8 @@ def test_registry_names_and_unknown_method():
         "cam",
         "lime",
         "normative",
+        "attention",
+        "dominant_class",
     ]
     with pytest.raises(ValueError, match="unknown attribution method 'gradcum'"):
         get_method("gradcum")
@@ -267,7 +269,7 @@ class Bomb(nn.Module):
 
 @pytest.mark.parametrize("name", CLASSIFIER_METHODS)
 def test_no_hook_or_change_survives_a_call_or_an_error(name):
-    model = tiny_resnet(torch.float32)
+    model = tiny_resnet(torch.float32, attention=name == "attention")
     model.dropout = Bomb()
     model.train()  # the method switches to eval inside and must switch back
     before = _state(model)
