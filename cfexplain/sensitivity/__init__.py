@@ -1,0 +1,1 @@
+"""Sensitivity analysis: controlled transformations swept against a model's output (misas)."""
