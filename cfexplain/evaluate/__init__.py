@@ -1,0 +1,1 @@
+"""Evaluation on ground truth: which explanations tell the truth (``python -m cfexplain.evaluate``)."""

@@ -1,0 +1,220 @@
+"""What a counterfactual changed, factor by factor, read by a :class:`FactorOracle`.
+
+- change: ``|oracle(after) - oracle(before)| / scale`` per factor; ``scale`` is the factor's std
+  on the phantom (``oracle.change_scale``), 1 for binary factors (a change of probability);
+- causal/nuisance ratio: mean change of the ``CAUSAL`` factors over that of the ``NUISANCE``
+  ones, pooled over images (see :func:`causal_nuisance_ratio`);
+- MNAC: the number of factors whose change exceeds a threshold, as the "mean number of
+  attributes changed" of the DiME / ACE evaluations (see :func:`mnac`);
+- realism: classifier-feature Fréchet distance of frames vs real images
+  (:class:`cfexplain.utils.quality.FeatureStats`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cfexplain.evaluate.oracles import CAUSAL, NUISANCE, FactorOracle
+from cfexplain.explain.counterfactual import Counterfactuals
+from cfexplain.utils.quality import FeatureStats
+
+# Half a standard deviation of the factor on the phantom: below one KL step of every disease
+# factor, yet above the reading noise of a demo-scale oracle for most images. For binary factors
+# the change is one of probability, so 0.5 means the reading moved across most of [0, 1]. How
+# often noise alone crosses it, for a given oracle, is the MNAC of the nuisance-only edits of
+# :func:`true_counterfactual_ratios` (the causal factors did not change there).
+MNAC_THRESHOLD = 0.5
+
+
+@torch.no_grad()
+def read_factors(oracle: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
+    """Oracle readings ``[..., F]`` of images ``[..., C, H, W]`` (any leading dims), batched."""
+    assert images.ndim >= 4, f"expected images [..., C, H, W], got {tuple(images.shape)}"
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    device = next(oracle.parameters()).device
+    was = oracle.training
+    oracle.eval()
+    out = torch.cat([oracle(b.to(device)).float().cpu() for b in flat.split(batch_size)])
+    oracle.train(was)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def factor_changes(oracle: nn.Module, before: Tensor, after: Tensor, scale: Tensor) -> Tensor:
+    """``[N, F]`` standardised changes ``|oracle(after) - oracle(before)| / scale`` of images
+    ``before, after [N, C, H, W]``; ``scale [F]`` (e.g. ``oracle.change_scale``)."""
+    assert before.shape == after.shape, f"{tuple(before.shape)} vs {tuple(after.shape)}"
+    return _standardise(read_factors(oracle, after) - read_factors(oracle, before), scale)
+
+
+def _standardise(delta: Tensor, scale: Tensor) -> Tensor:
+    scale = scale.detach().float().cpu()
+    assert scale.shape == delta.shape[-1:], (
+        f"scale must be [F={delta.shape[-1]}], got {tuple(scale.shape)}"
+    )
+    return delta.abs() / scale
+
+
+def _columns(factors: Sequence[str], names: Sequence[str]) -> list[int]:
+    return [j for j, f in enumerate(factors) if f in names]
+
+
+def causal_nuisance_ratio(
+    changes: Tensor,
+    factors: Sequence[str],
+    causal: Sequence[str] = CAUSAL,
+    nuisance: Sequence[str] = NUISANCE,
+) -> float:
+    """Mean standardised change of the causal factors over that of the nuisance factors.
+
+    Pooled: each mean runs over all images and factors of its group before the division. A
+    per-image ratio explodes on images whose nuisance change is near 0 (the common case for a
+    good counterfactual), so its mean would be ruled by a few images. ``changes [N, F]`` with
+    columns named by ``factors``. ``inf`` when nothing nuisance changed but something causal did,
+    NaN when neither changed or a group has no column.
+    """
+    assert changes.ndim == 2 and changes.shape[1] == len(factors), (
+        f"changes must be [N, F={len(factors)}], got {tuple(changes.shape)}"
+    )
+    c, n = _columns(factors, causal), _columns(factors, nuisance)
+    if not c or not n or not len(changes):
+        return math.nan
+    num = changes[:, c].double().mean().item()
+    den = changes[:, n].double().mean().item()
+    if den == 0.0:
+        return math.inf if num > 0 else math.nan
+    return num / den
+
+
+def mnac(changes: Tensor, threshold: float | Tensor = MNAC_THRESHOLD) -> Tensor:
+    """``[N]`` number of factors whose standardised change exceeds ``threshold`` (a float, or one
+    per factor ``[F]``), from ``changes [N, F]``; its mean over images is the MNAC."""
+    thr = torch.as_tensor(threshold, dtype=changes.dtype, device=changes.device)
+    return (changes > thr).sum(dim=-1)
+
+
+def flip_frames(cf: Counterfactuals) -> tuple[Tensor, Tensor]:
+    """``(frame index [N], flipped [N] bool)``: the first flipping frame, or for an image that
+    did not flip the last frame of its sequence in the direction a flip needed (the largest λ
+    when the reconstruction is not yet on the target side, the smallest otherwise)."""
+    idx = cf.flip_index()
+    ref = cf.recon_probs if cf.recon_probs is not None else cf.input_probs
+    k = cf.lambdas.shape[1]
+    fallback = torch.where(ref > 0.5, torch.zeros_like(idx), torch.full_like(idx, k - 1))
+    flipped = idx >= 0
+    return torch.where(flipped, idx, fallback.to(idx.device)), flipped
+
+
+def counterfactual_factors(
+    oracle: FactorOracle,
+    cf: Counterfactuals,
+    scale: Tensor | None = None,
+    threshold: float | Tensor = MNAC_THRESHOLD,
+    batch_size: int = 256,
+) -> dict[str, Any]:
+    """Factor changes between each reconstruction G(E(x)) and its flipping frame.
+
+    Images that did not flip are compared with their last frame towards a flip
+    (:func:`flip_frames`); ``flipped`` says which did, and ``ratio_flipped`` / ``mnac_flipped``
+    use the flipped images alone. ``scale [F]`` defaults to ``oracle.change_scale``.
+
+    Returns ``factors`` (names), ``before`` / ``after`` ``[N, F]`` readings, ``changes [N, F]``,
+    ``frame_index [N]``, ``flipped [N]``, ``ratio``, ``ratio_flipped``, ``mnac [N]``,
+    ``mnac_mean``, ``mnac_flipped``, and with a ``marker`` factor ``marker_changed [N]`` bool:
+    the marker reading is on the other side of 0.5 from the reconstruction's in any frame of
+    the sequence (both directions of λ: removing the marker exposes a shortcut as well as
+    adding it).
+    """
+    names = list(oracle.factors)
+    scale = oracle.change_scale if scale is None else scale
+    before = read_factors(oracle, cf.reconstruction, batch_size)  # [N, F]
+    frames = read_factors(oracle, cf.images, batch_size)  # [N, K, F]
+    index, flipped = flip_frames(cf)
+    index, flipped = index.cpu(), flipped.cpu()
+    after = frames[torch.arange(len(index)), index]
+    changes = _standardise(after - before, scale)
+    counts = mnac(changes, threshold)
+    out: dict[str, Any] = {
+        "factors": names,
+        "before": before,
+        "after": after,
+        "changes": changes,
+        "frame_index": index,
+        "flipped": flipped,
+        "ratio": causal_nuisance_ratio(changes, names),
+        "ratio_flipped": causal_nuisance_ratio(changes[flipped], names),
+        "mnac": counts,
+        "mnac_mean": counts.float().mean().item() if len(counts) else math.nan,
+        "mnac_flipped": counts[flipped].float().mean().item() if flipped.any() else math.nan,
+    }
+    if "marker" in names:
+        j = names.index("marker")
+        present = frames[..., j] > 0.5  # [N, K]
+        out["marker_changed"] = (present != (before[:, j] > 0.5)[:, None]).any(dim=1)
+    return out
+
+
+# Ground-truth edits of the phantom: (name, kind, overrides before, overrides after).
+TRUE_EDITS = (
+    ("osteophyte", "disease", {"osteophyte": 0.0}, {"osteophyte": 0.1}),
+    ("sclerosis", "disease", {"sclerosis": 0.0}, {"sclerosis": 0.8}),
+    (
+        "narrowing",
+        "disease",
+        {"jsw_medial": 0.07, "jsw_lateral": 0.07},
+        {"jsw_medial": 0.025, "jsw_lateral": 0.045},
+    ),
+    ("rotation", "nuisance", {"rotation": -6.0}, {"rotation": 6.0}),
+    ("exposure", "nuisance", {"exposure": 0.8}, {"exposure": 1.25}),
+    ("marker", "nuisance", {"marker": 0.0}, {"marker": 1.0}),
+)
+
+
+def true_counterfactual_ratios(
+    oracle: FactorOracle, n: int = 64, seed: int = 0, batch_size: int = 256
+) -> dict[str, dict[str, Any]]:
+    """The causal/nuisance ratio and MNAC of true counterfactuals, per edit of ``TRUE_EDITS``.
+
+    Pairs of knee phantoms that differ in one factor only (same anatomy and noise,
+    :meth:`KneePhantom.render`) show what the metrics read when the truth is known: a
+    disease-only edit should give a large ratio, a nuisance-only edit a small one; the latter
+    is the floor that the oracle's reading noise sets. Images: split ``val`` of the oracle's
+    seed (:data:`ORACLE_SEED_OFFSET` + ``seed``), which it was neither trained nor tested on.
+    Returns ``{edit: {"kind", "ratio", "mnac_mean", "changes": {factor: mean change}}}``.
+    """
+    from cfexplain.data.phantoms.knee import KneePhantom
+    from cfexplain.evaluate.oracles import ORACLE_SEED_OFFSET
+
+    ds = KneePhantom(n, oracle.resolution, seed=ORACLE_SEED_OFFSET + seed, split="val", cache=False)
+    out = {}
+    for name, kind, a, b in TRUE_EDITS:
+        before = torch.stack([ds.render(i, a)["image"] for i in range(n)])
+        after = torch.stack([ds.render(i, b)["image"] for i in range(n)])
+        ch = _standardise(
+            read_factors(oracle, after, batch_size) - read_factors(oracle, before, batch_size),
+            oracle.change_scale,
+        )
+        out[name] = {
+            "kind": kind,
+            "ratio": causal_nuisance_ratio(ch, oracle.factors),
+            "mnac_mean": mnac(ch).float().mean().item(),
+            "changes": dict(zip(oracle.factors, ch.mean(0).tolist())),
+        }
+    return out
+
+
+def realism_fd(features: FeatureStats, frames: Tensor, real: Tensor) -> float:
+    """Classifier-feature Fréchet distance of frames ``[..., C, H, W]`` (e.g. all counterfactual
+    frames ``[N, K, C, H, W]`` or the flipping ones ``[N, C, H, W]``) vs real images
+    ``[M, C, H, W]``; both sets need more images than one to have a covariance."""
+    fake = frames.reshape(-1, *frames.shape[-3:])
+    if len(fake) < 2 or len(real) < 2:
+        raise ValueError(
+            f"realism_fd needs at least 2 frames and 2 real images, got {len(fake)} and {len(real)}"
+        )
+    return features.compare(features.features(fake), features.features(real))["fd_classifier"]

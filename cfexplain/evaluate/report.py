@@ -1,0 +1,209 @@
+"""The evaluation's files: ``table.csv``, ``table.md``, ``per_image.csv``, ``summary.json``,
+``randomisation.png`` and a self-contained ``index.html`` (relative paths, every string escaped)."""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from cfexplain.utils.artifacts import write_json, write_text
+
+# Column, heading, which way is better (for the page's legend).
+COLUMNS = (
+    ("pointing_game", "pointing game", "↑"),
+    ("relevance_mass", "relevance mass", "↑"),
+    ("relevance_rank", "relevance rank", "↑"),
+    ("iou_at_area", "IoU at mask area", "↑"),
+    ("deletion_auc", "deletion AUC", "↓"),
+    ("insertion_auc", "insertion AUC", "↑"),
+    ("randomisation_spearman", "ρ after randomisation", "↓"),
+    ("sanity", "sanity check", ""),
+    ("marker_exposure", "marker exposure", "↑ when the model uses it"),
+)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "–" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _e(v: Any) -> str:
+    return html.escape(_fmt(v), quote=True)
+
+
+def table_csv(table: dict[str, dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", *[c for c, _, _ in COLUMNS]])
+    for name, row in table.items():
+        w.writerow([name, *[row.get(c, "") for c, _, _ in COLUMNS]])
+    return buf.getvalue()
+
+
+def table_markdown(table: dict[str, dict[str, Any]]) -> str:
+    head = ["method", *[f"{h} {arrow}".strip() for _, h, arrow in COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in table.items():
+        lines.append(
+            "| " + " | ".join([name, *[_fmt(row.get(c, "")) for c, _, _ in COLUMNS]]) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_image_csv(per: dict[str, Any]) -> str:
+    """One row per image: every method's scores, and the counterfactual's factor changes."""
+    maps, cf = per["maps"], per["cf"]
+    cols: dict[str, list] = {"localised": per["localised"].int().tolist()}
+    for name, scores in maps.items():
+        for k, v in scores.items():
+            cols[f"{name}/{k}"] = v.tolist()
+    if "changes" in cf:
+        for i, f in enumerate(cf["factor_names"]):
+            cols[f"counterfactual/change_{f}"] = cf["changes"][:, i].tolist()
+        for k in ("flipped", "mnac", "marker_changed"):
+            if k in cf:
+                cols[f"counterfactual/{k}"] = cf[k].float().tolist()
+    n = len(cols["localised"])
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image", *cols])
+    for i in range(n):
+        w.writerow([i, *[_fmt(float(c[i])) for c in cols.values()]])
+    return buf.getvalue()
+
+
+def plot_randomisation(sanity: dict[str, Any], path: Path) -> None:
+    """Spearman correlation with the trained model's maps as layers are randomised, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for name, r in sanity.items():
+        ax.plot(range(1, len(r["spearman"]) + 1), r["spearman"], marker=".", label=name)
+    threshold = next(iter(sanity.values()))["threshold"] if sanity else 0.5
+    ax.axhline(threshold, color="k", ls="--", lw=0.8, label="threshold")
+    ax.set_xlabel("layers randomised (from the output)")
+    ax.set_ylabel("Spearman ρ with trained maps")
+    ax.set_ylim(-0.2, 1.05)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def _kv_table(d: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
+    return f"<table>{rows}</table>"
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
+    "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "text-align:right}td:first-child,th:first-child{text-align:left}"
+    ".fail{background:#fdd}.pass{background:#dfd}.note{color:#a50}img{max-width:100%}"
+)
+
+
+def page_html(summary: dict[str, Any], gallery: str | None) -> str:
+    table = summary["table"]
+    head = "".join(f"<th>{_e(h)} {_e(a)}</th>" for _, h, a in COLUMNS)
+    body = ""
+    for name, row in table.items():
+        cells = ""
+        for c, _, _ in COLUMNS:
+            v = row.get(c, "")
+            cls = f' class="{"pass" if v == "pass" else "fail"}"' if c == "sanity" else ""
+            cells += f"<td{cls}>{_e(v)}</td>"
+        body += f"<tr><td>{_e(name)}</td>{cells}</tr>"
+    header = {
+        k: summary.get(k)
+        for k in (
+            "run",
+            "classifier",
+            "classifier_test_auc",
+            "shortcut_rate",
+            "images",
+            "positives_with_mask",
+            "target",
+            "seconds",
+        )
+    }
+    parts = [
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
+        f"<title>cfexplain evaluation · {_e(summary.get('run', ''))}</title><style>{_CSS}</style></head><body>",
+        "<h1>cfexplain evaluation</h1>",
+        _kv_table(header),
+    ]
+    if gallery:
+        parts.append(
+            f'<p><a href="{html.escape(gallery, quote=True)}">the gallery of this run</a></p>'
+        )
+    parts += [f'<p class="note">{_e(n)}</p>' for n in summary.get("notes", [])]
+    parts += [
+        "<h2>Heatmaps against the ground truth</h2>",
+        "<p>Localisation over the positive test images with a pathology mask; deletion and "
+        "insertion over all evaluated images; the sanity check re-initialises the classifier "
+        "layer by layer from the output and fails a method whose maps still correlate with the "
+        "trained model's (|ρ| at or above the threshold) once every layer is random.</p>",
+        f"<table><tr><th>method</th>{head}</tr>{body}</table>",
+        '<p><img src="randomisation.png" alt="randomisation curves"></p>',
+    ]
+    cf = summary.get("counterfactual")
+    if cf:
+        scalars = {k: v for k, v in cf.items() if not isinstance(v, (dict, list))}
+        parts += ["<h2>Counterfactuals, factor by factor</h2>", _kv_table(scalars)]
+        if "mean_change" in cf:
+            parts += [
+                "<p>Mean standardised change per factor between the reconstruction and the "
+                "flipping frame (factor std units; probability for binary factors):</p>",
+                _kv_table(cf["mean_change"]),
+            ]
+    oracle = summary.get("oracle")
+    if oracle and "metrics" in oracle:
+        rows = {
+            name: ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
+            for name, m in oracle["metrics"].get("factors", {}).items()
+        }
+        parts += ["<h2>Oracles (held-out phantoms)</h2>", _kv_table(rows)]
+    if "oracle_calibration" in summary:
+        rows = {
+            edit: f"{r['kind']}: ratio {_fmt(r['ratio'])}, MNAC {_fmt(r['mnac_mean'])}"
+            for edit, r in summary["oracle_calibration"].items()
+        }
+        parts += [
+            "<h2>Calibration: true one-factor edits of the phantom</h2>",
+            "<p>The same ratio and MNAC on pairs of phantoms that differ in one factor only: "
+            "what the metrics read when the truth is known.</p>",
+            _kv_table(rows),
+        ]
+    if "marker_reliance" in summary:
+        parts += [
+            "<h2>Does the classifier use the marker?</h2>",
+            _kv_table(summary["marker_reliance"]),
+        ]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(
+    out: Path, summary: dict[str, Any], per: dict[str, Any], sanity: dict, gallery: str | None
+) -> Path:
+    """All files of the evaluation into ``out``; returns ``index.html``."""
+    out = Path(out)
+    write_text(out / "table.csv", table_csv(summary["table"]))
+    write_text(out / "table.md", table_markdown(summary["table"]))
+    write_text(out / "per_image.csv", per_image_csv(per))
+    write_json(out / "summary.json", summary)
+    plot_randomisation(summary["sanity"], out / "randomisation.png")
+    return write_text(out / "index.html", page_html(summary, gallery))

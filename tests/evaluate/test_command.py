@@ -1,0 +1,84 @@
+"""``python -m cfexplain.evaluate`` on a smoke run: the table, its files, the checks' verdicts."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from cfexplain.evaluate.__main__ import evaluate
+from cfexplain.explain.__main__ import ConfigError
+from tests.explain.test_command import classifier_run, full_run  # noqa: F401 (fixtures)
+
+METHODS = "methods=[counterfactual,gradcam,saliency,cam,normative]"
+TINY = [
+    "limit=8",
+    "batch_size=4",
+    "deletion.steps=4",
+    "randomisation.images=2",
+    "randomisation.direction_samples=64",
+    "oracle.n_train=128",
+    "oracle.n_test=64",
+    "oracle.steps=20",
+    "oracle.batch_size=32",
+    "counterfactual.num_frames=5",
+]
+
+
+def evaluate_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="cfexplain.conf", version_base="1.3"):
+        return compose(config_name="evaluate", overrides=["device=cpu", "logger=none", *overrides])
+
+
+@pytest.fixture(scope="module")
+def evaluated(full_run) -> Path:  # noqa: F811
+    return evaluate(evaluate_cfg(f"run={full_run}", METHODS, *TINY))
+
+
+def test_table_has_every_method_and_metric(evaluated):
+    out = evaluated.parent
+    assert out.name == "evaluation" and not out.with_name("evaluation.partial").exists()
+    for f in ("table.csv", "table.md", "per_image.csv", "summary.json", "randomisation.png"):
+        assert (out / f).stat().st_size > 0, f
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [r["method"] for r in rows] == [
+        "counterfactual",
+        "gradcam",
+        "saliency",
+        "cam",
+        "normative",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    for name, row in summary["table"].items():
+        assert 0.0 <= row["deletion_auc"] <= 1.0 and 0.0 <= row["insertion_auc"] <= 1.0, name
+        assert row["sanity"] in ("pass", "FAIL")
+    # The normative residual never reads the classifier: randomising it cannot change the map.
+    assert summary["table"]["normative"]["sanity"] == "FAIL"
+    assert summary["table"]["normative"]["randomisation_spearman"] > 0.99
+    cf = summary["counterfactual"]
+    assert 0.0 <= cf["flip_rate"] <= 1.0 and cf["mnac"] >= 0.0
+    assert set(cf["mean_change"]) == set(summary["oracle"]["factors"])
+    reliance = summary["marker_reliance"]
+    assert 0.0 <= reliance["accuracy_marker_removed"] <= 1.0
+    assert len(list(csv.reader((out / "per_image.csv").open()))) == 1 + 8
+    page = (out / "index.html").read_text()
+    assert "cfexplain evaluation" in page and "randomisation.png" in page
+
+
+def test_oracle_is_cached_and_a_rerun_replaces_the_folder(full_run, evaluated):  # noqa: F811
+    before = (full_run / "oracle" / "oracle.json").stat().st_mtime_ns
+    again = evaluate(evaluate_cfg(f"run={full_run}", "methods=[cam]", *TINY))
+    assert (full_run / "oracle" / "oracle.json").stat().st_mtime_ns == before
+    rows = list(csv.DictReader((again.parent / "table.csv").open()))
+    assert [r["method"] for r in rows] == ["cam"]
+
+
+def test_errors_name_the_field(classifier_run, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="images="):
+        evaluate(evaluate_cfg(f"run={classifier_run}", "images=x.png"))
+    with pytest.raises(ConfigError, match="run="):
+        evaluate(evaluate_cfg(f"run={tmp_path}"))

@@ -1,0 +1,61 @@
+"""The shortcut scenario: a classifier trained where the marker follows the label uses it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cfexplain.data import build_dataset
+from cfexplain.evaluate.shortcut import heatmap_exposure, marker_reliance
+from cfexplain.nn.classifier import load_classifier
+from cfexplain.train import run_chain
+from tests.conftest import compose_config
+
+SIZE = [
+    "data.resolution=32",
+    "data.n_train=480",
+    "classifier.epochs=8",
+    "classifier.model.width=16",
+]
+
+
+def _reliance(tmp_path, rate: float) -> dict:
+    cfg = compose_config(
+        "+dataset=knee",
+        "preset=smoke",
+        "logger=none",
+        f"runs_dir={tmp_path}",
+        "device=cpu",
+        "stages=[classifier]",
+        f"data.shortcut_rate={rate}",
+        *SIZE,
+    )
+    run_chain(cfg)
+    model = load_classifier(tmp_path / "knee" / "classifier")
+    return marker_reliance(model, build_dataset(cfg.data, "test"), list(range(48)))
+
+
+def test_shortcut_classifier_loses_accuracy_without_the_marker(tmp_path):
+    shortcut = _reliance(tmp_path / "shortcut", 1.0)
+    honest = _reliance(tmp_path / "honest", 0.0)
+    assert shortcut["drop_marker_removed"] >= 0.15, shortcut
+    # Trained the same way on data where the marker is a coin flip, it does not care.
+    assert abs(honest["drop_marker_removed"]) <= 0.06, honest
+    assert shortcut["accuracy_marker_against_label"] < shortcut["accuracy"]
+
+
+def test_marker_reliance_refuses_data_without_a_marker():
+    from cfexplain.data.phantoms import HistologyPhantom
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    with pytest.raises(ValueError, match="knee phantom"):
+        marker_reliance(model, HistologyPhantom(4, resolution=16), [0, 1])
+
+
+def test_heatmap_exposure_against_the_area_share():
+    masks = torch.zeros(3, 8, 8, dtype=torch.bool)
+    masks[0, :2, :2] = masks[1, :2, :2] = True  # image 2 has no marker
+    maps = torch.ones(3, 1, 8, 8)
+    maps[0, 0, :2, :2] = 5.0  # relevance concentrated on the marker
+    out = heatmap_exposure(maps, masks)
+    assert out[0] == 1.0 and out[1] == 0.0 and out[2].isnan()  # uniform map: exactly the share
