@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml setup.py
 
 demo: $(STAMP)
 	$(PY) -m cfexplain.train +dataset=knee $(ARGS)
-	$(PY) -m cfexplain.explain run=runs/knee limit=16
+	$(PY) -m cfexplain.evaluate run=runs/knee
+	$(PY) -m cfexplain.explain run=runs/knee limit=16 reports=[0]
 
 test: $(STAMP)
 	@# The gallery's browser test drives Debian's chromium; as root, install it when missing.

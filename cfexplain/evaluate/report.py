@@ -20,7 +20,8 @@ COLUMNS = (
     ("iou_at_area", "IoU at mask area", "↑"),
     ("deletion_auc", "deletion AUC", "↓"),
     ("insertion_auc", "insertion AUC", "↑"),
-    ("randomisation_spearman", "ρ after randomisation", "↓"),
+    ("randomisation_cascade", "mean |ρ| over the randomisation", "↓"),
+    ("randomisation_final", "ρ with every layer random", "↓"),
     ("sanity", "sanity check", ""),
     ("marker_exposure", "marker exposure", "↑ when the model uses it"),
 )
@@ -104,14 +105,14 @@ def plot_randomisation(sanity: dict[str, Any], path: Path) -> None:
 
 def _kv_table(d: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
-    return f"<table>{rows}</table>"
+    return f'<table class="kv">{rows}</table>'
 
 
 _CSS = (
     "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}"
     "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
     "text-align:right}td:first-child,th:first-child{text-align:left}"
-    ".fail{background:#fdd}.pass{background:#dfd}.note{color:#a50}img{max-width:100%}"
+    ".kv td{text-align:left}.fail{background:#fdd}.pass{background:#dfd}.note{color:#a50}img{max-width:100%}"
 )
 
 
@@ -154,8 +155,9 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
         "<h2>Heatmaps against the ground truth</h2>",
         "<p>Localisation over the positive test images with a pathology mask; deletion and "
         "insertion over all evaluated images; the sanity check re-initialises the classifier "
-        "layer by layer from the output and fails a method whose maps still correlate with the "
-        "trained model's (|ρ| at or above the threshold) once every layer is random.</p>",
+        "layer by layer from the output and fails a method whose maps keep correlating with the "
+        "trained model's while it is destroyed (mean |ρ| over the cascade at or above the "
+        "threshold, the dashed line).</p>",
         f"<table><tr><th>method</th>{head}</tr>{body}</table>",
         '<p><img src="randomisation.png" alt="randomisation curves"></p>',
     ]

@@ -175,6 +175,16 @@ def explain(cfg: DictConfig) -> Path:
 
     notes: list[str] = []
     methods, engine = build_methods(cfg, run_dir, model, notes)
+    if "dominant_class" in methods:
+        from cfexplain.explain.dominant import class_colours
+
+        swatches = [
+            f"{c} #{r:02x}{g:02x}{b:02x}"
+            for c, (r, g, b) in zip(classes, class_colours(len(classes)))
+        ]
+        notes.append(
+            "dominant_class colours (brightness: the winning class's level): " + ", ".join(swatches)
+        )
     for n in notes:
         log.info(f"[explain] {n}")
 

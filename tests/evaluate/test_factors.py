@@ -107,8 +107,11 @@ def test_counterfactual_factors_picks_flip_or_last_frame_and_sees_the_marker(ora
     expected = Fm.factor_changes(oracle, recon, after, oracle.change_scale)
     assert torch.allclose(out["changes"], expected, atol=1e-5)
     assert torch.allclose(out["changes"][2], torch.zeros(len(NAMES)), atol=1e-6)
-    assert out["ratio"] == pytest.approx(Fm.causal_nuisance_ratio(expected, NAMES))
-    assert out["ratio_flipped"] == pytest.approx(Fm.causal_nuisance_ratio(expected[:1], NAMES))
+    # float32 convolutions differ in the last digits with the batch they run in (threads).
+    assert out["ratio"] == pytest.approx(Fm.causal_nuisance_ratio(expected, NAMES), rel=1e-4)
+    assert out["ratio_flipped"] == pytest.approx(
+        Fm.causal_nuisance_ratio(expected[:1], NAMES), rel=1e-4
+    )
     assert torch.equal(out["mnac"], Fm.mnac(expected))
     assert out["mnac_flipped"] == pytest.approx(float(Fm.mnac(expected[:1])[0]))
     # The marker is judged over the whole sequence, not just the chosen frame.

@@ -339,6 +339,15 @@ def test_map_independent_of_the_weights_fails():
     assert res.layers == ["bn2", "conv2", "bn1", "conv1", "fc"]
 
 
+def test_a_map_that_only_the_first_layer_shapes_fails_although_its_end_point_passes():
+    """Guided backprop's failure (Adebayo et al.): maps that survive the randomisation of every
+    layer above the first. Only the mean over the cascade catches it."""
+    model, x = trained_cnn()
+    res = randomisation_check(model, lambda m: m.conv1(x).abs().sum(1, keepdim=True))
+    assert res.layers[-1] == "conv1" and res.spearman[:-1] == pytest.approx([1.0] * 4)
+    assert abs(res.final) < 0.5 and res.cascade > 0.5 and not res.passed
+
+
 def test_batchnorm_is_reset_and_layer_groups_are_cumulative():
     model, x = trained_cnn()
     model.bn1.running_mean.fill_(3.0)
