@@ -28,7 +28,8 @@ TARGET = 1
 
 def classifier(channels: int = 1) -> ResNetClassifier:
     spec = OmegaConf.load(resources.files("cfexplain.conf").joinpath("classifier/resnet.yaml"))
-    kwargs = {k: v for k, v in OmegaConf.to_container(spec.model).items() if k != "_target_"}
+    model = OmegaConf.to_container(spec, resolve=True)["model"]  # resolves model.attention
+    kwargs = {k: v for k, v in model.items() if k != "_target_"}
     torch.manual_seed(0)
     return ResNetClassifier(in_channels=channels, num_classes=2, **kwargs).eval()
 
