@@ -274,6 +274,7 @@ def evaluate(cfg: DictConfig) -> Path:
             "target": classes[target],
             "notes": notes,
             "seconds": round(time.time() - start, 1),
+            "wandb_dir": str(run.wandb_dir) if run.wandb_dir else None,
         }
         from cfexplain.evaluate.report import write_report
 

@@ -67,6 +67,17 @@ def image_loss(
     return l1 * loss_l1 + lpips * loss_lp, {"l1": loss_l1.item(), "lpips": loss_lp.item()}
 
 
+def decision_loss(f: torch.nn.Module, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """KL(f(x) || f(rec)) of the classifier's class distributions, per image, averaged.
+
+    The counterfactual sequence starts at G(E(x)); a reconstruction the classifier reads
+    differently from x explains another image. ``f`` is frozen: gradients reach E through G.
+    """
+    with torch.no_grad():
+        target = torch.softmax(f(x).float(), dim=1)
+    return F.kl_div(torch.log_softmax(f(rec).float(), dim=1), target, reduction="batchmean")
+
+
 # ----------------------------------------------------------------------------- stage
 
 
@@ -129,6 +140,11 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             )
         d.barrier()
 
+    decision_weight = float(e.get("decision_weight", 0.0))
+    f = None
+    if decision_weight > 0 and int(e.real_steps) > 0:
+        f = load_classifier(run.inputs["classifier"].dir, d.device).eval()
+        f.requires_grad_(False)
     ddp = distributed.wrap_ddp(E, d)
     k_img = min(int(e.image_samples), per_rank)
     k_real = int(e.real_batch_size) // d.world
@@ -167,6 +183,10 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             prior = w_prior_loss(E.normalise(pred_real))
             loss = float(e.latent_weight) * loss_lat + loss_img + float(e.prior_weight) * prior
             parts["prior"] = prior.item()
+            if f is not None:
+                decision = decision_loss(f, rec, real)
+                loss = loss + decision_weight * decision
+                parts["decision"] = decision.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -190,6 +210,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                     "train/l1": parts["l1"],
                     "train/lpips": parts["lpips"],
                     "train/prior": parts["prior"],
+                    "train/decision": parts.get("decision", 0.0),
                     "train/phase": 0 if synthetic else 1,
                     "train/lr": opt.param_groups[0]["lr"],
                 },

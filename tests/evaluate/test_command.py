@@ -29,9 +29,11 @@ TINY = [
 ]
 
 
-def evaluate_cfg(*overrides: str) -> DictConfig:
+def evaluate_cfg(*overrides: str, logger: str = "none") -> DictConfig:
     with initialize_config_module(config_module="cfexplain.conf", version_base="1.3"):
-        return compose(config_name="evaluate", overrides=["device=cpu", "logger=none", *overrides])
+        return compose(
+            config_name="evaluate", overrides=["device=cpu", f"logger={logger}", *overrides]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,32 @@ def test_errors_name_the_field(classifier_run, tmp_path):  # noqa: F811
         evaluate(evaluate_cfg(f"run={classifier_run}", "images=x.png"))
     with pytest.raises(ConfigError, match="run="):
         evaluate(evaluate_cfg(f"run={tmp_path}"))
+
+
+def test_wandb_offline_table_has_one_row_per_method(classifier_run, tmp_path, monkeypatch):  # noqa: F811
+
+    from tests.utils.test_tracking import finished_run_records
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode=offline, the default
+    index = evaluate(
+        evaluate_cfg(
+            f"run={classifier_run}",
+            "methods=[cam,saliency]",
+            f"out={tmp_path / 'e'}",
+            *TINY,
+            logger="wandb",
+        )
+    )
+    summary = json.loads((index.parent / "summary.json").read_text())
+    records = finished_run_records(Path(summary["wandb_dir"]))
+    (art,) = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
+    ]
+    (table_file,) = [
+        Path(c.local_path) for c in art.manifest.contents if c.path.endswith(".table.json")
+    ]
+    table = json.loads(table_file.read_text())
+    assert table["columns"][0] == "method" and "deletion_auc" in table["columns"]
+    assert [row[0] for row in table["data"]] == ["cam", "saliency"]

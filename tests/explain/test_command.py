@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from cfexplain.explain.__main__ import ConfigError, explain
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact, save_model
 from tests.conftest import compose_config, run_cli
-from tests.utils.test_tracking import read_wandb_records
+from tests.utils.test_tracking import finished_run_records
 
 EVIL = "<img src=x onerror=alert(1)>.png"
 FAST = "methods=[gradcam,saliency,cam,counterfactual,normative]"
@@ -263,14 +262,7 @@ def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     wandb_dir = Path(summary["wandb_dir"])
     assert wandb_dir.parent == classifier_run / "wandb"
-    (log,) = wandb_dir.glob("run-*.wandb")
-    # wandb's service process writes the log behind the client: wait for the run's exit record.
-    records: list = []
-    for _ in range(120):
-        records = read_wandb_records(log)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            break
-        time.sleep(0.25)
+    records = finished_run_records(wandb_dir)
     ref = {}  # the table's reference, logged as one history item per field
     for r in records:
         if r.WhichOneof("record_type") == "history":

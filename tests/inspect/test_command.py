@@ -6,7 +6,6 @@ import csv
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from cfexplain.inspect.page import Section, page_html, table
 from cfexplain.utils.artifacts import Artifact, save_model
 from tests.conftest import run_cli
 from tests.inspect.test_embeddings import trained_run  # noqa: F401 (session fixture)
-from tests.utils.test_tracking import read_wandb_records
+from tests.utils.test_tracking import finished_run_records
 
 EVIL = "<img src=x onerror=alert(1)>"
 SCRIPT = "<script>alert(1)</script>"
@@ -61,13 +60,7 @@ def full_run(trained_run, tmp_path_factory) -> Path:  # noqa: F811
 
 
 def _wandb_history_keys(wandb_dir: Path) -> set[str]:
-    (log,) = wandb_dir.glob("run-*.wandb")
-    records: list = []
-    for _ in range(120):  # the service process writes behind the client: wait for the exit
-        records = read_wandb_records(log)
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            break
-        time.sleep(0.25)
+    records = finished_run_records(wandb_dir)
     keys = set()
     for r in records:
         if r.WhichOneof("record_type") == "history":

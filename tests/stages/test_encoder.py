@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -110,6 +112,29 @@ def test_losses_are_pure_and_behave():
     inside = torch.full((2, 3, 8), 0.5)  # mean square 0.25 < 1: inside W's shell, no penalty
     outside = torch.full((2, 3, 8), 2.0)  # mean square 4: penalty 3
     assert stage.w_prior_loss(inside) == 0 and stage.w_prior_loss(outside) == pytest.approx(3.0)
+
+
+def test_decision_loss_is_zero_for_the_same_reading_and_pulls_the_reconstruction():
+    torch.manual_seed(0)
+    f = ResNetClassifier(in_channels=1, num_classes=2, width=4, blocks=[1]).eval()
+    f.requires_grad_(False)
+    x = torch.rand(4, 1, 16, 16) * 2 - 1
+    assert stage.decision_loss(f, x.clone(), x).abs() < 1e-6
+    rec = (-x).requires_grad_(True)
+    loss = stage.decision_loss(f, rec, x)
+    loss.backward()
+    assert loss > 0 and rec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in f.parameters())  # the classifier stays frozen
+
+
+@pytest.mark.slow
+def test_decision_weight_trains_with_the_classifier_in_the_loop(smoke_cfg, tmp_path):
+    random_world(tmp_path / "runs" / "knee")
+    art = run_chain(smoke_cfg(*FAST, "encoder.decision_weight=1.0"))["encoder"]
+    rows = [json.loads(line) for line in (art.dir / "log.jsonl").read_text().splitlines()]
+    real = [r for r in rows if r.get("train/phase") == 1]
+    assert real and all(r["train/decision"] > 0 for r in real)  # the term is on in phase 2 only
+    assert all(r["train/decision"] == 0 for r in rows if r.get("train/phase") == 0)
 
 
 @pytest.mark.slow

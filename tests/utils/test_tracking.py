@@ -6,6 +6,7 @@ import json
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def read_wandb_records(path: Path) -> list[pb.Record]:
             rec.ParseFromString(chunk)
             records.append(rec)
             chunk = b""
+    return records
+
+
+def finished_run_records(wandb_dir: Path) -> list[pb.Record]:
+    """Records of the one ``run-*.wandb`` in ``wandb_dir``, once its exit record is there: wandb's
+    service process writes the log behind the client."""
+    (log,) = wandb_dir.glob("run-*.wandb")
+    records: list = []
+    for _ in range(120):
+        records = read_wandb_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.25)
     return records
 
 
