@@ -54,3 +54,17 @@ def test_latent_ascent_through_G_raises_the_logit_and_renders_bounded_images():
     # the L2 pull towards w0 keeps w nearer its start
     tight = maximise_latent(G, model, 1, w0, steps=15, lr=0.05, l2=1e4)
     assert (tight.w - w0).abs().mean() < (res.w - w0).abs().mean()
+
+
+def test_blur_prior_removes_high_frequencies_and_jitter_is_seeded():
+    model = _classifier()
+
+    def roughness(x):  # mean squared difference of neighbouring pixels
+        return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean().item()
+
+    plain = maximise_input(model, 1, (2, 1, 16, 16), steps=20, lr=0.1, l2=0.1)
+    smooth = maximise_input(model, 1, (2, 1, 16, 16), steps=20, lr=0.1, l2=0.1, blur_every=2)
+    assert roughness(smooth.images) < 0.5 * roughness(plain.images)
+    a = maximise_input(model, 1, (2, 1, 16, 16), steps=10, lr=0.1, jitter=2, seed=3)
+    b = maximise_input(model, 1, (2, 1, 16, 16), steps=10, lr=0.1, jitter=2, seed=3)
+    assert torch.equal(a.images, b.images) and a.images.abs().max() <= 1.0
