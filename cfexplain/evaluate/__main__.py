@@ -42,10 +42,9 @@ from cfexplain.evaluate.shortcut import heatmap_exposure, marker_reliance
 from cfexplain.explain.__main__ import build_methods
 from cfexplain.explain.attribution import counterfactual_difference, get_method
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
-from cfexplain.utils.cli import ConfigError, run_command
+from cfexplain.utils.artifacts import Artifact
+from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
 from cfexplain.utils.seeding import seed_everything
-from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
 
@@ -180,17 +179,11 @@ def evaluate(cfg: DictConfig) -> Path:
     from cfexplain.data import build_dataset
     from cfexplain.nn.classifier import load_classifier
 
-    if OmegaConf.is_missing(cfg, "run"):
-        raise ConfigError(
-            "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
-        )
     if cfg.images:
         raise ConfigError(
             "images=: the evaluation needs ground truth, so it uses the run's own phantom split"
         )
-    run_dir = Path(str(cfg.run)).expanduser().resolve()
-    if not (run_dir / "classifier" / ARTIFACT_FILE).is_file():
-        raise ConfigError(f"run={cfg.run}: no finished classifier stage ({run_dir / 'classifier'})")
+    run_dir = trained_run(cfg)
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device
     clf_art = Artifact.load(run_dir / "classifier")
@@ -220,13 +213,7 @@ def evaluate(cfg: DictConfig) -> Path:
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    run = Run(
-        "evaluate",
-        work,
-        logger=OmegaConf.to_container(cfg.logger, resolve=True),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        experiment=run_dir.name,
-    )
+    run = command_run("evaluate", work, cfg, run_dir.name)
     start = time.time()
     try:
         oracle = oracle_info = None

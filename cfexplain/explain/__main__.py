@@ -28,9 +28,8 @@ from cfexplain.explain.attribution import Method, counterfactual_difference, get
 from cfexplain.explain.gallery import GalleryWriter, Row
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
-from cfexplain.utils.cli import ConfigError, run_command
+from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
 from cfexplain.utils.seeding import seed_everything
-from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
 
@@ -153,15 +152,7 @@ def explain(cfg: DictConfig) -> Path:
     """Render the gallery that ``cfg`` describes; return the path of its ``index.html``."""
     from cfexplain.nn.classifier import load_classifier
 
-    if OmegaConf.is_missing(cfg, "run"):
-        raise ConfigError(
-            "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
-        )
-    run_dir = Path(str(cfg.run)).expanduser().resolve()
-    if not _has(run_dir, "classifier"):
-        raise ConfigError(
-            f"run={cfg.run}: no finished classifier stage ({run_dir / 'classifier' / ARTIFACT_FILE})"
-        )
+    run_dir = trained_run(cfg)
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device
     clf_art = Artifact.load(run_dir / "classifier")
@@ -194,14 +185,7 @@ def explain(cfg: DictConfig) -> Path:
     batches, described, count = _batches(
         cfg, train_cfg.data, classes, resolution, channels, skipped
     )
-    logger = OmegaConf.to_container(cfg.logger, resolve=True)
-    run = Run(
-        "explain",
-        out,
-        logger=logger,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        experiment=run_dir.name,
-    )
+    run = command_run("explain", out, cfg, run_dir.name)
     target_name = classes[target]
     header: dict[str, Any] = {
         "run": str(run_dir),

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.inspect.page import Section, e, figure, fmt, page_html, table
 from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact, write_json, write_text
-from cfexplain.utils.cli import ConfigError, run_command
+from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
@@ -420,15 +420,7 @@ SECTIONS = {
 
 def inspect(cfg: DictConfig) -> Path:
     """Write the page that ``cfg`` describes; return the path of its ``index.html``."""
-    if OmegaConf.is_missing(cfg, "run"):
-        raise ConfigError(
-            "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
-        )
-    run_dir = Path(str(cfg.run)).expanduser().resolve()
-    if not _has(run_dir, "classifier"):
-        raise ConfigError(
-            f"run={cfg.run}: no finished classifier stage ({run_dir / 'classifier' / ARTIFACT_FILE})"
-        )
+    run_dir = trained_run(cfg)
     what = [str(w) for w in cfg.what]
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
@@ -438,13 +430,7 @@ def inspect(cfg: DictConfig) -> Path:
     out = out.expanduser().resolve()
     for sub in ("maps", "embeddings", "class_max", "units"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    run = Run(
-        "inspect",
-        out,
-        logger=OmegaConf.to_container(cfg.logger, resolve=True),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        experiment=run_dir.name,
-    )
+    run = command_run("inspect", out, cfg, run_dir.name)
     start = time.time()
     try:
         ctx = _Context(cfg, run_dir, out, run)

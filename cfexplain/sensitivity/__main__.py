@@ -25,7 +25,7 @@ from cfexplain.sensitivity.analysis import TASKS, SweepResult, result_rows, swee
 from cfexplain.sensitivity.transforms import TRANSFORMS, get_transform
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
-from cfexplain.utils.cli import ConfigError, run_command
+from cfexplain.utils.cli import ConfigError, command_run, run_command
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
@@ -212,14 +212,7 @@ def sensitivity(cfg: DictConfig) -> Path:
         **facts,
         "transforms": ", ".join(n for n, _ in plan),
     }
-    logger = OmegaConf.to_container(cfg.logger, resolve=True)
-    run = Run(
-        "sensitivity",
-        out,
-        logger=logger,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        experiment=run_dir.name if run_dir else "sensitivity",
-    )
+    run = command_run("sensitivity", out, cfg, run_dir.name if run_dir else "sensitivity")
     start = time.time()
     try:
         results: list[SweepResult] = []
