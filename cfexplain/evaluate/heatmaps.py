@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfexplain.utils.images import gaussian_blur
+
 # ----------------------------------------------------------------------------- localisation
 
 
@@ -196,17 +198,7 @@ def blurred(x: Tensor, sigma: float = 5.0) -> Tensor:
 
     Pass ``baseline=blurred(x)`` to :func:`deletion_insertion` for Petsiuk et al.'s variant.
     """
-    if sigma <= 0:
-        return x
-    h, w = x.shape[-2:]
-    r = max(1, min(int(math.ceil(3 * sigma)), h - 1, w - 1))
-    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    g = g / g.sum()
-    c = x.shape[1]
-    y = F.pad(x, (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(y, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return gaussian_blur(x, sigma)
 
 
 def perturbation_curves(
@@ -344,33 +336,20 @@ def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
 
 
 def ssim(a: Tensor, b: Tensor, sigma: float = 1.5) -> Tensor:
-    """Mean SSIM (Wang et al. 2004) of maps ``[N, 1, H, W]`` each scaled to [0, 1] by its max ``[N]``.
-
-    Gaussian window (σ = 1.5, 11 px, smaller on tiny maps), valid region, data range 1.
-    """
+    """Mean SSIM (Wang et al. 2004, torchmetrics) of maps ``[N, 1, H, W]`` each scaled to [0, 1]
+    by its max ``[N]``: Gaussian window (σ = 1.5, 11 px, smaller on tiny maps), data range 1."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
     def unit(m: Tensor) -> Tensor:
         m = m.detach().double().abs()
         return m / m.flatten(1).amax(1).clamp_min(1e-30)[:, None, None, None]
 
-    a, b = unit(a), unit(b)
-    r = max(0, min(5, (min(a.shape[-2:]) - 1) // 2))
-    t = torch.arange(-r, r + 1, dtype=a.dtype, device=a.device)
-    g = torch.exp(-0.5 * (t / sigma) ** 2)
-    win = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
-
-    def blur(z: Tensor) -> Tensor:
-        return F.conv2d(z, win)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
-        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    size = min(a.shape[-2:])
+    kernel = max(3, min(11, size if size % 2 else size - 1))
+    s = structural_similarity_index_measure(
+        unit(a), unit(b), sigma=sigma, kernel_size=kernel, data_range=1.0, reduction="none"
     )
-    return s.flatten(1).mean(1).float()
+    return s.float()
 
 
 @dataclass

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cfexplain.utils.images import gaussian_blur
+
 CAUSAL = ("jsw_min", "osteophyte", "sclerosis", "deformity")
 NUISANCE = ("rotation", "exposure", "laterality", "marker")
 BINARY = ("laterality", "marker")
@@ -176,24 +178,6 @@ def phantom_factors(
         images.append(s["image"])
         targets.append([factor_value(s["meta"]["factors"], f) for f in factors])
     return torch.stack(images), torch.tensor(targets, dtype=torch.float32)
-
-
-def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Separable Gaussian blur of ``x [N, C, H, W]`` with one ``sigma [N]`` (pixels) per image;
-    sigma 0 leaves an image as it is. Reflect padding keeps the borders' grey level."""
-    radius = max(1, int(math.ceil(3.0 * float(sigma.max()))))
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    s = sigma.to(x.dtype).clamp_min(1e-3)[:, None]
-    k = torch.exp(-0.5 * (t / s) ** 2)
-    k = torch.where(sigma[:, None] > 1e-3, k, (t == 0).to(x.dtype).expand_as(k))
-    k = k / k.sum(1, keepdim=True)  # [N, T]
-    n, c, h, w = x.shape
-    # Grouped convolution: one kernel per image (and channel).
-    kk = k.repeat_interleave(c, 0)
-    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
-    y = F.conv2d(y, kk[:, None, None, :], groups=n * c)
-    y = F.conv2d(y, kk[:, None, :, None], groups=n * c)
-    return y.reshape(n, c, h, w)
 
 
 def _lr(step: int, steps: int, base: float, warmup: int = 50) -> float:

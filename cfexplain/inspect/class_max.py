@@ -56,7 +56,7 @@ def maximise_input(
     seeded noise, so the N starts differ); ``jitter``, ``blur_every``, ``blur_sigma``: the image
     priors above (0: off)."""
     from cfexplain.explain.attribution import isolated
-    from cfexplain.sensitivity.transforms import blur
+    from cfexplain.utils.images import gaussian_blur
 
     device = next(model.parameters()).device
     if start is None:
@@ -81,7 +81,7 @@ def maximise_input(
             opt.step()
             with torch.no_grad():
                 if blur_every and (step + 1) % blur_every == 0:
-                    x.copy_(blur(x, blur_sigma))
+                    x.copy_(gaussian_blur(x, blur_sigma))
                 x.clamp_(-1, 1)
         with torch.no_grad():
             trajectory.append(_target_logit(model, x, target).cpu())

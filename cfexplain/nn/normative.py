@@ -16,12 +16,13 @@ rebuilds them from a finished ``normative`` stage.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cfexplain.utils.images import gaussian_blur
 
 MODEL_NAMES = ("vae", "aae")
 
@@ -76,20 +77,6 @@ def mmd_rbf(a: torch.Tensor, b: torch.Tensor, bandwidth: float | None = None) ->
 
 
 # ----------------------------------------------------------------------------- anomaly maps
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of ``x [N, C, H, W]`` (reflect padding); sigma in pixels."""
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma).square())
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def residual_map(x: torch.Tensor, recon: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:

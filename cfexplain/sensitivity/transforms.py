@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cfexplain.utils.images import gaussian_blur
+
 SEED = 0  # noise and bias-field draws: the same for every call, so a sweep is deterministic
 
 
@@ -147,30 +149,14 @@ def noise(x: Tensor, p: float) -> Tensor:
     return (x + 2 * p * n).clamp(-1, 1)
 
 
-def _gaussian_kernel(sigma: float) -> Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return k / k.sum()
-
-
 def blur(x: Tensor, p: float) -> Tensor:
-    """Gaussian blur of sigma ``p`` pixels (separable, reflected borders)."""
+    """Gaussian blur of sigma ``p`` pixels (:func:`cfexplain.utils.images.gaussian_blur`)."""
     _check(x)
     if p < 0:
         raise ValueError(f"blur: sigma must be >= 0, got {p}")
     if p == 0:
         return x.clone()
-    n, c, h, w = x.shape
-    k = _gaussian_kernel(p).to(x.device)
-    r = len(k) // 2
-    y = x.float().reshape(n * c, 1, h, w)
-    # Reflect padding needs pad < size; repeat the reflection for kernels wider than the image.
-    y = F.pad(y, (r, r, 0, 0), mode="replicate" if r >= w else "reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1))
-    y = F.pad(y, (0, 0, r, r), mode="replicate" if r >= h else "reflect")
-    y = F.conv2d(y, k.view(1, 1, -1, 1))
-    return y.reshape(n, c, h, w).clamp(-1, 1).to(x.dtype)
+    return gaussian_blur(x.float(), p).clamp(-1, 1).to(x.dtype)
 
 
 def bias_field_map(h: int, w: int) -> Tensor:
