@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import csv
-import html
 import io
-import math
 from pathlib import Path
 from typing import Any
 
 from cfexplain.utils.artifacts import write_json, write_text
+from cfexplain.utils.markup import esc, fmt
 
 # Column, heading, which way is better (for the page's legend).
 COLUMNS = (
@@ -27,14 +26,8 @@ COLUMNS = (
 )
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.3f}"
-    return str(v)
-
-
-def _e(v: Any) -> str:
-    return html.escape(_fmt(v), quote=True)
+def _cell(v: Any) -> str:
+    return esc(fmt(v))
 
 
 def table_csv(table: dict[str, dict[str, Any]]) -> str:
@@ -51,7 +44,7 @@ def table_markdown(table: dict[str, dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in table.items():
         lines.append(
-            "| " + " | ".join([name, *[_fmt(row.get(c, "")) for c, _, _ in COLUMNS]]) + " |"
+            "| " + " | ".join([name, *[fmt(row.get(c, "")) for c, _, _ in COLUMNS]]) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -74,7 +67,7 @@ def per_image_csv(per: dict[str, Any]) -> str:
     w = csv.writer(buf)
     w.writerow(["image", *cols])
     for i in range(n):
-        w.writerow([i, *[_fmt(float(c[i])) for c in cols.values()]])
+        w.writerow([i, *[fmt(float(c[i])) for c in cols.values()]])
     return buf.getvalue()
 
 
@@ -104,7 +97,7 @@ def plot_randomisation(sanity: dict[str, Any], path: Path) -> None:
 
 
 def _kv_table(d: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in d.items())
+    rows = "".join(f"<tr><td>{_cell(k)}</td><td>{_cell(v)}</td></tr>" for k, v in d.items())
     return f'<table class="kv">{rows}</table>'
 
 
@@ -118,15 +111,15 @@ _CSS = (
 
 def page_html(summary: dict[str, Any], gallery: str | None) -> str:
     table = summary["table"]
-    head = "".join(f"<th>{_e(h)} {_e(a)}</th>" for _, h, a in COLUMNS)
+    head = "".join(f"<th>{_cell(h)} {_cell(a)}</th>" for _, h, a in COLUMNS)
     body = ""
     for name, row in table.items():
         cells = ""
         for c, _, _ in COLUMNS:
             v = row.get(c, "")
             cls = f' class="{"pass" if v == "pass" else "fail"}"' if c == "sanity" else ""
-            cells += f"<td{cls}>{_e(v)}</td>"
-        body += f"<tr><td>{_e(name)}</td>{cells}</tr>"
+            cells += f"<td{cls}>{_cell(v)}</td>"
+        body += f"<tr><td>{_cell(name)}</td>{cells}</tr>"
     header = {
         k: summary.get(k)
         for k in (
@@ -142,15 +135,13 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
     }
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
-        f"<title>cfexplain evaluation · {_e(summary.get('run', ''))}</title><style>{_CSS}</style></head><body>",
+        f"<title>cfexplain evaluation · {_cell(summary.get('run', ''))}</title><style>{_CSS}</style></head><body>",
         "<h1>cfexplain evaluation</h1>",
         _kv_table(header),
     ]
     if gallery:
-        parts.append(
-            f'<p><a href="{html.escape(gallery, quote=True)}">the gallery of this run</a></p>'
-        )
-    parts += [f'<p class="note">{_e(n)}</p>' for n in summary.get("notes", [])]
+        parts.append(f'<p><a href="{esc(gallery)}">the gallery of this run</a></p>')
+    parts += [f'<p class="note">{_cell(n)}</p>' for n in summary.get("notes", [])]
     parts += [
         "<h2>Heatmaps against the ground truth</h2>",
         "<p>Localisation over the positive test images with a pathology mask; deletion and "
@@ -174,13 +165,13 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
     oracle = summary.get("oracle")
     if oracle and "metrics" in oracle:
         rows = {
-            name: ", ".join(f"{k} {_fmt(v)}" for k, v in m.items())
+            name: ", ".join(f"{k} {fmt(v)}" for k, v in m.items())
             for name, m in oracle["metrics"].get("factors", {}).items()
         }
         parts += ["<h2>Oracles (held-out phantoms)</h2>", _kv_table(rows)]
     if "oracle_calibration" in summary:
         rows = {
-            edit: f"{r['kind']}: ratio {_fmt(r['ratio'])}, MNAC {_fmt(r['mnac_mean'])}"
+            edit: f"{r['kind']}: ratio {fmt(r['ratio'])}, MNAC {fmt(r['mnac_mean'])}"
             for edit, r in summary["oracle_calibration"].items()
         }
         parts += [

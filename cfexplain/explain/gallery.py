@@ -10,7 +10,6 @@ came from a file name or a config is HTML-escaped.
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import math
@@ -27,6 +26,7 @@ from torch import Tensor
 from cfexplain.explain.attribution import normalise
 from cfexplain.utils.artifacts import write_json, write_text
 from cfexplain.utils.images import to_uint8
+from cfexplain.utils.markup import esc, fmt
 
 ROWS_FILE = "rows.html.part"  # the HTML rows so far, one per image, appended batch by batch
 
@@ -230,20 +230,10 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
 # ----------------------------------------------------------------------------- HTML
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.3f}"
-    return str(v)
-
-
 def _figure(src: str, caption: str, cls: str = "") -> str:
     return (
-        f'<figure class="{cls}"><img src="{_e(src)}" alt="{_e(caption)}" loading="eager">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
+        f'<figure class="{cls}"><img src="{esc(src)}" alt="{esc(caption)}" loading="eager">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
 
 
@@ -258,7 +248,7 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         "data-flip": flip,
         "data-prob": f"{row.prob:.6f}",
     }
-    head = " ".join(f'{k}="{_e(v)}"' for k, v in attrs.items())
+    head = " ".join(f'{k}="{esc(v)}"' for k, v in attrs.items())
     cells = [_figure(files["input"], f"input · p={row.prob:.2f}", "input")]
     if row.has_counterfactual:
         rp = f" · p={row.recon_prob:.2f}" if row.recon_prob is not None else ""
@@ -273,12 +263,12 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
     if row.has_counterfactual:
         cells.append(_figure(files["plot"], "p vs λ", "plot"))
         cells.append(_figure(files["gif"], "sequence", "gif"))
-    facts = [f"true: {_e(attrs['data-true'])}", f"pred: {_e(row.pred)}", f"flip: {flip}"]
-    facts += [f"{_e(k)}: {_e(_fmt(v))}" for k, v in row.metrics.items()]
+    facts = [f"true: {esc(attrs['data-true'])}", f"pred: {esc(row.pred)}", f"flip: {flip}"]
+    facts += [f"{esc(k)}: {esc(fmt(v))}" for k, v in row.metrics.items()]
     return (
         f'<section class="row" {head}>\n'
-        f'<h3>{_e(row.name)}</h3><p class="facts">{" · ".join(facts)}'
-        f' · <a href="{_e(files["strip"])}">strip</a></p>\n'
+        f'<h3>{esc(row.name)}</h3><p class="facts">{" · ".join(facts)}'
+        f' · <a href="{esc(files["strip"])}">strip</a></p>\n'
         f'<div class="cells">{"".join(cells)}</div>\n</section>\n'
     )
 
@@ -335,11 +325,11 @@ _SCRIPT = """
 
 
 def _buttons(key: str, label: str, values: Sequence[str]) -> str:
-    out = [f"<span>{_e(label)}:</span>"]
+    out = [f"<span>{esc(label)}:</span>"]
     for v in ["all", *values]:
         on = ' class="on"' if v == "all" else ""
         out.append(
-            f'<button type="button" data-filter="{key}" data-value="{_e(v)}"{on}>{_e(v)}</button>'
+            f'<button type="button" data-filter="{key}" data-value="{esc(v)}"{on}>{esc(v)}</button>'
         )
     return " ".join(out)
 
@@ -354,10 +344,10 @@ def page_html(
     """The whole page: a header table (run, classifier, metric summary), links (label -> relative
     href, e.g. the run's evaluation), filter buttons for every value seen in ``facets`` (true,
     pred, flip), a sort menu, and the rows."""
-    table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in header.items())
-    note_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
+    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(fmt(v))}</td></tr>" for k, v in header.items())
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     note_html += "".join(
-        f'<p><a href="{_e(href)}">{_e(label)}</a></p>' for label, href in (links or {}).items()
+        f'<p><a href="{esc(href)}">{esc(label)}</a></p>' for label, href in (links or {}).items()
     )
     controls = "<br>".join(
         _buttons(k, lbl, facets.get(k, []))
@@ -365,7 +355,7 @@ def page_html(
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>cfexplain · {_e(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
+        f"<title>cfexplain · {esc(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
         f"<header><h1>cfexplain gallery</h1><table>{table}</table>{note_html}</header>\n"
         f'<div class="controls">{controls}<br><label>sort by <select id="sort">'
         '<option value="index">order</option><option value="prob">probability</option>'

@@ -11,7 +11,6 @@ installed (the same page), else drawn with matplotlib (the same content, simpler
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from cfexplain.utils.artifacts import _atomic, write_text
+from cfexplain.utils.markup import esc
 
 log = logging.getLogger("cfexplain")
 
@@ -53,10 +53,6 @@ text-align:left;vertical-align:top} th{background:#f5f5f7}
 """
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _uri(arr: np.ndarray) -> str:
     """uint8 ``[H, W, 3]`` -> a PNG data URI."""
     buf = io.BytesIO()
@@ -66,8 +62,8 @@ def _uri(arr: np.ndarray) -> str:
 
 def _img(src: str, caption: str, cls: str = "", size: int = _SIZE) -> str:
     return (
-        f'<figure class="{cls}"><img src="{src}" width="{size}" height="{size}" alt="{_e(caption)}">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
+        f'<figure class="{cls}"><img src="{src}" width="{size}" height="{size}" alt="{esc(caption)}">'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
     )
 
 
@@ -202,9 +198,9 @@ class _Content:
 def _section_said(c: _Content) -> str:
     return (
         "<h2>What the model said</h2>"
-        f'<p class="answer">The model\'s answer: <b>{_e(c.answer)}</b>, '
+        f'<p class="answer">The model\'s answer: <b>{esc(c.answer)}</b>, '
         f"with a probability of <b>{_percent(c.probability)}</b>.</p>"
-        f'<p class="note">Possible answers: {", ".join(_e(n) for n in c.class_names)}. '
+        f'<p class="note">Possible answers: {", ".join(esc(n) for n in c.class_names)}. '
         "This is the output of a computer model, not a diagnosis: read it together with "
         "the rest of this page.</p>"
     )
@@ -221,7 +217,7 @@ def _section_looked(c: _Content) -> str:
         f'<div class="figs">{_img(original, "The image")}'
         f"{_img(heat, f'Evidence for {c.answer}')}</div>"
         f'<p class="note">Coloured areas are the details the model relied on (guided grad-CAM): '
-        f"red pushed it towards “{_e(c.answer)}”, blue pushed it away. Uncoloured areas "
+        f"red pushed it towards “{esc(c.answer)}”, blue pushed it away. Uncoloured areas "
         "played little part.</p>"
     )
 
@@ -245,7 +241,7 @@ def _section_change(c: _Content) -> str:
         head
         + '<p class="note">A generative model changed this image a little at a time, keeping it '
         "realistic, and the model was asked again at every step. Under each picture: the model's "
-        f"probability of “{_e(target)}”. A red frame marks the steps where its answer would "
+        f"probability of “{esc(target)}”. A red frame marks the steps where its answer would "
         "no longer be the original one; what differs between the image and those steps is what "
         "the decision rests on.</p>"
         f'<div class="figs strip">{"".join(figs)}</div>'
@@ -279,7 +275,7 @@ def _value(v: Any) -> str:
 def _section_provenance(c: _Content) -> str:
     rows = [("image", c.name), *((str(k), _value(v)) for k, v in c.provenance.items())]
     rows.append(("report written", c.written))
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
     return (
         "<h2>Where this came from</h2>"
         '<p class="note">The facts needed to reproduce this page: which trained models made it '
@@ -299,8 +295,8 @@ def report_html(c: _Content) -> str:
     )
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Report: {_e(c.name)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>Report: {_e(c.name)}</h1>"
+        f"<title>Report: {esc(c.name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>Report: {esc(c.name)}</h1>"
         '<p class="note">What an image classifier concluded about one image, and why.</p>'
         + "".join(sections)
         + "</body></html>\n"

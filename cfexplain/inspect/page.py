@@ -4,11 +4,12 @@ names, an expert's unit names) is HTML-escaped here; callers pass plain text."""
 
 from __future__ import annotations
 
-import html
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from cfexplain.utils.markup import esc as e
+from cfexplain.utils.markup import fmt as _fmt
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -25,15 +26,8 @@ nav a{margin-right:1em}
 """
 
 
-def e(value: Any) -> str:
-    """``value`` as HTML-escaped text (quotes too: safe inside attributes)."""
-    return html.escape(str(value), quote=True)
-
-
 def fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.4g}"
-    return str(v)
+    return _fmt(v, ".4g")
 
 
 def figure(src: str, caption: str, width: int | None = None) -> str:

@@ -8,7 +8,6 @@ a file is HTML-escaped. Computing the sweeps lives in ``analysis``; this module 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -22,19 +21,10 @@ from PIL import Image, ImageDraw
 from cfexplain.sensitivity.analysis import SweepResult, result_rows
 from cfexplain.utils.artifacts import write_json, write_text
 from cfexplain.utils.images import to_uint8
+from cfexplain.utils.markup import esc, fmt
 
 # Mask colours (RGB), one per class in channel order, repeating past the end.
 PALETTE = ((230, 57, 70), (42, 157, 143), (244, 162, 97), (69, 123, 157), (155, 93, 229))
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "–" if math.isnan(v) else f"{v:.3f}"
-    return str(v)
 
 
 def tiles_rgb(images: torch.Tensor, masks: torch.Tensor | None = None) -> np.ndarray:
@@ -155,19 +145,19 @@ figure.plot img{image-rendering:auto}figcaption{font-size:11px;color:#444}
 
 def _section(result: SweepResult, files: Mapping[str, str]) -> str:
     rows = "".join(
-        f"<tr><td>{_e(name)}</td>"
+        f"<tr><td>{esc(name)}</td>"
         + "".join(
-            f"<td>{_e(_fmt(s[k]))}</td>" for k in ("identity", "min", "max", "range", "worst")
+            f"<td>{esc(fmt(s[k]))}</td>" for k in ("identity", "min", "max", "range", "worst")
         )
         + "</tr>"
         for name, s in result.summary().items()
     )
     table = (
         '<table class="summary"><tr><th>output</th><th>at identity</th><th>min</th><th>max</th>'
-        f"<th>range</th><th>worst {_e(result.unit)}</th></tr>{rows}</table>"
+        f"<th>range</th><th>worst {esc(result.unit)}</th></tr>{rows}</table>"
     )
     figs = "".join(
-        f'<figure class="{cls}"><img src="{_e(files[key])}" alt="{_e(cap)}"><figcaption>{_e(cap)}</figcaption></figure>'
+        f'<figure class="{cls}"><img src="{esc(files[key])}" alt="{esc(cap)}"><figcaption>{esc(cap)}</figcaption></figure>'
         for key, cls, cap in (
             ("plot", "plot", "output vs parameter (mean ± std)"),
             ("gif", "gif", "sweep"),
@@ -176,8 +166,8 @@ def _section(result: SweepResult, files: Mapping[str, str]) -> str:
     )
     params = ", ".join(f"{p:g}" for p in result.params)
     return (
-        f'<section id="{_e(result.transform)}"><h2>{_e(result.transform)}</h2>'
-        f"<p>parameter: {_e(result.unit)} · values: {_e(params)}</p>{table}"
+        f'<section id="{esc(result.transform)}"><h2>{esc(result.transform)}</h2>'
+        f"<p>parameter: {esc(result.unit)} · values: {esc(params)}</p>{table}"
         f'<div class="figs">{figs}</div></section>\n'
     )
 
@@ -189,13 +179,13 @@ def page_html(
     notes: Sequence[str] = (),
 ) -> str:
     """The whole page: a header table, notes, then one section per transformation."""
-    table = "".join(f"<tr><td>{_e(k)}</td><td>{_e(_fmt(v))}</td></tr>" for k, v in header.items())
-    note_html = "".join(f'<p class="note">{_e(n)}</p>' for n in notes)
-    toc = " · ".join(f'<a href="#{_e(r.transform)}">{_e(r.transform)}</a>' for r in results)
+    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(fmt(v))}</td></tr>" for k, v in header.items())
+    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
+    toc = " · ".join(f'<a href="#{esc(r.transform)}">{esc(r.transform)}</a>' for r in results)
     body = "".join(_section(r, files[r.transform]) for r in results)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>cfexplain sensitivity · {_e(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
+        f"<title>cfexplain sensitivity · {esc(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
         f"<header><h1>cfexplain sensitivity analysis</h1><table>{table}</table>{note_html}"
         f"<p>{toc}</p></header>\n<main>\n{body}</main>\n</body></html>\n"
     )
