@@ -304,10 +304,10 @@ def _per_image(cfg, model, methods, engine, oracle, data, target, device) -> dic
                     if k in part:
                         cf_parts.setdefault(k, []).append(part[k].cpu())
                 cf_parts.setdefault("factor_names", [part["factors"]])
-            idx = torch.where(cf.flip_index() >= 0, cf.flip_index(), cf.images.shape[1] - 1)
+            idx, flipped = cf.flip_frame()
             cf_parts.setdefault("frames", []).append(cf.images[torch.arange(len(x)), idx].cpu())
             cf_parts.setdefault("recon", []).append(cf.reconstruction.cpu())
-            cf_parts.setdefault("flip", []).append((cf.flip_index() >= 0).cpu())
+            cf_parts.setdefault("flip", []).append(flipped.cpu())
         for name, m in methods.items():
             maps[name] = relevance(name, m.attribute(x, target).float(), m.signed)
         for name, a in maps.items():

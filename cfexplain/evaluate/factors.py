@@ -98,18 +98,6 @@ def mnac(changes: Tensor, threshold: float | Tensor = MNAC_THRESHOLD) -> Tensor:
     return (changes > thr).sum(dim=-1)
 
 
-def flip_frames(cf: Counterfactuals) -> tuple[Tensor, Tensor]:
-    """``(frame index [N], flipped [N] bool)``: the first flipping frame, or for an image that
-    did not flip the last frame of its sequence in the direction a flip needed (the largest λ
-    when the reconstruction is not yet on the target side, the smallest otherwise)."""
-    idx = cf.flip_index()
-    ref = cf.recon_probs if cf.recon_probs is not None else cf.input_probs
-    k = cf.lambdas.shape[1]
-    fallback = torch.where(ref > 0.5, torch.zeros_like(idx), torch.full_like(idx, k - 1))
-    flipped = idx >= 0
-    return torch.where(flipped, idx, fallback.to(idx.device)), flipped
-
-
 def counterfactual_factors(
     oracle: FactorOracle,
     cf: Counterfactuals,
@@ -120,7 +108,7 @@ def counterfactual_factors(
     """Factor changes between each reconstruction G(E(x)) and its flipping frame.
 
     Images that did not flip are compared with their last frame towards a flip
-    (:func:`flip_frames`); ``flipped`` says which did, and ``ratio_flipped`` / ``mnac_flipped``
+    (:meth:`Counterfactuals.flip_frame`); ``flipped`` says which did, and ``ratio_flipped`` / ``mnac_flipped``
     use the flipped images alone. ``scale [F]`` defaults to ``oracle.change_scale``.
 
     Returns ``factors`` (names), ``before`` / ``after`` ``[N, F]`` readings, ``changes [N, F]``,
@@ -134,7 +122,7 @@ def counterfactual_factors(
     scale = oracle.change_scale if scale is None else scale
     before = read_factors(oracle, cf.reconstruction, batch_size)  # [N, F]
     frames = read_factors(oracle, cf.images, batch_size)  # [N, K, F]
-    index, flipped = flip_frames(cf)
+    index, flipped = cf.flip_frame()
     index, flipped = index.cpu(), flipped.cpu()
     after = frames[torch.arange(len(index)), index]
     changes = _standardise(after - before, scale)

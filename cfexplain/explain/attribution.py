@@ -492,7 +492,7 @@ class Counterfactual(Method):
     """Difference between the first frame that flips the decision and the reconstruction G(E(x)).
 
     ``engine`` is a ``cfexplain.explain.counterfactual.CounterfactualEngine``; where no frame
-    flips, the last frame along the direction is used.
+    flips, the last frame in the direction a flip needed is used.
     """
 
     name = "counterfactual"
@@ -512,9 +512,9 @@ class Counterfactual(Method):
 
 
 def counterfactual_difference(cf: Any) -> Tensor:
-    """``[N, 1, H, W]``: flipping frame minus reconstruction (last frame where none flips)."""
-    flip = cf.flip_index()
-    idx = torch.where(flip >= 0, flip, torch.full_like(flip, cf.images.shape[1] - 1))
+    """``[N, 1, H, W]``: flipping frame minus reconstruction (:meth:`Counterfactuals.flip_frame`:
+    where none flips, the last frame in the direction a flip needed)."""
+    idx, _ = cf.flip_frame()
     frames = cf.images[torch.arange(len(idx)), idx.to(cf.images.device)]
     return to_map((frames - cf.reconstruction).float(), tuple(frames.shape[-2:]), "sum")
 

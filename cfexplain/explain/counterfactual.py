@@ -41,6 +41,18 @@ class Counterfactuals:
         idx = dist.argmin(dim=1)
         return torch.where(differs.any(dim=1), idx, torch.full_like(idx, -1))
 
+    def flip_frame(self) -> tuple[Tensor, Tensor]:
+        """``(frame index [N], flipped [N] bool)``: the frame a counterfactual is judged by. The
+        first flipping frame, or for an image that did not flip the last frame of its sequence
+        in the direction a flip needed (the largest λ when the reconstruction is not yet on the
+        target side, the smallest otherwise)."""
+        idx = self.flip_index()
+        ref = self.recon_probs if self.recon_probs is not None else self.input_probs
+        last = torch.full_like(idx, self.lambdas.shape[1] - 1)
+        fallback = torch.where(ref.to(idx.device) > 0.5, torch.zeros_like(idx), last)
+        flipped = idx >= 0
+        return torch.where(flipped, idx, fallback), flipped
+
 
 class CounterfactualEngine:
     """Render counterfactual sequences for a generator G, encoder E and classifier f.

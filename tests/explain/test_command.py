@@ -355,7 +355,11 @@ def test_counterfactual_and_normative_maps_through_the_registry(full_run):
         engine = CounterfactualEngine.from_run(full_run, device="cpu", num_frames=3)
     got = get_method("counterfactual")(model, engine=engine, lambdas="symmetric").attribute(x, 1)
     cf = engine(x, target=1, lambdas="symmetric")
-    idx = torch.where(cf.flip_index() >= 0, cf.flip_index(), torch.full((2,), 2))
+    # No flip: the last frame in the direction a flip needed (λ first or last).
+    fallback = torch.where(
+        cf.recon_probs > 0.5, torch.zeros(2, dtype=torch.long), torch.full((2,), 2)
+    )
+    idx = torch.where(cf.flip_index() >= 0, cf.flip_index(), fallback)
     expected = (cf.images[torch.arange(2), idx] - cf.reconstruction).sum(1, keepdim=True)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(counterfactual_difference(cf), expected)
