@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfexplain.explain.metrics import spearman
 from cfexplain.utils.images import gaussian_blur
 
 # ----------------------------------------------------------------------------- localisation
@@ -305,34 +306,14 @@ def deletion_insertion(
 # ----------------------------------------------------------------------------- randomisation
 
 
-def average_ranks(x: Tensor) -> Tensor:
-    """Ranks along dim 1 of ``[N, P]`` (ties share their mean rank), float64, O(P log P)."""
-    n, p = x.shape
-    s, order = x.sort(dim=1, stable=True)
-    new = torch.ones_like(s, dtype=torch.bool)
-    new[:, 1:] = s[:, 1:] != s[:, :-1]
-    group = (new.cumsum(1) - 1) + torch.arange(n, device=x.device)[:, None] * p
-    pos = torch.arange(p, dtype=torch.float64, device=x.device).expand(n, p).reshape(-1)
-    g = group.reshape(-1)
-    total = torch.zeros(n * p, dtype=torch.float64, device=x.device).index_add_(0, g, pos)
-    count = torch.zeros(n * p, dtype=torch.float64, device=x.device).index_add_(
-        0, g, torch.ones_like(pos)
-    )
-    sorted_ranks = (total / count.clamp_min(1))[group]
-    return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
-
-
 def rank_correlation(a: Tensor, b: Tensor) -> Tensor:
     """Spearman correlation of ``a`` and ``b`` ``[N, ...]`` image by image ``[N]``.
 
     NaN where ``a`` is constant (nothing to compare against); 0 where only ``b`` is.
     """
-    ra, rb = average_ranks(a.flatten(1)), average_ranks(b.flatten(1))
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    va, vb = ra.square().sum(1), rb.square().sum(1)
-    rho = (ra * rb).sum(1) / (va * vb).sqrt().clamp_min(1e-300)
-    rho = torch.where(vb > 0, rho, torch.zeros_like(rho))
-    return torch.where(va > 0, rho, torch.full_like(rho, math.nan)).float()
+    a, b = a.flatten(1), b.flatten(1)
+    constant = (a == a[:, :1]).all(1)
+    return torch.where(constant, torch.nan, spearman(a, b))
 
 
 def ssim(a: Tensor, b: Tensor, sigma: float = 1.5) -> Tensor:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from cfexplain.evaluate.heatmaps import (
-    average_ranks,
     blurred,
     deletion_insertion,
     dilate,
@@ -24,6 +23,7 @@ from cfexplain.evaluate.heatmaps import (
     relevance_rank,
     ssim,
 )
+from cfexplain.explain.metrics import average_ranks
 
 R = 16
 
