@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from cfexplain.utils.artifacts import write_json, write_text
+from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.markup import esc, fmt
 
 # Column, heading, which way is better (for the page's legend).
@@ -91,9 +91,7 @@ def plot_randomisation(sanity: dict[str, Any], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    write_bytes(path, buf.getvalue())
 
 
 def _kv_table(d: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from cfexplain.explain.attribution import normalise
-from cfexplain.utils.artifacts import write_json, write_text
+from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import to_uint8
 from cfexplain.utils.markup import esc, fmt
 
@@ -219,10 +219,10 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
             diff = colorize(row.difference[None], signed=True)[0]
             files["difference"] = put("difference.png", upscale(diff, size))
         gif = gif_bytes(row.frames, size)
-        (folder / "sequence.gif").write_bytes(gif)
+        write_bytes(folder / "sequence.gif", gif)
         files["gif"] = f"{rel}/sequence.gif"
         png = plot_png(list(row.lambdas), list(row.frame_probs), row.flip, target)
-        (folder / "plot.png").write_bytes(png)
+        write_bytes(folder / "plot.png", png)
         files["plot"] = f"{rel}/plot.png"
     return files
 

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.inspect.page import Section, e, figure, fmt, page_html, table
-from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact, write_json, write_text
+from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact, write_bytes, write_json, write_text
 from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.seeding import seed_everything
@@ -82,7 +82,7 @@ class _Context:
         return name
 
     def raw_png(self, name: str, data: bytes) -> str:
-        (self.out / name).write_bytes(data)
+        write_bytes(self.out / name, data)
         return name
 
     def label(self, i: int) -> str:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from cfexplain.sensitivity.analysis import SweepResult, result_rows
-from cfexplain.utils.artifacts import write_json, write_text
+from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import to_uint8
 from cfexplain.utils.markup import esc, fmt
 
@@ -122,9 +122,9 @@ def write_transform_files(result: SweepResult, out: Path, size: int = 64) -> dic
     """``<out>/<transform>/{plot.png, strip.png, sweep.gif}``; paths relative to ``out``."""
     folder = out / result.transform
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "plot.png").write_bytes(plot_png(result))
+    write_bytes(folder / "plot.png", plot_png(result))
     strip_image(result, size).save(folder / "strip.png", format="PNG")
-    (folder / "sweep.gif").write_bytes(gif_bytes(result, size))
+    write_bytes(folder / "sweep.gif", gif_bytes(result, size))
     return {
         k: f"{result.transform}/{f}"
         for k, f in (("plot", "plot.png"), ("strip", "strip.png"), ("gif", "sweep.gif"))

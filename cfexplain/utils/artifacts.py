@@ -60,6 +60,11 @@ def write_text(path: str | Path, text: str) -> Path:
     return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (an encoded PNG, GIF, ...)."""
+    return _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     return write_text(
