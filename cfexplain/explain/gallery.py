@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import Tensor
 
 from cfexplain.explain.attribution import normalise
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
-from cfexplain.utils.images import to_uint8
+from cfexplain.utils.images import animated_gif, to_uint8, upscale
 from cfexplain.utils.markup import esc, fmt
 
 ROWS_FILE = "rows.html.part"  # the HTML rows so far, one per image, appended batch by batch
@@ -68,13 +67,6 @@ def overlay(images: Tensor, maps: Tensor, signed: bool, alpha: float = 0.55) -> 
     mag = normalise(maps, signed, DISPLAY_QUANTILE)[:, 0].abs().cpu().numpy()[..., None]
     weight = np.sqrt(mag) * alpha
     return (base * (1 - weight) + heat * weight).round().clip(0, 255).astype(np.uint8)
-
-
-def upscale(arr: np.ndarray, size: int) -> Image.Image:
-    """uint8 ``[H, W, 3]`` or ``[H, W]`` -> a PIL image whose longer side is at least ``size`` (nearest)."""
-    img = Image.fromarray(arr)
-    k = max(1, math.ceil(size / max(img.size)))
-    return img.resize((img.width * k, img.height * k), Image.NEAREST) if k > 1 else img
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
@@ -161,15 +153,11 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
 
 def gif_bytes(frames: Tensor, size: int = 128, duration_ms: int = 150) -> bytes:
     """Animated GIF of ``[K, C, H, W]`` frames, forward then back, looping."""
-    import imageio.v3 as iio
 
     # Gray frames stay single-channel: a GIF palette then holds every gray level exactly.
     u8 = to_uint8(frames)
     arr = [np.asarray(upscale(f[..., 0] if f.shape[-1] == 1 else f, size)) for f in u8]
-    seq = arr + arr[-2:0:-1]
-    buf = io.BytesIO()
-    iio.imwrite(buf, np.stack(seq), extension=".gif", duration=duration_ms, loop=0)
-    return buf.getvalue()
+    return animated_gif(arr, duration_ms)
 
 
 def plot_png(lambdas: Sequence[float], probs: Sequence[float], flip: int, target: str) -> bytes:

@@ -207,7 +207,8 @@ def _section_said(c: _Content) -> str:
 
 
 def _section_looked(c: _Content) -> str:
-    from cfexplain.explain.gallery import gray_rgb, overlay, upscale
+    from cfexplain.explain.gallery import gray_rgb, overlay
+    from cfexplain.utils.images import upscale
 
     x = c.image[None]
     original = _uri(np.asarray(upscale(gray_rgb(x)[0], _SIZE)))
@@ -223,7 +224,8 @@ def _section_looked(c: _Content) -> str:
 
 
 def _section_change(c: _Content) -> str:
-    from cfexplain.explain.gallery import gif_bytes, gray_rgb, upscale
+    from cfexplain.explain.gallery import gif_bytes, gray_rgb
+    from cfexplain.utils.images import upscale
 
     head = "<h2>What would change its mind</h2>"
     if c.frames is None:
@@ -250,7 +252,8 @@ def _section_change(c: _Content) -> str:
 
 
 def _section_unusual(c: _Content) -> str:
-    from cfexplain.explain.gallery import overlay, upscale
+    from cfexplain.explain.gallery import overlay
+    from cfexplain.utils.images import upscale
 
     head = "<h2>How unusual the image is</h2>"
     if c.residual is None:

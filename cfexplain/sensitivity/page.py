@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from cfexplain.sensitivity.analysis import SweepResult, result_rows
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
-from cfexplain.utils.images import to_uint8
+from cfexplain.utils.images import animated_gif, to_uint8, upscale
 from cfexplain.utils.markup import esc, fmt
 
 # Mask colours (RGB), one per class in channel order, repeating past the end.
@@ -41,12 +40,6 @@ def tiles_rgb(images: torch.Tensor, masks: torch.Tensor | None = None) -> np.nda
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def _upscale(arr: np.ndarray, size: int) -> Image.Image:
-    img = Image.fromarray(arr)
-    k = max(1, math.ceil(size / max(img.size)))
-    return img.resize((img.width * k, img.height * k), Image.NEAREST) if k > 1 else img
-
-
 def _label(result: SweepResult, i: int, e: int) -> str:
     """The output of example ``e`` at parameter ``i``: p for classifiers, mean Dice otherwise."""
     v = result.values[i, e]
@@ -63,7 +56,7 @@ def strip_image(result: SweepResult, size: int = 64) -> Image.Image:
     cells = []
     for i in range(p_count):
         masks = result.example_masks[i] if result.example_masks is not None else None
-        cells.append([_upscale(t, size) for t in tiles_rgb(result.examples[i], masks)])
+        cells.append([upscale(t, size) for t in tiles_rgb(result.examples[i], masks)])
     w, h = cells[0][0].size
     out = Image.new("RGB", (p_count * (w + 2), e_count * (h + text_h)), "white")
     draw = ImageDraw.Draw(out)
@@ -78,17 +71,13 @@ def strip_image(result: SweepResult, size: int = 64) -> Image.Image:
 
 def gif_bytes(result: SweepResult, size: int = 64, duration_ms: int = 300) -> bytes:
     """Animated GIF along the parameter axis (forward then back): the examples side by side."""
-    import imageio.v3 as iio
 
     frames = []
     for i in range(len(result.params)):
         masks = result.example_masks[i] if result.example_masks is not None else None
-        tiles = [np.asarray(_upscale(t, size)) for t in tiles_rgb(result.examples[i], masks)]
+        tiles = [np.asarray(upscale(t, size)) for t in tiles_rgb(result.examples[i], masks)]
         frames.append(np.concatenate(tiles, axis=1))
-    seq = frames + frames[-2:0:-1]
-    buf = io.BytesIO()
-    iio.imwrite(buf, np.stack(seq), extension=".gif", duration=duration_ms, loop=0)
-    return buf.getvalue()
+    return animated_gif(frames, duration_ms)
 
 
 def plot_png(result: SweepResult) -> bytes:

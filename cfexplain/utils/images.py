@@ -32,6 +32,26 @@ def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     return F.conv2d(y, k[:, None, :, None], groups=n * c).reshape(n, c, h, w)
 
 
+def upscale(arr: np.ndarray, size: int) -> Image.Image:
+    """uint8 ``[H, W, 3]`` or ``[H, W]`` -> a PIL image whose longer side is at least ``size``
+    (an integer factor, nearest neighbour: pixels stay pixels)."""
+    img = Image.fromarray(arr)
+    k = max(1, math.ceil(size / max(img.size)))
+    return img.resize((img.width * k, img.height * k), Image.NEAREST) if k > 1 else img
+
+
+def animated_gif(frames: list[np.ndarray], duration_ms: int) -> bytes:
+    """A looping GIF of uint8 frames ``[H, W]`` or ``[H, W, 3]``, played forward then back."""
+    import io
+
+    import imageio.v3 as iio
+
+    buf = io.BytesIO()
+    seq = frames + frames[-2:0:-1]
+    iio.imwrite(buf, np.stack(seq), extension=".gif", duration=duration_ms, loop=0)
+    return buf.getvalue()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``[N, C, H, W]`` in [-1, 1] → uint8 ``[N, H, W, C]``."""
     assert images.ndim == 4 and images.shape[1] in (1, 3), (
