@@ -39,12 +39,9 @@ from tqdm.auto import tqdm
 
 from cfexplain.evaluate import heatmaps as hm
 from cfexplain.evaluate.shortcut import heatmap_exposure, marker_reliance
-from cfexplain.explain.__main__ import build_methods
+from cfexplain.explain.__main__ import build_methods, open_run
 from cfexplain.explain.attribution import counterfactual_difference, get_method
-from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import Artifact
-from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
-from cfexplain.utils.seeding import seed_everything
+from cfexplain.utils.cli import ConfigError, command_run, run_command
 
 log = logging.getLogger("cfexplain")
 
@@ -177,22 +174,14 @@ def _sanity(cfg, model, methods, engine, params, x, target) -> dict[str, hm.Rand
 def evaluate(cfg: DictConfig) -> Path:
     """Evaluate the run that ``cfg`` names; return the path of the evaluation's ``index.html``."""
     from cfexplain.data import build_dataset
-    from cfexplain.nn.classifier import load_classifier
 
     if cfg.images:
         raise ConfigError(
             "images=: the evaluation needs ground truth, so it uses the run's own phantom split"
         )
-    run_dir = trained_run(cfg)
-    seed_everything(int(cfg.seed), False)
-    device = distributed.setup(str(cfg.device)).device
-    clf_art = Artifact.load(run_dir / "classifier")
-    train_cfg = OmegaConf.load(run_dir / "classifier" / "config.yaml")
-    classes = [str(c) for c in clf_art.info.get("classes") or []]
-    target = int(cfg.target)
-    if not 0 <= target < len(classes):
-        raise ConfigError(f"target={target}: the classifier's classes are {classes}")
-    model = load_classifier(run_dir / "classifier", device)
+    t = open_run(cfg)
+    run_dir, device, clf_art, train_cfg = t.dir, t.device, t.artifact, t.config
+    classes, target, model = t.classes, t.target, t.model
     ds = build_dataset(train_cfg.data, str(cfg.split))
     if hasattr(ds, "cache"):
         ds.cache = False

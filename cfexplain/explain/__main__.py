@@ -16,6 +16,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,21 +149,48 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def explain(cfg: DictConfig) -> Path:
-    """Render the gallery that ``cfg`` describes; return the path of its ``index.html``."""
+@dataclass
+class Trained:
+    """The trained run a command reads: its classifier, the config it trained with, the target."""
+
+    dir: Path
+    device: torch.device
+    artifact: Artifact  # the classifier stage's
+    config: DictConfig  # the classifier stage's training config
+    classes: list[str]
+    target: int
+    model: torch.nn.Module
+
+
+def open_run(cfg: DictConfig) -> Trained:
+    """Seed, pick the device, load ``run=``'s classifier and check ``target=`` against it."""
     from cfexplain.nn.classifier import load_classifier
 
     run_dir = trained_run(cfg)
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device
-    clf_art = Artifact.load(run_dir / "classifier")
-    train_cfg = OmegaConf.load(run_dir / "classifier" / "config.yaml")
-    classes = [str(c) for c in clf_art.info.get("classes") or []]
-    resolution, channels = int(train_cfg.data.resolution), int(train_cfg.data.channels)
+    art = Artifact.load(run_dir / "classifier")
+    classes = [str(c) for c in art.info.get("classes") or []]
     target = int(cfg.target)
     if not classes or not 0 <= target < len(classes):
         raise ConfigError(f"target={target}: the classifier's classes are {classes}")
-    model = load_classifier(run_dir / "classifier", device)
+    return Trained(
+        dir=run_dir,
+        device=device,
+        artifact=art,
+        config=OmegaConf.load(run_dir / "classifier" / "config.yaml"),
+        classes=classes,
+        target=target,
+        model=load_classifier(run_dir / "classifier", device),
+    )
+
+
+def explain(cfg: DictConfig) -> Path:
+    """Render the gallery that ``cfg`` describes; return the path of its ``index.html``."""
+    t = open_run(cfg)
+    run_dir, device, clf_art, train_cfg = t.dir, t.device, t.artifact, t.config
+    classes, target, model = t.classes, t.target, t.model
+    resolution, channels = int(train_cfg.data.resolution), int(train_cfg.data.channels)
 
     notes: list[str] = []
     methods, engine = build_methods(cfg, run_dir, model, notes)

@@ -452,7 +452,6 @@ def inspect(cfg: DictConfig) -> Path:
         summary["seconds"] = round(time.time() - start, 2)
         summary["wandb_dir"] = str(run.wandb_dir) if run.wandb_dir else None
         write_json(out / "summary.json", summary)
-        # W&B artifact names allow only [A-Za-z0-9_.-]; experiment folders may hold anything
         run.log_artifact(out, name=f"{run_dir.name}-inspect", type="inspect")
     except BaseException:
         run.finish(exit_code=1)
