@@ -54,10 +54,28 @@ def test_resnet_and_optimizer_instantiate():
 def test_presets_change_sizes():
     sizes = {
         p: compose_config("+dataset=knee", f"preset={p}").data.resolution
-        for p in ("smoke", "cpu_demo", "gpu_256")
+        for p in ("smoke", "cpu_demo", "cpu_32", "gpu_256")
     }
-    assert sizes == {"smoke": 32, "cpu_demo": 64, "gpu_256": 256}
+    assert sizes == {"smoke": 32, "cpu_demo": 64, "cpu_32": 32, "gpu_256": 256}
     assert compose_config("+dataset=knee").data.resolution == 64  # cpu_demo is the default
+
+
+def test_cpu_32_is_cpu_demo_at_32_px_in_its_own_runs_folder():
+    demo = compose_config("+dataset=knee")
+    small = compose_config("+dataset=knee", "preset=cpu_32")
+    assert small.experiment == "knee_32px" and demo.experiment == "knee"
+    assert small.generator.max_minutes <= 15
+    # Everything but the resolution and the generator's width and length comes from cpu_demo.
+    for key in ("encoder", "direction", "classifier", "normative"):
+        assert small[key] == demo[key], key
+    own = {"G", "D", "kimg", "max_minutes", "snapshot_kimg"}
+    assert {k: v for k, v in small.generator.items() if k not in own} == {
+        k: v for k, v in demo.generator.items() if k not in own
+    }
+    assert small.generator.G.channel_base == small.generator.D.channel_base == 1024
+    assert {k: v for k, v in small.data.items() if k != "resolution"} == {
+        k: v for k, v in demo.data.items() if k != "resolution"
+    }
 
 
 def test_experiment_defaults_to_dataset_and_overrides():
