@@ -263,9 +263,9 @@ def _class_max(ctx: _Context, summary: dict) -> Section:
         lr=float(cfg.lr),
         l2=float(cfg.l2),
         seed=int(ctx.cfg.seed),
-        jitter=int(cfg.get("jitter", 0)),
-        blur_every=int(cfg.get("blur_every", 0)),
-        blur_sigma=float(cfg.get("blur_sigma", 1.0)),
+        jitter=int(cfg.jitter),
+        blur_every=int(cfg.blur_every),
+        blur_sigma=float(cfg.blur_sigma),
     )
     results = {"input space": res}
     if _has(ctx.run_dir, "generator"):
@@ -314,8 +314,8 @@ def _class_max(ctx: _Context, summary: dict) -> Section:
     body = (
         f"<p>Images that maximise the logit of <b>{e(ctx.label(ctx.target))}</b> "
         "(Simonyan et al. 2014): gradient ascent on the input with an L2 penalty, clamped to "
-        f"[-1, 1], with jitter ({int(ctx.cfg.class_max.get('jitter', 0))} px) and a blur every "
-        f"{int(ctx.cfg.class_max.get('blur_every', 0))} steps as image priors (Yosinski et al. "
+        f"[-1, 1], with jitter ({int(cfg.jitter)} px) and a blur every "
+        f"{int(cfg.blur_every)} steps as image priors (Yosinski et al. "
         "2015; 0: off); beside it, the ascent in W rendered by G, which keeps the image one the "
         "generator can draw.</p>"
         + table(["variant", "start logit", "final logit", "steps"], rows)

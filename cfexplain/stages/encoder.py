@@ -140,7 +140,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             )
         d.barrier()
 
-    decision_weight = float(e.get("decision_weight", 0.0))
+    decision_weight = float(e.decision_weight)
     f = None
     if decision_weight > 0 and int(e.real_steps) > 0:
         f = load_classifier(run.inputs["classifier"].dir, d.device).eval()
