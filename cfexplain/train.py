@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,6 +28,7 @@ from cfexplain.utils.artifacts import (
     partial_dir,
     write_text,
 )
+from cfexplain.utils.cli import ConfigError, user_errors
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
@@ -36,10 +36,6 @@ log = logging.getLogger("cfexplain")
 
 # Keys that change speed, not results: they never force a stage to rerun.
 RUNTIME_KEYS = frozenset({"num_workers", "eval_batch_size"})
-
-
-class ConfigError(ValueError):
-    """The composed configuration cannot run; the message names the field."""
 
 
 def dataset_choices() -> list[str]:
@@ -185,14 +181,8 @@ def summary(art: Artifact, seconds: float) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from cfexplain.data.readers import DataError
-
-    try:
+    with user_errors("train"):
         run_chain(cfg)
-    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as e:
-        # Errors about the user's input: one clear line, no traceback.
-        print(f"cfexplain.train: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def train_oracle(
     (``metrics["factors_blurred"]``), a check of robustness to soft images.
     """
     from cfexplain.utils.distributed import resolve_device
-    from cfexplain.utils.seeding import generator
+    from cfexplain.utils.seeding import Stream, generator
 
     device = resolve_device(str(device))
     factors = list(factors)
@@ -291,7 +291,7 @@ def train_oracle(
 
     bar = tqdm(range(steps), desc="oracle: train", unit="step", disable=not progress)
     for step in bar:
-        g = generator(seed, 71, step)
+        g = generator(seed, Stream.ORACLE_STEP, step)
         idx = torch.randint(0, n_train, (batch_size,), generator=g).to(device)
         x, y = x_tr[idx], y_tr[idx]
         if augment_blur > 0:

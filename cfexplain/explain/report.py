@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cfexplain.utils.artifacts import _atomic, write_text
+from cfexplain.utils.artifacts import atomic_write, write_text
 from cfexplain.utils.markup import esc
 
 log = logging.getLogger("cfexplain")
@@ -320,14 +320,14 @@ def write_pdf(html_path: Path, content: _Content, mode: str = "auto") -> Path | 
         )
     if mode in ("auto", "chromium") and chromium is not None:
         try:
-            return _atomic(out, lambda tmp: _chromium_pdf(chromium, html_path, Path(tmp)))
+            return atomic_write(out, lambda tmp: _chromium_pdf(chromium, html_path, Path(tmp)))
         except (OSError, subprocess.SubprocessError, RuntimeError) as e:
             if mode == "chromium":
                 raise
             log.warning(
                 f"[report] chromium could not print {html_path} ({e}); drawing the PDF with matplotlib"
             )
-    return _atomic(out, lambda tmp: _matplotlib_pdf(content, Path(tmp)))
+    return atomic_write(out, lambda tmp: _matplotlib_pdf(content, Path(tmp)))
 
 
 def _chromium_pdf(chromium: str, html_path: Path, out: Path) -> None:

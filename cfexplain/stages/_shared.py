@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from cfexplain.data import collate
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, torch_load, torch_save
-from cfexplain.utils.seeding import generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import Stream, generator, rng_state, set_rng_state
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -31,7 +31,9 @@ def sample_images(ds: Dataset, n: int, seed: int, key: int) -> torch.Tensor:
 
 def real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:
     """Reals ``[n, C, H, W]`` for this rank and step, drawn with replacement: the same after a resume."""
-    idx = torch.randint(len(ds), (n,), generator=generator(seed, 3, step, d.rank)).tolist()
+    idx = torch.randint(
+        len(ds), (n,), generator=generator(seed, Stream.REAL_BATCH, step, d.rank)
+    ).tolist()
     return collate([ds[i] for i in idx])[0]
 
 

@@ -28,7 +28,7 @@ from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_e
 from cfexplain.stages._shared import resume_state, save_state, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
-from cfexplain.utils.seeding import generator
+from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -76,7 +76,7 @@ def epoch_batches(
 
     ``batch`` is the global batch; each rank takes its ``batch // world`` share of every batch.
     """
-    perm = torch.randperm(n, generator=generator(seed, 1, epoch)).tolist()
+    perm = torch.randperm(n, generator=generator(seed, Stream.EPOCH_ORDER, epoch)).tolist()
     per_rank = batch // world
     steps = n // batch
     return [
@@ -147,7 +147,12 @@ def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed
         for x, y, _ in loader:
             x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
             if c.hflip:
-                flip = torch.rand(len(x), generator=generator(seed, 2, s["step"], d.rank)) < 0.5
+                flip = (
+                    torch.rand(
+                        len(x), generator=generator(seed, Stream.CLASSIFIER_FLIP, s["step"], d.rank)
+                    )
+                    < 0.5
+                )
                 x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
             with distributed.autocast(d.device, bool(c.amp)):
                 loss = F.cross_entropy(ddp(x), y, label_smoothing=float(c.label_smoothing))

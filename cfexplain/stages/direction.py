@@ -35,8 +35,8 @@ from cfexplain.nn.encoder import load_encoder, load_generator
 from cfexplain.nn.perceptual import build_perceptual
 from cfexplain.stages._shared import sample_images, write_artifact
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, _atomic, torch_load, torch_save
-from cfexplain.utils.seeding import generator
+from cfexplain.utils.artifacts import STATE_FILE, Artifact, atomic_write, torch_load, torch_save
+from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -143,7 +143,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         info |= more
         E = load_encoder(run.inputs["encoder"].dir, d.device)
         metrics |= _evaluate_real(cfg, run, G, E, f, tensors, d.device)
-        _atomic(run.dir / DIRECTIONS_FILE, lambda tmp: save_file(tensors, tmp))
+        atomic_write(run.dir / DIRECTIONS_FILE, lambda tmp: save_file(tensors, tmp))
         run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         run.summary(metrics)
         log.info(
@@ -188,7 +188,9 @@ def _sample_scores(
         if j < len(todo):
             i = todo[j]
             size = min(bs, n - i * bs)
-            z = torch.randn(size, G.z_dim, generator=generator(seed, 50, i)).to(d.device)
+            z = torch.randn(
+                size, G.z_dim, generator=generator(seed, Stream.DIRECTION_SAMPLES, i)
+            ).to(d.device)
             with torch.no_grad():
                 wi = G.mapping(z)
                 prob = torch.softmax(f(G.synthesis(wi, noise_mode="const")), dim=1)
@@ -277,7 +279,9 @@ def _evaluate_real(
     """Latent-predictor AUC on real test images through E (vs f(x)), and counterfactual metrics."""
     c, seed = cfg.direction, int(cfg.seed)
     test_ds = build_dataset(cfg.data, "test")
-    x = sample_images(test_ds, min(int(c.eval_images), len(test_ds)), seed, 51).to(device)
+    x = sample_images(
+        test_ds, min(int(c.eval_images), len(test_ds)), seed, Stream.DIRECTION_EVAL_REAL
+    ).to(device)
     with torch.no_grad():
         w = torch.cat([E(b) for b in x.split(64)]).mean(1).cpu().numpy()  # wplus: the layers' mean
         p = torch.cat([torch.softmax(f(b), 1) for b in x.split(64)]).cpu().numpy()

@@ -33,7 +33,7 @@ from cfexplain.stages.classifier import lr_at
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
-from cfexplain.utils.seeding import generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import Stream, generator, rng_state, set_rng_state
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -258,7 +258,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
 @torch.no_grad()
 def _w_std(G: torch.nn.Module, n: int, seed: int, device: torch.device) -> torch.Tensor:
     """Per-dimension spread ``[w_dim]`` of w = G.mapping(z) over ``n`` seeded latents."""
-    z = torch.randn(n, G.z_dim, generator=generator(seed, 40)).to(device)
+    z = torch.randn(n, G.z_dim, generator=generator(seed, Stream.ENCODER_W_STD)).to(device)
     return G.mapping(z)[:, 0].std(dim=0)
 
 
@@ -282,13 +282,13 @@ class _Pool:
     """``size`` synthetic pairs rendered once from seeded latents (the same after a resume)."""
 
     def __init__(self, G: torch.nn.Module, size: int, seed: int, device: torch.device) -> None:
-        z = torch.randn(size, G.z_dim, generator=generator(seed, 41)).to(device)
+        z = torch.randn(size, G.z_dim, generator=generator(seed, Stream.ENCODER_POOL)).to(device)
         self.w, self.x = render(G, z, desc=f"encoder: render a pool of {size} pairs")
 
     def sample(self, n: int, seed: int, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(len(self.w), (n,), generator=generator(seed, 42, step, rank)).to(
-            self.w.device
-        )
+        idx = torch.randint(
+            len(self.w), (n,), generator=generator(seed, Stream.ENCODER_POOL_DRAW, step, rank)
+        ).to(self.w.device)
         return self.w[idx], self.x[idx]
 
 
@@ -296,7 +296,9 @@ def _pairs(G, pool: _Pool | None, n: int, seed: int, step: int, d: distributed.D
     """This rank's synthetic pairs ``(w [n, num_ws, w_dim], x [n, C, H, W])`` for ``step``."""
     if pool is not None:
         return pool.sample(n, seed, step, d.rank)
-    z = torch.randn(n, G.z_dim, generator=generator(seed, 43, step, d.rank)).to(d.device)
+    z = torch.randn(n, G.z_dim, generator=generator(seed, Stream.ENCODER_PAIRS, step, d.rank)).to(
+        d.device
+    )
     return render(G, z)
 
 
@@ -341,7 +343,9 @@ def _evaluate(
 ) -> dict[str, Any]:
     e, seed = cfg.encoder, int(cfg.seed)
     test_ds: Dataset = build_dataset(cfg.data, "test")
-    x = sample_images(test_ds, min(int(e.eval_images), len(test_ds)), seed, 44).to(device)
+    x = sample_images(
+        test_ds, min(int(e.eval_images), len(test_ds)), seed, Stream.ENCODER_EVAL_REAL
+    ).to(device)
     classifier = (
         load_classifier(run.inputs["classifier"].dir, device)
         if "classifier" in run.inputs
@@ -353,7 +357,9 @@ def _evaluate(
         for k, v in reconstruction_metrics(x, rec, perceptual, classifier).items()
     }
     # Held-out synthetic pairs: how well E inverts G where the true w is known.
-    z = torch.randn(int(e.eval_images), G.z_dim, generator=generator(seed, 45)).to(device)
+    z = torch.randn(
+        int(e.eval_images), G.z_dim, generator=generator(seed, Stream.ENCODER_EVAL_W)
+    ).to(device)
     w_true, x_syn = render(G, z)
     with torch.no_grad():
         w_pred = torch.cat([E(b) for b in x_syn.split(int(e.eval_batch_size))])

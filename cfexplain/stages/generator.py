@@ -31,7 +31,7 @@ from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.quality import FeatureStats, inception_fd
-from cfexplain.utils.seeding import derived_seed, generator
+from cfexplain.utils.seeding import METRIC_SEED, Stream, derived_seed, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -117,7 +117,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             )
         d.barrier()
 
-    grid_z = torch.randn(int(g.grid_size), G.z_dim, generator=generator(seed, 9)).to(d.device)
+    grid_z = torch.randn(
+        int(g.grid_size), G.z_dim, generator=generator(seed, Stream.GENERATOR_GRID)
+    ).to(d.device)
     per_rank = batch // d.world
     snapshot_nimg = int(float(g.snapshot_kimg) * 1000)
     bar = tqdm(
@@ -134,7 +136,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         # Latents, noise and augmentations of a step come from (seed, step, rank): each rank
         # draws its own, a resumed run draws what the uninterrupted one did, and state.pt needs
         # no RNG state.
-        torch.manual_seed(derived_seed(seed, 4, step, d.rank))
+        torch.manual_seed(derived_seed(seed, Stream.GENERATOR_STEP, step, d.rank))
         real = real_batch(train_ds, per_rank, seed, step, d).to(d.device)
         z = torch.randn(per_rank, G.z_dim, device=d.device)
 
@@ -340,16 +342,18 @@ class _Quality:
         n = int(g.metrics.num_images)
         test_ds = build_dataset(cfg.data, "test")
         train_ds = build_dataset(cfg.data, "train")
-        self.real_test = sample_images(test_ds, n, int(cfg.seed), 5)
+        self.real_test = sample_images(test_ds, n, int(cfg.seed), Stream.GENERATOR_REAL_TEST)
         self.classifier = None
         self.info: dict[str, Any] = {}
         if "classifier" in run.inputs:
             self.classifier = load_classifier(run.inputs["classifier"].dir, device)
             self.stats = FeatureStats(self.classifier, device)
             self.info["feature_source"] = self.stats.feature_source
-            real_train = sample_images(train_ds, n, int(cfg.seed), 6)
+            real_train = sample_images(train_ds, n, int(cfg.seed), Stream.GENERATOR_REAL_TRAIN)
             # Snapshots are chosen on the validation split and reported on the test split.
-            real_val = sample_images(build_dataset(cfg.data, "val"), n, int(cfg.seed), 8)
+            real_val = sample_images(
+                build_dataset(cfg.data, "val"), n, int(cfg.seed), Stream.GENERATOR_REAL_VAL
+            )
             self.real_val_feats = self.stats.features(real_val)
             self.real_test_feats = self.stats.features(self.real_test)
             base = self.stats.compare(self.stats.features(real_train), self.real_test_feats)
@@ -416,5 +420,7 @@ def _generate(
     G: torch.nn.Module, n: int, device: torch.device, psi: float = 1.0, batch: int = 64
 ) -> torch.Tensor:
     """``n`` images ``[n, C, H, W]`` from fixed latents (seeded apart from training)."""
-    z = torch.randn(n, G.z_dim, generator=generator(12345, 7)).to(device)
+    z = torch.randn(n, G.z_dim, generator=generator(METRIC_SEED, Stream.GENERATOR_SAMPLES)).to(
+        device
+    )
     return torch.cat([G(zb, psi=psi, noise_mode="const").cpu() for zb in z.split(batch)])

@@ -31,7 +31,7 @@ from cfexplain.stages.classifier import epoch_batches, lr_at
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
 from cfexplain.utils.images import save_grid
-from cfexplain.utils.seeding import generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import Stream, generator, rng_state, set_rng_state
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -256,7 +256,8 @@ def _train(
                 for g in o.param_groups:
                     g["lr"] = base_lr[k] * lr_at(step, **schedule)
             noise = torch.randn(
-                (len(x), *model.latent_shape), generator=generator(seed, 40 + key, step, d.rank)
+                (len(x), *model.latent_shape),
+                generator=generator(seed, Stream.NORMATIVE_LATENT + key, step, d.rank),
             ).to(d.device)
             if name == "vae":
                 losses = _vae_step(model, opts, x, noise, n, perceptual, d)

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ class ArtifactError(RuntimeError):
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place: a
+    crash leaves the old file (or none), never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,12 +59,12 @@ def _atomic(path: Path, write) -> Path:
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (an encoded PNG, GIF, ...)."""
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -74,12 +76,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` atomically; load it back with :func:`torch_load`."""
-    return _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    return atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
 def torch_load(path: str | Path) -> Any:
     """Load a state file written by :func:`torch_save`: tensors and plain containers only."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_state(path: str | Path) -> Any | None:
+    """A resumable ``state.pt`` written by :func:`torch_save`, or None when there is none."""
+    path = Path(path)
+    return torch_load(path) if path.is_file() else None
 
 
 def _json_default(obj: Any) -> Any:
@@ -122,7 +130,7 @@ def save_model(
     """
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"target": target, "kwargs": json.dumps(dict(kwargs), default=_json_default)}
-    return _atomic(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
+    return atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def read_model_meta(path: str | Path) -> tuple[str, dict[str, Any]]:

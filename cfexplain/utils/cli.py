@@ -4,30 +4,38 @@ type for a config that cannot run, and one way to report the user's mistakes."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 
 class ConfigError(ValueError):
-    """A command's config cannot run; the message names the field."""
+    """A config (training or command) cannot run; the message names the field."""
+
+
+@contextmanager
+def user_errors(command: str) -> Iterator[None]:
+    """The one error boundary of every entry point. Errors about the user's input (config,
+    files, artifacts) print one line ``cfexplain.<command>: <message>`` without a traceback
+    and exit 2; anything else is a bug and keeps its traceback."""
+    from cfexplain.data.readers import DataError
+    from cfexplain.utils.artifacts import ArtifactError
+
+    try:
+        yield
+    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as e:
+        print(f"cfexplain.{command}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_command(
     command: str, fn: Callable[[DictConfig], Path], cfg: DictConfig, label: str
 ) -> None:
-    """``fn(cfg)``, then ``label: <path it returned>``. Errors about the user's input (config,
-    files, artifacts) print one line without a traceback and exit 2; anything else is a bug
-    and keeps its traceback."""
-    from cfexplain.data.readers import DataError
-    from cfexplain.utils.artifacts import ArtifactError
-
-    try:
+    """``fn(cfg)`` inside :func:`user_errors`, then ``label: <path it returned>``."""
+    with user_errors(command):
         path = fn(cfg)
-    except (ConfigError, DataError, ArtifactError, FileNotFoundError) as e:
-        print(f"cfexplain.{command}: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"{label}: {path}")
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cfexplain.utils.artifacts import _atomic
+from cfexplain.utils.artifacts import atomic_write
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
@@ -82,4 +82,4 @@ def save_grid(
     img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    return _atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    return atomic_write(Path(path), lambda tmp: img.save(tmp, format="PNG"))

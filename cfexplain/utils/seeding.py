@@ -8,6 +8,39 @@ import numpy as np
 import torch
 
 
+class Stream:
+    """Names of the random streams: ``generator(seed, Stream.X, step, ...)`` draws from stream X.
+
+    The values are frozen: changing one changes every trained result (``tests/test_golden.py``).
+    Streams of different stages may share a value (the encoder's 40-42 and the normative
+    models' 41-42); they are separate draws made in separate stages.
+    """
+
+    EPOCH_ORDER = 1  # the shuffle of each epoch (classifier; normative and segmentation add a key)
+    CLASSIFIER_FLIP = 2  # horizontal flips of the classifier's augmentation
+    REAL_BATCH = 3  # reals drawn with replacement (generator, encoder)
+    GENERATOR_STEP = 4  # the global torch seed of each generator iteration
+    GENERATOR_REAL_TEST = 5  # real test images of the generator's quality metrics
+    GENERATOR_REAL_TRAIN = 6  # real train images of the same
+    GENERATOR_SAMPLES = 7  # latents of the generated images of the same (with METRIC_SEED)
+    GENERATOR_REAL_VAL = 8  # real validation images of the same
+    GENERATOR_GRID = 9  # the latents of the snapshot grid
+    ENCODER_W_STD = 40  # latents that measure W's spread for the encoder's prior
+    NORMATIVE_LATENT = 40  # + the model's key (1 VAE, 2 AAE): prior and noise draws
+    ENCODER_POOL = 41  # the pool of (w, G(w)) pairs
+    ENCODER_POOL_DRAW = 42  # which pairs of the pool a step takes
+    ENCODER_PAIRS = 43  # fresh (w, G(w)) pairs of a step
+    ENCODER_EVAL_REAL = 44  # real test images of the encoder's evaluation
+    ENCODER_EVAL_W = 45  # latents of the encoder's evaluation on generated images
+    DIRECTION_SAMPLES = 50  # the (w, f(G(w))) samples the direction is fitted on
+    DIRECTION_EVAL_REAL = 51  # real test images of the direction's evaluation
+    ORACLE_STEP = 71  # augmentation draws of each oracle training step
+
+
+# The seed of the generated images every generator's metrics share, whatever the run's seed.
+METRIC_SEED = 12345
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed python, numpy and torch; ask torch for deterministic kernels where it has them."""
     random.seed(seed)

@@ -8,6 +8,7 @@ scalars also go to ``log.jsonl`` in the stage folder, so a run is readable witho
 from __future__ import annotations
 
 import json
+import math
 import netrc
 import os
 import warnings
@@ -120,6 +121,17 @@ class Run:
         if self._wandb_run is not None:
             self._wandb_run.log(row, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Drop the ``log.jsonl`` rows logged after ``step``: a run resumed from a checkpoint
+        at ``step`` logs them again."""
+        if not self.is_main or not (self.dir / "log.jsonl").is_file():
+            return
+        from cfexplain.utils.artifacts import write_text
+
+        lines = (self.dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and _row_step(ln) <= step]
+        write_text(self.dir / "log.jsonl", "".join(f"{ln}\n" for ln in kept))
+
     def log_images(
         self,
         key: str,
@@ -184,3 +196,12 @@ class Run:
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=exit_code)
             self._wandb_run = None
+
+
+def _row_step(line: str) -> float:
+    """The step of a ``log.jsonl`` row; a row without one (or unreadable) sorts first."""
+    try:
+        step = json.loads(line).get("step")
+    except json.JSONDecodeError:
+        return -math.inf
+    return -math.inf if step is None else float(step)

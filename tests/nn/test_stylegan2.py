@@ -25,7 +25,7 @@ from cfexplain.nn.stylegan2 import (
     upsample2d,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared/fixtures/stylegan2_ada_param_names"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stylegan2_ada_param_names"
 SMALL = dict(channel_base=256, channel_max=32)  # 16 channels at 16 px, 8 at 32 px
 
 
@@ -81,7 +81,7 @@ def test_bad_inputs_name_the_shape():
 
 def _fixture_cases():
     files = sorted(FIXTURES.glob("*.tsv"))
-    assert len(files) == 12, f"expected 12 fixture lists in {FIXTURES} (shared/ beside the repo)"
+    assert len(files) == 12, f"expected 12 fixture lists in {FIXTURES} (tests/fixtures/)"
     return files
 
 

@@ -36,7 +36,7 @@ from cfexplain.tools.import_stylegan2 import (
 from cfexplain.utils.artifacts import load_model, read_model_meta
 from tests.conftest import run_cli
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PARAM_NAMES = FIXTURES / "stylegan2_ada_param_names"
 G_FIXTURE = PARAM_NAMES / "G_res64_ch1_cbase4096_cmax128_map2_zw256.tsv"
 D_FIXTURE = PARAM_NAMES / "D_res64_ch1_cbase4096_cmax128_map2_zw256.tsv"
@@ -47,7 +47,7 @@ HOSTILE_SRC = "import os\nos.system('touch {pwned}')\n"
 def needs_fixtures(test):
     """The published-name fixtures are the contract: a checkout without them fails, never skips."""
     assert G_FIXTURE.is_file() and D_FIXTURE.is_file(), (
-        f"fixtures missing: {PARAM_NAMES} (shared/ must sit beside the repo)"
+        f"fixtures missing: {PARAM_NAMES} (tests/fixtures/ ships with the repository)"
     )
     return test
 
