@@ -157,3 +157,33 @@ def _shift_tolerant_lpips() -> tuple[nn.Module, Path]:
     if missing or unexpected:
         raise RuntimeError(f"{path}: missing {missing[:5]}, unexpected {list(unexpected)[:5]}")
     return net, path
+
+
+class FixedFeatures(nn.Module):
+    """A feature network that is the same in every installation: the backbone of the
+    shift-tolerant LPIPS AlexNet, whose trained weights ship inside the ``stlpips_pytorch``
+    wheel. ``forward(x [N, 1|3, H, W] in [-1, 1]) -> [N, 1152]``: the spatial mean of each of
+    its five stages (64 + 192 + 384 + 256 + 256 channels), images resized to ``size`` first.
+
+    It is a yardstick for generated images that does not move with the run's classifier.
+    """
+
+    def __init__(self, size: int = 128) -> None:
+        super().__init__()
+        net, self.weights = _shift_tolerant_lpips()
+        self.scaling, self.trunk = net.scaling_layer, net.net
+        self.size = int(size)
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FixedFeatures:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.ndim == 4 and x.shape[1] in (1, 3), (
+            f"expected images [N, 1|3, H, W], got {tuple(x.shape)}"
+        )
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = F.interpolate(x.float(), size=(self.size, self.size), mode="bilinear", antialias=True)
+        stages = self.trunk(self.scaling(x))
+        return torch.cat([s.mean(dim=(2, 3)) for s in stages], dim=1)

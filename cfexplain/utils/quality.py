@@ -113,3 +113,78 @@ def inception_fd(
             x = (x.to(device) + 1) / 2
             fid.update(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x, real=is_real)
     return float(fid.compute())
+
+
+# ----------------------------------------------------------------------------- fixed yardsticks
+# The classifier-feature FD above moves with every trained classifier. These take any fixed
+# feature set (e.g. nn.perceptual.FixedFeatures, whose weights ship inside a wheel) and plain
+# factor readings, so two runs' numbers can be compared.
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``[N, F]`` and ``[M, F]``:
+    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``."""
+    import numpy as np
+    from scipy import linalg
+
+    a, b = real.double().cpu().numpy(), fake.double().cpu().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(root).all():
+        # A singular product: regularise both sides a little, as the published FID code does.
+        eps = np.eye(len(cov_a)) * 1e-6
+        root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    trace = np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real)
+    return float(((mu_a - mu_b) ** 2).sum() + trace)
+
+
+def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N]`` distance of each row of ``x`` to its k-th nearest other row."""
+    d = torch.cdist(x, x)
+    return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the row itself (0)
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """``[M]`` whether each point lies in at least one ball (centre, radius)."""
+    return (torch.cdist(points, centres) <= radii[None]).any(dim=1)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of features ``[N, F]``, ``[M, F]``.
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest
+    neighbour. Precision: share of fakes inside the real manifold (realism); recall: share of
+    reals inside the fake manifold (coverage of the real variety).
+    """
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} images per set")
+    real, fake = real.double(), fake.double()
+    precision = _covered(fake, real, _kth_radius(real, k)).double().mean()
+    recall = _covered(real, fake, _kth_radius(fake, k)).double().mean()
+    return {"precision": float(precision), "recall": float(recall)}
+
+
+def factor_coverage(
+    real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor], rates: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """How well generated images cover the real factors (readings ``[N]`` per factor name).
+
+    Per factor: the 1-D Wasserstein distance between the real and generated readings, in units
+    of the real readings' std (``w1/<factor>``). Factors named in ``rates`` are 0/1 readings
+    (marker present, left knee): their shares are reported for both sets
+    (``rate/<factor>/real`` and ``rate/<factor>/generated``) instead.
+    """
+    from scipy.stats import wasserstein_distance
+
+    out: dict[str, float] = {}
+    for name in sorted(real):
+        r, f = real[name].double().cpu().numpy(), fake[name].double().cpu().numpy()
+        if name in rates:
+            out[f"rate/{name}/real"] = float((r > 0.5).mean())
+            out[f"rate/{name}/generated"] = float((f > 0.5).mean())
+            continue
+        std = float(r.std())
+        w1 = wasserstein_distance(r, f)
+        out[f"w1/{name}"] = float(w1 / std) if std > 0 else float("inf") if w1 > 0 else 0.0
+    return out
