@@ -35,6 +35,7 @@ class Stream:
     DIRECTION_SAMPLES = 50  # the (w, f(G(w))) samples the direction is fitted on
     DIRECTION_EVAL_REAL = 51  # real test images of the direction's evaluation
     ORACLE_STEP = 71  # augmentation draws of each oracle training step
+    GUARD_FEATURES = 80  # training images whose classifier features the guard's Gaussian fits
 
 
 # The seed of the generated images every generator's metrics share, whatever the run's seed.

@@ -1,0 +1,217 @@
+"""The out-of-distribution and fidelity guard: never explain with confidence what the models
+cannot see.
+
+Every explained image gets four signals, each compared with a threshold calibrated on the run's
+own validation split when the run was trained (the ``guard`` stage), so nothing is recomputed
+at explain time:
+
+- ``recon_error``: LPIPS(x, G(E(x))): how badly the generator can draw the image;
+- ``feature_distance``: Mahalanobis distance of the classifier's penultimate features to the
+  training images' (Ledoit-Wolf covariance): how unlike the training data f finds it;
+- ``normative_score``: the normative autoencoder's anomaly score, when the run has one;
+- ``recon_prob_gap``: the largest change of a class probability between f(x) and
+  f(G(E(x))): whether f reads the reconstruction, which the counterfactual frames start from, as it reads the input.
+
+The first three say *unlike the training data*; the last says *reconstruction read
+differently* (the counterfactual would explain another image). A threshold is the validation
+quantile ``quantile`` of the signal plus ``margin`` times its validation interquartile range.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+IN_DISTRIBUTION = "in distribution"
+UNLIKE_TRAINING = "unlike the training data"
+READ_DIFFERENTLY = "reconstruction read differently"
+STATUSES = (IN_DISTRIBUTION, UNLIKE_TRAINING, READ_DIFFERENTLY)
+
+DISTRIBUTION_SIGNALS = ("recon_error", "feature_distance", "normative_score")
+FIDELITY_SIGNALS = ("recon_prob_gap",)
+SIGNALS = DISTRIBUTION_SIGNALS + FIDELITY_SIGNALS
+GUARD_FILE = "guard.safetensors"
+MODES = ("off", "warn", "skip")
+
+# What each signal means, in the words a page shows.
+DESCRIPTIONS = {
+    "recon_error": "the generator cannot draw it (reconstruction error)",
+    "feature_distance": "the classifier's features are far from the training images'",
+    "normative_score": "the normative model finds it anomalous",
+    "recon_prob_gap": "the classifier reads the reconstruction differently from the input",
+}
+
+
+@dataclass
+class Verdict:
+    """The guard's word on one image."""
+
+    status: str
+    values: dict[str, float]
+    reasons: list[str] = field(default_factory=list)  # "recon_error 0.31 > 0.070", ...
+
+    @property
+    def flagged(self) -> bool:
+        return self.status != IN_DISTRIBUTION
+
+    def describe(self) -> str:
+        """One line for a page or a log."""
+        if not self.flagged:
+            return IN_DISTRIBUTION
+        return f"{self.status}: {'; '.join(self.reasons)}"
+
+
+@dataclass
+class Calibration:
+    """Thresholds per signal and the statistics they came from (validation split)."""
+
+    thresholds: dict[str, float]
+    feature_mean: Tensor  # [F]
+    feature_precision: Tensor  # [F, F] inverse of the shrunk training covariance
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    quantile: float = 0.995
+    margin: float = 1.0
+
+    def save(self, path: str | Path) -> Path:
+        from cfexplain.utils.artifacts import atomic_write
+
+        meta = {
+            "thresholds": json.dumps(self.thresholds),
+            "stats": json.dumps(self.stats),
+            "quantile": str(self.quantile),
+            "margin": str(self.margin),
+        }
+        tensors = {"feature_mean": self.feature_mean, "feature_precision": self.feature_precision}
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous().float() for k, v in tensors.items()}, metadata=meta)
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(
+            thresholds={k: float(v) for k, v in json.loads(meta["thresholds"]).items()},
+            feature_mean=tensors["feature_mean"],
+            feature_precision=tensors["feature_precision"],
+            stats=json.loads(meta["stats"]),
+            quantile=float(meta["quantile"]),
+            margin=float(meta["margin"]),
+        )
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def feature_model(features: Tensor, shrinkage: float | None = None) -> tuple[Tensor, Tensor]:
+    """``(mean [F], precision [F, F])`` of training features ``[N, F]`` (Ledoit-Wolf shrinkage
+    unless ``shrinkage`` is given): the Gaussian the Mahalanobis distance is measured against."""
+    from sklearn.covariance import LedoitWolf, ShrunkCovariance
+
+    x = features.double().cpu().numpy()
+    est = LedoitWolf() if shrinkage is None else ShrunkCovariance(shrinkage=shrinkage)
+    est.fit(x)
+    return (
+        torch.as_tensor(est.location_, dtype=torch.float64),
+        torch.as_tensor(est.get_precision(), dtype=torch.float64),
+    )
+
+
+def mahalanobis(features: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    """``[N]`` Mahalanobis distances of features ``[N, F]``."""
+    d = features.double().cpu() - mean.double()
+    return ((d @ precision.double()) * d).sum(1).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def reconstruct(
+    G: Any, E: Any, x: Tensor, perceptual: Any = None, batch: int = 64
+) -> tuple[Tensor, Tensor]:
+    """``(G(E(x)) [N, C, H, W], error [N])`` of images ``x [N, C, H, W]``: LPIPS with
+    ``perceptual``, else the mean absolute difference (as the counterfactual engine measures)."""
+    recs, errs = [], []
+    for b in x.split(batch):
+        rec = G.synthesis(E(b), noise_mode="const")
+        err = perceptual(b, rec) if perceptual is not None else (b - rec).abs().flatten(1).mean(1)
+        recs.append(rec)
+        errs.append(err.float().cpu())
+    return torch.cat(recs), torch.cat(errs)
+
+
+@torch.no_grad()
+def prob_gap(classifier: Any, x: Tensor, rec: Tensor, batch: int = 64) -> Tensor:
+    """``[N]`` largest change of any class probability between images ``x`` and their
+    reconstructions ``rec`` (both ``[N, C, H, W]``); for two classes, |f(x) - f(rec)|."""
+    gaps = []
+    for a, b in zip(x.split(batch), rec.split(batch)):
+        pa = torch.softmax(classifier(a).float(), 1)
+        pb = torch.softmax(classifier(b).float(), 1)
+        gaps.append((pa - pb).abs().amax(1).cpu())
+    return torch.cat(gaps)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def threshold(values: Tensor, quantile: float, margin: float) -> float:
+    """The validation quantile of a signal plus ``margin`` interquartile ranges."""
+    v = values.double()
+    q = torch.quantile(v, torch.tensor([0.25, 0.75, quantile], dtype=torch.float64))
+    return float(q[2] + margin * (q[1] - q[0]))
+
+
+def calibrate(
+    val_signals: Mapping[str, Tensor],
+    feature_mean: Tensor,
+    feature_precision: Tensor,
+    quantile: float = 0.995,
+    margin: float = 1.0,
+) -> Calibration:
+    """Thresholds from the validation split's signals (``[N]`` each; absent signals skipped)."""
+    thresholds, stats = {}, {}
+    for name in SIGNALS:
+        if name not in val_signals:
+            continue
+        v = val_signals[name].double()
+        thresholds[name] = threshold(v, quantile, margin)
+        stats[name] = {
+            "mean": float(v.mean()),
+            "q50": float(v.quantile(0.5)),
+            "q99": float(v.quantile(0.99)),
+            "max": float(v.max()),
+            "threshold": thresholds[name],
+        }
+    return Calibration(thresholds, feature_mean, feature_precision, stats, quantile, margin)
+
+
+def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verdict]:
+    """One :class:`Verdict` per image from its signals (``[N]`` each). Being unlike the training
+    data outranks a reconstruction read differently: both are listed in the reasons."""
+    names = [n for n in SIGNALS if n in signals and n in calibration.thresholds]
+    n = len(signals[names[0]]) if names else 0
+    verdicts = []
+    for i in range(n):
+        values = {k: float(signals[k][i]) for k in names}
+        over = [k for k in names if not values[k] <= calibration.thresholds[k]]  # NaN is over
+        reasons = [
+            f"{k} {values[k]:.3g} > {calibration.thresholds[k]:.3g} ({DESCRIPTIONS[k]})"
+            for k in over
+        ]
+        if any(k in DISTRIBUTION_SIGNALS for k in over):
+            status = UNLIKE_TRAINING
+        elif over:
+            status = READ_DIFFERENTLY
+        else:
+            status = IN_DISTRIBUTION
+        verdicts.append(Verdict(status, values, reasons))
+    return verdicts
