@@ -133,20 +133,6 @@ def test_save_tensors_is_deterministic_loadable_and_readable(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
 
 
-def test_weights_have_the_mode_of_any_other_file(tmp_path):
-    old = os.umask(0o022)
-    try:
-        m = ResNetClassifier(in_channels=1, num_classes=2, width=4, blocks=[1])
-        path = save_model(tmp_path / "m.safetensors", m, "x.Y", {})
-        (tmp_path / "plain.txt").write_text("x")
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(
-        (tmp_path / "plain.txt").stat().st_mode
-    )
-
-
 def test_a_writer_that_replaces_our_temp_file_still_gets_the_normal_mode(tmp_path):
     def own_temp(tmp: str) -> None:  # what safetensors.save_file does: its own 0600 file
         mine = Path(tmp).with_name(".tmpabc")
