@@ -133,9 +133,9 @@ def _prepare_partial(stage: str, partial: Path, fp: str) -> None:
         else:
             for p in clean_temp_files(partial):
                 log.info(f"[{stage}] deleted {p.name}, left by an interrupted write")
-            load_state(
-                partial / STATE_FILE
-            )  # an unreadable one is moved aside here, with a warning
+            # Read once here so that an unreadable state.pt is moved aside, with a warning,
+            # before the stage's loop would stop on it.
+            load_state(partial / STATE_FILE)
     partial.mkdir(parents=True, exist_ok=True)
     write_text(stamp, fp)
 

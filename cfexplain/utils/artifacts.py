@@ -362,7 +362,7 @@ def partial_dir(exp_dir: Path, stage: str) -> Path:
     return exp_dir / f".{stage}.partial"
 
 
-def old_dir(final: Path) -> Path:
+def _old_dir(final: Path) -> Path:
     """Where :func:`commit_stage` and :func:`staged_dir` keep the folder they replace."""
     return final.with_name(f".{final.name}.old")
 
@@ -383,7 +383,7 @@ def commit_stage(partial: Path, final: Path) -> None:
 
 
 def _swap_in(new: Path, final: Path) -> None:
-    old = old_dir(final)
+    old = _old_dir(final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -400,7 +400,7 @@ def recover_commit(final: Path, partial: Path) -> str | None:
     loads and its files verify) is moved in, otherwise the old folder goes back. A leftover
     ``.old`` beside a ``final`` is deleted. Returns a line saying what was done, or None.
     """
-    old = old_dir(final)
+    old = _old_dir(final)
     if not old.exists():
         return None
     if final.exists():
@@ -429,7 +429,7 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"{out}: exists and is not a folder")
     partial = out.with_name(f".{out.name}.partial")
-    old = old_dir(out)
+    old = _old_dir(out)
     if old.exists() and not out.exists() and partial.is_dir():
         os.replace(partial, out)  # only a finished block's partial is ever swapped
     elif old.exists() and not out.exists():
