@@ -21,11 +21,15 @@ from cfexplain.stages import CHAIN, STAGES, Stage
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import (
     ARTIFACT_FILE,
+    STATE_FILE,
     Artifact,
     ArtifactError,
+    clean_temp_files,
     commit_stage,
     fingerprint,
+    load_state,
     partial_dir,
+    recover_commit,
     write_text,
 )
 from cfexplain.utils.cli import ConfigError, user_errors
@@ -79,18 +83,59 @@ def stage_fingerprint(cfg: DictConfig, stage: Stage, inputs: dict[str, Artifact]
     )
 
 
-def _finished(stage_dir: Path, fp: str) -> bool:
+def _finished(final: Path, fp: str) -> tuple[Artifact | None, str | None]:
+    """The finished artifact in ``final`` when it belongs to ``fp`` and its files verify, else
+    None and, when something there is wrong (not merely out of date), a line saying what."""
+    if not final.exists():
+        return None, None
     try:
-        return Artifact.load(stage_dir).fingerprint == fp
-    except ArtifactError:
-        return False
+        art = Artifact.load(final)
+    except ArtifactError as e:
+        return None, f"unreadable {ARTIFACT_FILE} ({e})"
+    if art.fingerprint != fp:
+        return None, None
+    try:
+        art.verify()
+    except ArtifactError as e:
+        return None, f"damaged files ({e})"
+    return art, None
 
 
-def _prepare_partial(partial: Path, fp: str, force: bool) -> None:
-    """Keep a partial folder only when it belongs to the same fingerprint (then it resumes)."""
+def _load_input(stage: Stage, name: str, exp_dir: Path) -> Artifact:
+    """The finished ``name`` stage that ``stage`` reads, its files checked."""
+    try:
+        art = Artifact.load(exp_dir / name)
+        art.verify()
+    except ArtifactError as e:
+        raise ConfigError(f"stage '{stage.name}' needs the '{name}' stage first ({e})") from e
+    return art
+
+
+def _recover_commits(exp_dir: Path) -> None:
+    """Finish or roll back each stage's commit that a kill interrupted between its renames."""
+    for stage in CHAIN:
+        what = recover_commit(exp_dir / stage.name, partial_dir(exp_dir, stage.name))
+        if what:
+            log.warning(f"[{stage.name}] {what}")
+
+
+def _prepare_partial(stage: str, partial: Path, fp: str) -> None:
+    """Resume a partial folder of the same fingerprint (``force=true`` too), cleaned of what
+    killed writes left; start afresh, and say so, when it belongs to another fingerprint."""
     stamp = partial / ".fingerprint"
-    if partial.exists() and (force or not stamp.is_file() or stamp.read_text().strip() != fp):
-        shutil.rmtree(partial)
+    if partial.exists():
+        theirs = stamp.read_text(errors="replace").strip() if stamp.is_file() else "none"
+        if theirs != fp:
+            log.info(
+                f"[{stage}] {partial} was left by fingerprint {theirs}, not {fp}: starting afresh"
+            )
+            shutil.rmtree(partial)
+        else:
+            for p in clean_temp_files(partial):
+                log.info(f"[{stage}] deleted {p.name}, left by an interrupted write")
+            # Read once here so that an unreadable state.pt is moved aside, with a warning,
+            # before the stage's loop would stop on it.
+            load_state(partial / STATE_FILE)
     partial.mkdir(parents=True, exist_ok=True)
     write_text(stamp, fp)
 
@@ -103,38 +148,43 @@ def run_chain(cfg: DictConfig) -> dict[str, Artifact]:
     exp_dir = Path(cfg.runs_dir).resolve() / str(cfg.experiment)
     done: dict[str, Artifact] = {}
     try:
+        if d.is_main:
+            _recover_commits(exp_dir)
+        d.barrier()
         for stage in selected:
             if not stage.available:
                 log.info(f"[{stage.name}] not part of this version yet: passed over")
                 continue
-            inputs = {}
-            for name in stage.inputs:
-                try:
-                    inputs[name] = done.get(name) or Artifact.load(exp_dir / name)
-                except ArtifactError as e:
-                    raise ConfigError(
-                        f"stage '{stage.name}' needs the '{name}' stage first ({e})"
-                    ) from e
+            inputs = {n: done.get(n) or _load_input(stage, n, exp_dir) for n in stage.inputs}
             fp = stage_fingerprint(cfg, stage, inputs)
             final = exp_dir / stage.name
-            if not cfg.force and _finished(final, fp):
+            art, wrong = (None, None) if cfg.force else _finished(final, fp)
+            if art is not None:
                 log.info(
                     f"[{stage.name}] up to date ({final}, fingerprint {fp}): skipped; force=true reruns it"
                 )
-                done[stage.name] = Artifact.load(final)
+                done[stage.name] = art
                 continue
-            done[stage.name] = _run_stage(cfg, stage, d, exp_dir, inputs, fp)
+            if wrong:
+                log.warning(f"[{stage.name}] {final}: {wrong}; retraining the stage")
+            done[stage.name] = _run_stage(cfg, stage, d, exp_dir, inputs, fp, wrong)
     finally:
         distributed.teardown()
     return done
 
 
 def _run_stage(
-    cfg: DictConfig, stage: Stage, d: distributed.Dist, exp_dir: Path, inputs: dict, fp: str
+    cfg: DictConfig,
+    stage: Stage,
+    d: distributed.Dist,
+    exp_dir: Path,
+    inputs: dict,
+    fp: str,
+    retrained_because: str | None = None,
 ) -> Artifact:
     partial, final = partial_dir(exp_dir, stage.name), exp_dir / stage.name
     if d.is_main:
-        _prepare_partial(partial, fp, bool(cfg.force))
+        _prepare_partial(stage.name, partial, fp)
         write_text(partial / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     d.barrier()
     log.info(f"[{stage.name}] running → {final}")
@@ -148,6 +198,8 @@ def _run_stage(
         fingerprint=fp,
         is_main=d.is_main,
     )
+    if retrained_because:
+        run.notes["retrained_because"] = retrained_because
     start = time.time()
     try:
         artifact = stage.fit(cfg, run)

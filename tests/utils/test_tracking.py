@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def test_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
     assert run.notes["wandb_mode"] == "offline"
     files = list(wandb_dir.glob("run-*.wandb"))
     assert len(files) == 1, list(wandb_dir.iterdir())
-    records = read_wandb_records(files[0])
+    records = finished_run_records(wandb_dir)  # wandb's service writes behind the client
     history = [_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     assert losses == pytest.approx([1.0, 0.5, 1 / 3])
@@ -134,3 +135,39 @@ def test_import_cfexplain_does_not_import_wandb():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "False"
+
+
+def test_rewind_drops_the_rows_after_the_checkpoint_step(tmp_path):
+    run = Run("classifier", tmp_path / "s", logger={"name": "none"})
+    run.log({"info": 1.0})  # no step: kept, it comes before any step
+    for step in range(1, 7):
+        run.log({"loss": float(step)}, step=step)
+    run.rewind(4)
+    rows = [json.loads(x) for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert rows == [{"step": None, "info": 1.0}] + [
+        {"step": s, "loss": float(s)} for s in range(1, 5)
+    ]
+    run.log({"loss": 5.5}, step=5)  # the resumed run logs on
+    rows = [json.loads(x) for x in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [None, 1, 2, 3, 4, 5]
+    run.rewind(100)  # nothing after it: unchanged
+    assert len((tmp_path / "s" / "log.jsonl").read_text().splitlines()) == 6
+    Run("x", tmp_path / "empty", logger={"name": "none"}).rewind(3)  # no log yet: nothing to do
+    assert not (tmp_path / "empty" / "log.jsonl").exists()
+
+
+def test_rewind_is_atomic(tmp_path, monkeypatch):
+    run = Run("classifier", tmp_path / "s", logger={"name": "none"})
+    for step in range(1, 5):
+        run.log({"loss": float(step)}, step=step)
+    before = (tmp_path / "s" / "log.jsonl").read_bytes()
+
+    def killed(fd: int) -> None:  # the rewritten log is complete but not yet in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.rewind(2)
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "log.jsonl").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["log.jsonl"]
