@@ -21,23 +21,24 @@ def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
 
     With ``data.root`` set, files are read (the phantom is never used); otherwise ``data.name``
     must be a built-in phantom. The dataset's ``source`` attribute says which data it is.
+    The keys of conf/base/dataset.yaml are read directly: a config without one is an error.
     """
     from cfexplain.data.readers import DataError, open_dataset
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if data.get("root"):
+    if data["root"]:
         ds = open_dataset(
             data["root"],
             split,
-            format=data.get("format", "auto"),
+            format=data["format"],
             resolution=int(data["resolution"]),
             channels=int(data["channels"]),
-            classes=list(data["classes"]) if data.get("classes") else None,
-            on_bad_file=data.get("on_bad_file", "error"),
+            classes=list(data["classes"]) if data["classes"] else None,
+            on_bad_file=data["on_bad_file"],
         )
-        return _binarise(ds, data) if data.get("task", "binary") == "binary" else ds
-    name = data.get("name")
+        return _binarise(ds, data) if data["task"] == "binary" else ds
+    name = data["name"]
     if name not in PHANTOMS:
         raise DataError(
             f"data.root is not set and data.name={name!r} is not a built-in phantom {PHANTOMS}"
@@ -45,15 +46,9 @@ def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
     from cfexplain.data.phantoms import HistologyPhantom, KneePhantom
 
     n = int(data[f"n_{split}"])
-    common = dict(
-        n=n, resolution=int(data["resolution"]), seed=int(data.get("seed", 0)), split=split
-    )
+    common = dict(n=n, resolution=int(data["resolution"]), seed=int(data["seed"]), split=split)
     if name == "knee":
-        ds = KneePhantom(
-            **common,
-            task=data.get("task", "binary"),
-            shortcut_rate=float(data.get("shortcut_rate", 0.0)),
-        )
+        ds = KneePhantom(**common, task=data["task"], shortcut_rate=float(data["shortcut_rate"]))
     else:
         ds = HistologyPhantom(**common)
     if ds.channels != int(data["channels"]):
@@ -93,6 +88,7 @@ class Binarised(Dataset):
 def _binarise(ds: Dataset, data: Mapping[str, Any]) -> Dataset:
     from cfexplain.data.readers import DataError
 
+    # Only the real-data configs whose files may hold more than two classes define it.
     positive_from = data.get("positive_from")
     if ds.num_classes == 2 and positive_from is None:
         return ds
