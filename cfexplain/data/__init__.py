@@ -16,7 +16,21 @@ SPLITS = ("train", "val", "test")
 PHANTOMS = ("knee", "histology")
 
 
-def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
+class ImageDataset(Dataset):
+    """What every dataset here is: N samples as in the module docstring, with these attributes
+    (``source`` says in one line which data it is)."""
+
+    num_classes: int
+    class_names: list[str]
+    channels: int
+    resolution: int
+    source: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
     """The ``split`` of the dataset that the ``data`` config describes.
 
     With ``data.root`` set, files are read (the phantom is never used); otherwise ``data.name``
@@ -45,27 +59,35 @@ def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
         )
     from cfexplain.data.phantoms import HistologyPhantom, KneePhantom
 
-    n = int(data[f"n_{split}"])
-    common = dict(n=n, resolution=int(data["resolution"]), seed=int(data["seed"]), split=split)
+    n, resolution, seed = int(data[f"n_{split}"]), int(data["resolution"]), int(data["seed"])
     if name == "knee":
-        ds = KneePhantom(**common, task=data["task"], shortcut_rate=float(data["shortcut_rate"]))
+        ds = KneePhantom(
+            n=n,
+            resolution=resolution,
+            seed=seed,
+            split=split,
+            task=data["task"],
+            shortcut_rate=float(data["shortcut_rate"]),
+        )
     else:
-        ds = HistologyPhantom(**common)
+        ds = HistologyPhantom(n=n, resolution=resolution, seed=seed, split=split)
     if ds.channels != int(data["channels"]):
         raise DataError(
             f"data.channels={data['channels']} but the {name} phantom has {ds.channels} channel(s)"
         )
-    ds.source = f"{name} phantom (procedural, seed {common['seed']}), split {split}: {n} images at {common['resolution']} px"
+    ds.source = (
+        f"{name} phantom (procedural, seed {seed}), split {split}: {n} images at {resolution} px"
+    )
     return ds
 
 
-class Binarised(Dataset):
+class Binarised(ImageDataset):
     """A multi-class dataset seen as binary: labels ``>= positive_from`` are positive.
 
     The public knee datasets store KL grades 0-4; ``data.positive_from=2`` gives KL >= 2.
     """
 
-    def __init__(self, ds: Dataset, positive_from: int) -> None:
+    def __init__(self, ds: ImageDataset, positive_from: int) -> None:
         self.ds, self.positive_from = ds, positive_from
         names = list(ds.class_names)
         self.class_names = [f"<{names[positive_from]}", f">={names[positive_from]}"]
@@ -85,7 +107,7 @@ class Binarised(Dataset):
         }
 
 
-def _binarise(ds: Dataset, data: Mapping[str, Any]) -> Dataset:
+def _binarise(ds: ImageDataset, data: Mapping[str, Any]) -> ImageDataset:
     from cfexplain.data.readers import DataError
 
     # Only the real-data configs whose files may hold more than two classes define it.

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from cfexplain.data import ImageDataset
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("auto", "folder", "csv", "dicom", "medmnist", "pcam")
@@ -73,7 +74,7 @@ def open_dataset(
     channels: int,
     classes: list[str] | None = None,
     on_bad_file: str = "error",
-) -> Dataset:
+) -> ImageDataset:
     """The ``split`` of the dataset at ``root`` as samples with images [channels, R, R] in [-1, 1].
 
     ``format="auto"`` detects: a ``.npz`` file (medmnist), a folder with
@@ -461,7 +462,10 @@ def _dicom_gray(ds: Any, pixels: np.ndarray, *, invert: bool) -> np.ndarray:
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        from pydicom.pixel_data_handlers.util import (  # type: ignore[no-redef]
+            apply_modality_lut,
+            apply_voi_lut,
+        )
 
     values = apply_modality_lut(pixels, ds)
     voi_lut = _has_voi_lut(ds)
@@ -546,16 +550,12 @@ def _with_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
 # Datasets
 
 
-class _Readable(Dataset):
-    """Attributes every reader's dataset carries; see the module docstring."""
+class _Readable(ImageDataset):
+    """Attributes every reader's dataset carries beyond an ``ImageDataset``'s; see the module
+    docstring."""
 
-    num_classes: int
-    class_names: list[str]
-    channels: int
-    resolution: int
     labels: np.ndarray
     skipped: list[tuple[str, str]]
-    source: str
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.source}>"

@@ -75,6 +75,11 @@ class FactorOracle(nn.Module):
         hidden: units of the hidden layer of the head.
     """
 
+    # Buffers: which factors are binary [F] bool, and the continuous targets' mean and std [F].
+    binary: Tensor
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         channels: int = 1,
@@ -396,6 +401,7 @@ def fit_or_load(folder: str | Path, **train_kwargs: Any) -> tuple[FactorOracle, 
             info = {}  # a damaged cache is retrained, not trusted
         if info.get("fingerprint") == fp:
             oracle = load_model(weights, map_location=device)
+            assert isinstance(oracle, FactorOracle), f"{weights} holds a {type(oracle).__name__}"
             return oracle, {**info, "reused": True}
     oracle, metrics = train_oracle(**kwargs)
     ctor = {

@@ -137,6 +137,7 @@ def sweep(
                 if task == "classification":
                     per_p.append(_probability(out, target))
                 else:
+                    assert masks is not None  # _output_names asked for them
                     mb = masks[start : start + batch_size]
                     dice, pred = _dice(out, xb, mb, t, p, activation, threshold)
                     per_p.append(dice)

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import Dataset
 
+from cfexplain.data import ImageDataset
 from cfexplain.data.phantoms.knee import (
     area_down,
     band_noise,
@@ -235,7 +235,7 @@ def render_histology(
     return np.clip(np.moveaxis(rgb, 0, -1), 0.0, 1.0).astype(np.float32), masks
 
 
-class HistologyPhantom(Dataset):
+class HistologyPhantom(ImageDataset):
     """H&E tiles, normal (0) or tumour (1), generated on the fly.
 
     ``ds[i]`` is ``{"image": float32 [3, R, R] in [-1, 1], "label": int, "meta": {...}}`` with

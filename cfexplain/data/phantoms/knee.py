@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from scipy import fft as sp_fft
 from scipy import ndimage
-from torch.utils.data import Dataset
+
+from cfexplain.data import ImageDataset
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 TASKS = {"binary": ["KL<2", "KL>=2"], "kl": ["KL0", "KL1", "KL2", "KL3", "KL4"]}
@@ -852,7 +853,7 @@ def _draw_marker(
 # ----------------------------------------------------------------------------------------------
 
 
-class KneePhantom(Dataset):
+class KneePhantom(ImageDataset):
     """AP knee radiographs with KL ground truth, generated on the fly.
 
     ``ds[i]`` is ``{"image": float32 [1, R, R] in [-1, 1], "label": int, "meta": {...}}`` with
@@ -863,6 +864,13 @@ class KneePhantom(Dataset):
     """
 
     channels = 1
+    n: int
+    seed: int
+    split: str
+    task: str
+    shortcut_rate: float
+    supersample: int
+    cache: bool
 
     def __init__(
         self,
