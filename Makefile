@@ -1,4 +1,5 @@
 # make demo · make test · make lint · make bench — each creates .venv when it is missing.
+# make lint: ruff (style) and mypy (types); CI runs it before make test.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,6 +30,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check cfexplain tests benchmarks
 	$(PY) -m ruff format --check cfexplain tests benchmarks
+	@# Type check of cfexplain on the baseline in pyproject.toml [tool.mypy].
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

@@ -6,7 +6,7 @@ from importlib import resources
 
 import pytest
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.train import ConfigError, dataset_choices, validate
 from tests.conftest import compose_config, run_cli
@@ -41,6 +41,27 @@ def test_every_option_composes(group):
         if group == "dataset" and OmegaConf.is_missing(cfg.data, "root"):
             cfg.data.root = "/some/where"
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+def _dataset_base() -> DictConfig:
+    return OmegaConf.load(str(resources.files("cfexplain.conf").joinpath("base/dataset.yaml")))
+
+
+def test_dataset_base_is_no_choice_and_every_dataset_extends_it():
+    assert "base" not in dataset_choices() and "dataset" not in dataset_choices()
+    base = _dataset_base().data
+    for choice in dataset_choices():
+        own = OmegaConf.load(
+            str(resources.files("cfexplain.conf").joinpath(f"dataset/{choice}.yaml"))
+        )
+        assert list(own.defaults) == ["/base/dataset", "_self_"], choice
+        # One truth: a dataset config states only what differs from the base.
+        for key, value in own.data.items():
+            if key in base and not OmegaConf.is_missing(base, key):
+                assert value != base[key], f"dataset/{choice}.yaml repeats data.{key}"
+        data = compose_config(f"+dataset={choice}").data
+        assert set(base) <= set(data), choice
+        assert not OmegaConf.is_missing(data, "name") and data.name == choice
 
 
 def test_resnet_and_optimizer_instantiate():

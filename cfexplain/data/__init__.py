@@ -16,61 +16,78 @@ SPLITS = ("train", "val", "test")
 PHANTOMS = ("knee", "histology")
 
 
-def build_dataset(data: Mapping[str, Any], split: str) -> Dataset:
+class ImageDataset(Dataset):
+    """What every dataset here is: N samples as in the module docstring, with these attributes
+    (``source`` says in one line which data it is)."""
+
+    num_classes: int
+    class_names: list[str]
+    channels: int
+    resolution: int
+    source: str
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+
+def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
     """The ``split`` of the dataset that the ``data`` config describes.
 
     With ``data.root`` set, files are read (the phantom is never used); otherwise ``data.name``
     must be a built-in phantom. The dataset's ``source`` attribute says which data it is.
+    The keys of conf/base/dataset.yaml are read directly: a config without one is an error.
     """
     from cfexplain.data.readers import DataError, open_dataset
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if data.get("root"):
+    if data["root"]:
         ds = open_dataset(
             data["root"],
             split,
-            format=data.get("format", "auto"),
+            format=data["format"],
             resolution=int(data["resolution"]),
             channels=int(data["channels"]),
-            classes=list(data["classes"]) if data.get("classes") else None,
-            on_bad_file=data.get("on_bad_file", "error"),
+            classes=list(data["classes"]) if data["classes"] else None,
+            on_bad_file=data["on_bad_file"],
         )
-        return _binarise(ds, data) if data.get("task", "binary") == "binary" else ds
-    name = data.get("name")
+        return _binarise(ds, data) if data["task"] == "binary" else ds
+    name = data["name"]
     if name not in PHANTOMS:
         raise DataError(
             f"data.root is not set and data.name={name!r} is not a built-in phantom {PHANTOMS}"
         )
     from cfexplain.data.phantoms import HistologyPhantom, KneePhantom
 
-    n = int(data[f"n_{split}"])
-    common = dict(
-        n=n, resolution=int(data["resolution"]), seed=int(data.get("seed", 0)), split=split
-    )
+    n, resolution, seed = int(data[f"n_{split}"]), int(data["resolution"]), int(data["seed"])
     if name == "knee":
         ds = KneePhantom(
-            **common,
-            task=data.get("task", "binary"),
-            shortcut_rate=float(data.get("shortcut_rate", 0.0)),
+            n=n,
+            resolution=resolution,
+            seed=seed,
+            split=split,
+            task=data["task"],
+            shortcut_rate=float(data["shortcut_rate"]),
         )
     else:
-        ds = HistologyPhantom(**common)
+        ds = HistologyPhantom(n=n, resolution=resolution, seed=seed, split=split)
     if ds.channels != int(data["channels"]):
         raise DataError(
             f"data.channels={data['channels']} but the {name} phantom has {ds.channels} channel(s)"
         )
-    ds.source = f"{name} phantom (procedural, seed {common['seed']}), split {split}: {n} images at {common['resolution']} px"
+    ds.source = (
+        f"{name} phantom (procedural, seed {seed}), split {split}: {n} images at {resolution} px"
+    )
     return ds
 
 
-class Binarised(Dataset):
+class Binarised(ImageDataset):
     """A multi-class dataset seen as binary: labels ``>= positive_from`` are positive.
 
     The public knee datasets store KL grades 0-4; ``data.positive_from=2`` gives KL >= 2.
     """
 
-    def __init__(self, ds: Dataset, positive_from: int) -> None:
+    def __init__(self, ds: ImageDataset, positive_from: int) -> None:
         self.ds, self.positive_from = ds, positive_from
         names = list(ds.class_names)
         self.class_names = [f"<{names[positive_from]}", f">={names[positive_from]}"]
@@ -90,9 +107,10 @@ class Binarised(Dataset):
         }
 
 
-def _binarise(ds: Dataset, data: Mapping[str, Any]) -> Dataset:
+def _binarise(ds: ImageDataset, data: Mapping[str, Any]) -> ImageDataset:
     from cfexplain.data.readers import DataError
 
+    # Only the real-data configs whose files may hold more than two classes define it.
     positive_from = data.get("positive_from")
     if ds.num_classes == 2 and positive_from is None:
         return ds

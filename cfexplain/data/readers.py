@@ -6,7 +6,8 @@ and carries ``num_classes``, ``class_names``, ``channels``, ``resolution``, ``la
 (int64 [N]), ``skipped`` (``(path, reason)`` pairs) and ``source`` (one line for humans).
 
 Images are fitted the same way everywhere: centre square crop, antialiased resize to R x R,
-then gray <-> RGB to the configured channel count.
+then gray <-> RGB to the configured channel count. ``load_image`` reads one file;
+``decode_image`` and ``fit_image`` are its two steps, for callers that want the file's own size.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from cfexplain.data import ImageDataset
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("auto", "folder", "csv", "dicom", "medmnist", "pcam")
@@ -45,13 +47,18 @@ class DataError(ValueError):
     """A dataset path, file or field is missing, unreadable or not what was expected."""
 
 
-class _BadFile(DataError):
-    """One image file that cannot be used; ``on_bad_file="skip"`` may pass over it."""
+class BadFile(DataError):
+    """One image file that cannot be used; ``on_bad_file="skip"`` may pass over it.
 
-    def __init__(self, path: str | Path, reason: str) -> None:
+    ``corrupt`` is True when the file cannot be decoded at all, False when it decodes into
+    something without a rule to become an image [C, R, R] (a volume, 4 channels, ...).
+    """
+
+    def __init__(self, path: str | Path, reason: str, *, corrupt: bool = False) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.corrupt = corrupt
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +74,7 @@ def open_dataset(
     channels: int,
     classes: list[str] | None = None,
     on_bad_file: str = "error",
-) -> Dataset:
+) -> ImageDataset:
     """The ``split`` of the dataset at ``root`` as samples with images [channels, R, R] in [-1, 1].
 
     ``format="auto"`` detects: a ``.npz`` file (medmnist), a folder with
@@ -111,8 +118,8 @@ def open_dataset(
 def load_image(path: str | Path, *, resolution: int, channels: int) -> torch.Tensor:
     """One PNG/JPEG/DICOM file as float32 [channels, R, R] in [-1, 1] (e.g. a user's own image)."""
     _check_geometry(resolution, channels)
-    pixels, _ = _decode_file(Path(path))
-    return _with_channels(_fit(_as_batch(pixels), resolution, channels)[0], channels)
+    pixels, _ = decode_image(path)
+    return fit_image(pixels, resolution=resolution, channels=channels)
 
 
 def _check_geometry(resolution: int, channels: int) -> None:
@@ -323,11 +330,29 @@ def _hash_split(path: str) -> str:
 # Decoding one file -> float32 [H, W, c] in [-1, 1] with c in {1, 3}
 
 
-def _decode_file(path: Path) -> tuple[np.ndarray, bool]:
-    """Pixels [H, W, 1 or 3] float32 in [-1, 1], and whether the file held 8-bit samples."""
-    if path.suffix.lower() == ".dcm":
+def decode_image(path: str | Path) -> tuple[np.ndarray, bool]:
+    """Pixels [H, W, 1 or 3] float32 in [-1, 1], and whether the file held 8-bit samples.
+
+    A ``.dcm`` file, or a suffix-less one that ``is_dicom``, is read as DICOM; the rest with PIL.
+    Raises ``BadFile`` for a file that cannot be used.
+    """
+    path = Path(path)
+    if path.suffix.lower() in _DICOM_SUFFIXES or is_dicom(path):
         return _decode_dicom(path), False
     return _decode_pil(path)
+
+
+def is_dicom(path: str | Path) -> bool:
+    """Whether a suffix-less file is DICOM (exports often have no suffix): 'DICM' at byte 128."""
+    path = Path(path)
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
 
 
 def _decode_pil(path: Path) -> tuple[np.ndarray, bool]:
@@ -337,14 +362,15 @@ def _decode_pil(path: Path) -> tuple[np.ndarray, bool]:
             # Phone or viewer exports of radiographs keep their rotation in EXIF.
             im = ImageOps.exif_transpose(im)
             pixels, bits = _pil_pixels(path, im)
-    except _BadFile:
+    except BadFile:
         raise
     # Corrupt files surface as whatever the decoder trips on (OSError, SyntaxError, zlib.error,
     # struct.error, DecompressionBombError...), so every failure here means "unreadable file".
     except Exception as err:
-        raise _BadFile(
+        raise BadFile(
             path,
             f"unreadable or corrupt image ({type(err).__name__}: {err}); expected a PNG or JPEG file",
+            corrupt=True,
         ) from err
     return _unit_from_int(pixels, bits), bits == 8
 
@@ -361,15 +387,15 @@ def _pil_pixels(path: Path, im: Image.Image) -> tuple[np.ndarray, int]:
     if mode.startswith("I;16") or mode == "I":
         pixels = np.asarray(im).astype(np.int64)
         if pixels.min() < 0 or pixels.max() > 65535:
-            raise _BadFile(path, f"{mode} samples outside 0..65535; expected 8- or 16-bit unsigned")
+            raise BadFile(path, f"{mode} samples outside 0..65535; expected 8- or 16-bit unsigned")
         return pixels[..., None], 16
     channels = len(im.getbands())
     if channels in (2, 4) or channels > 4:
-        raise _BadFile(
+        raise BadFile(
             path,
             f"wrong channel count {channels} (mode {mode}); expected 1 (gray), 3 (RGB) or 4 (RGBA)",
         )
-    raise _BadFile(path, f"unsupported image mode {mode}; expected gray, RGB or RGBA")
+    raise BadFile(path, f"unsupported image mode {mode}; expected gray, RGB or RGBA")
 
 
 def _unit_from_int(pixels: np.ndarray, bits: int) -> np.ndarray:
@@ -391,23 +417,27 @@ def _decode_dicom(path: Path) -> np.ndarray:
         except Exception:
             readable = False
         if not readable:
-            raise _BadFile(path, f"not a DICOM file ({err}); expected a DICOM image") from err
+            raise BadFile(
+                path, f"not a DICOM file ({err}); expected a DICOM image", corrupt=True
+            ) from err
     except Exception as err:
-        raise _BadFile(path, f"unreadable DICOM file ({type(err).__name__}: {err})") from err
+        raise BadFile(
+            path, f"unreadable DICOM file ({type(err).__name__}: {err})", corrupt=True
+        ) from err
     if "PixelData" not in ds:
-        raise _BadFile(path, "no PixelData element; expected a DICOM image")
+        raise BadFile(path, "no PixelData element; expected a DICOM image", corrupt=True)
 
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
-        raise _BadFile(path, f"a volume of {frames} frames; expected one 2D frame")
+        raise BadFile(path, f"a volume of {frames} frames; expected one 2D frame")
     samples = int(ds.get("SamplesPerPixel") or 1)
     if samples not in (1, 3):
-        raise _BadFile(path, f"wrong channel count {samples} (SamplesPerPixel); expected 1 or 3")
+        raise BadFile(path, f"wrong channel count {samples} (SamplesPerPixel); expected 1 or 3")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     gray = samples == 1 and photometric in ("MONOCHROME1", "MONOCHROME2")
     rgb = samples == 3 and (photometric == "RGB" or photometric.startswith("YBR"))
     if not (gray or rgb):
-        raise _BadFile(
+        raise BadFile(
             path,
             f"PhotometricInterpretation {photometric or 'missing'} with {samples} sample(s); "
             "expected MONOCHROME1/MONOCHROME2 or RGB/YBR",
@@ -420,9 +450,10 @@ def _decode_dicom(path: Path) -> np.ndarray:
             return _unit_from_int(pixels, int(ds.get("BitsStored") or 8))
         return _dicom_gray(ds, pixels, invert=photometric == "MONOCHROME1")[..., None]
     except Exception as err:
-        raise _BadFile(
+        raise BadFile(
             path,
             f"cannot decode the pixel data ({type(err).__name__}: {err}); expected one 2D frame",
+            corrupt=True,
         ) from err
 
 
@@ -431,7 +462,10 @@ def _dicom_gray(ds: Any, pixels: np.ndarray, *, invert: bool) -> np.ndarray:
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom 2.x
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        from pydicom.pixel_data_handlers.util import (  # type: ignore[no-redef]
+            apply_modality_lut,
+            apply_voi_lut,
+        )
 
     values = apply_modality_lut(pixels, ds)
     voi_lut = _has_voi_lut(ds)
@@ -501,6 +535,12 @@ def _fit(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
     return images.contiguous()
 
 
+def fit_image(pixels: np.ndarray, *, resolution: int, channels: int) -> torch.Tensor:
+    """Decoded pixels [H, W, c] in [-1, 1] -> float32 [channels, R, R]: centre square crop,
+    antialiased resize, gray <-> RGB (the fitting every dataset here applies)."""
+    return _with_channels(_fit(_as_batch(pixels), resolution, channels)[0], channels)
+
+
 def _with_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
     """[c, R, R] -> [channels, R, R]: gray is repeated into RGB (a copy, safe to edit in place)."""
     return image.repeat(channels, 1, 1) if image.shape[0] != channels else image
@@ -510,16 +550,12 @@ def _with_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
 # Datasets
 
 
-class _Readable(Dataset):
-    """Attributes every reader's dataset carries; see the module docstring."""
+class _Readable(ImageDataset):
+    """Attributes every reader's dataset carries beyond an ``ImageDataset``'s; see the module
+    docstring."""
 
-    num_classes: int
-    class_names: list[str]
-    channels: int
-    resolution: int
     labels: np.ndarray
     skipped: list[tuple[str, str]]
-    source: str
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.source}>"
@@ -547,8 +583,8 @@ class _EagerDataset(_Readable):
         )
         for path, label in progress:
             try:
-                pixels, eight_bit = _decode_file(path)
-            except _BadFile as err:
+                pixels, eight_bit = decode_image(path)
+            except BadFile as err:
                 if on_bad_file == "error":
                     raise
                 self.skipped.append((err.path, err.reason))
@@ -648,9 +684,8 @@ class _MedMNISTDataset(_Readable):
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = range(len(self))[index]
         pixels = _unit_from_int(self._images[index], 8)
-        image = _fit(_as_batch(pixels), self.resolution, self.channels)[0]
         return {
-            "image": _with_channels(image, self.channels),
+            "image": fit_image(pixels, resolution=self.resolution, channels=self.channels),
             "label": int(self.labels[index]),
             "meta": {"path": self._path, "index": index},
         }
@@ -741,9 +776,11 @@ class _PCamDataset(_Readable):
             raise DataError(
                 f"{self._x_path}: cannot read patch {index} of dataset 'x' ({type(err).__name__}: {err})"
             ) from err
-        image = _fit(_as_batch(_unit_from_int(pixels, 8)), self.resolution, self.channels)[0]
+        image = fit_image(
+            _unit_from_int(pixels, 8), resolution=self.resolution, channels=self.channels
+        )
         return {
-            "image": _with_channels(image, self.channels),
+            "image": image,
             "label": int(self.labels[index]),
             "meta": {"path": self._x_path, "index": index},
         }

@@ -75,6 +75,11 @@ class FactorOracle(nn.Module):
         hidden: units of the hidden layer of the head.
     """
 
+    # Buffers: which factors are binary [F] bool, and the continuous targets' mean and std [F].
+    binary: Tensor
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         channels: int = 1,
@@ -264,7 +269,6 @@ def train_oracle(
     (``metrics["factors_blurred"]``), a check of robustness to soft images.
     """
     from cfexplain.utils.distributed import resolve_device
-    from cfexplain.utils.seeding import Stream, generator
 
     device = resolve_device(str(device))
     factors = list(factors)
@@ -285,14 +289,60 @@ def train_oracle(
     cont = ~oracle.binary
     oracle.mean.copy_(torch.where(cont, y_tr.mean(0), torch.zeros(len(factors))))
     oracle.std.copy_(torch.where(cont, y_tr.std(0).clamp_min(1e-8), torch.ones(len(factors))))
+    final_loss = _fit_oracle(
+        oracle,
+        x_tr,
+        y_tr,
+        device=device,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        lr=lr,
+        weight_decay=weight_decay,
+        augment_blur=augment_blur,
+        progress=progress,
+    )
+    blurred = gaussian_blur(x_te, torch.full((n_test,), 0.75))
+    return oracle, {
+        "factors": oracle_metrics(oracle, x_te, y_te),
+        "factors_blurred": oracle_metrics(oracle, blurred, y_te),
+        "n_train": n_train,
+        "n_test": n_test,
+        "steps": steps,
+        "final_loss": final_loss,
+        "data_seconds": t_data,
+        "train_seconds": time.perf_counter() - t0 - t_data,
+        "device": str(device),
+    }
+
+
+def _fit_oracle(
+    oracle: FactorOracle,
+    x_tr: Tensor,
+    y_tr: Tensor,
+    *,
+    device: torch.device,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    augment_blur: float,
+    progress: bool,
+) -> float:
+    """AdamW on batches of ``x_tr [N, 1, R, R]`` and truth ``y_tr [N, F]``, half of each batch
+    blurred; leaves the oracle on ``device`` in eval mode and returns the last loss (nan when
+    ``steps`` is 0)."""
+    from cfexplain.utils.seeding import Stream, generator
+
     oracle.to(device).train()
     x_tr, y_tr = x_tr.to(device), y_tr.to(device)
     opt = torch.optim.AdamW(oracle.parameters(), lr=lr, weight_decay=weight_decay)
-
+    loss = None
     bar = tqdm(range(steps), desc="oracle: train", unit="step", disable=not progress)
     for step in bar:
         g = generator(seed, Stream.ORACLE_STEP, step)
-        idx = torch.randint(0, n_train, (batch_size,), generator=g).to(device)
+        idx = torch.randint(0, len(x_tr), (batch_size,), generator=g).to(device)
         x, y = x_tr[idx], y_tr[idx]
         if augment_blur > 0:
             sigma = torch.rand(batch_size, generator=g) * augment_blur
@@ -308,20 +358,7 @@ def train_oracle(
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     oracle.eval()
-
-    blurred = gaussian_blur(x_te, torch.full((n_test,), 0.75))
-    metrics = {
-        "factors": oracle_metrics(oracle, x_te, y_te),
-        "factors_blurred": oracle_metrics(oracle, blurred, y_te),
-        "n_train": n_train,
-        "n_test": n_test,
-        "steps": steps,
-        "final_loss": float(loss.item()) if steps else math.nan,
-        "data_seconds": t_data,
-        "train_seconds": time.perf_counter() - t0 - t_data,
-        "device": str(device),
-    }
-    return oracle, metrics
+    return float(loss.item()) if loss is not None else math.nan
 
 
 def _normalised_kwargs(train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -364,6 +401,7 @@ def fit_or_load(folder: str | Path, **train_kwargs: Any) -> tuple[FactorOracle, 
             info = {}  # a damaged cache is retrained, not trusted
         if info.get("fingerprint") == fp:
             oracle = load_model(weights, map_location=device)
+            assert isinstance(oracle, FactorOracle), f"{weights} holds a {type(oracle).__name__}"
             return oracle, {**info, "reused": True}
     oracle, metrics = train_oracle(**kwargs)
     ctor = {

@@ -16,20 +16,9 @@ from pathlib import Path
 
 import torch
 
-from cfexplain.data.readers import (
-    DataError,
-    _as_batch,
-    _BadFile,
-    _decode_dicom,
-    _decode_file,
-    _fit,
-    _with_channels,
-)
+from cfexplain.data.readers import BadFile, DataError, decode_image, fit_image, is_dicom
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
-# Reasons the readers give for a file that cannot be decoded at all; every other _BadFile is a
-# file that decodes but has no rule to become the model's input.
-_CORRUPT = ("unreadable", "not a DICOM", "cannot decode", "no PixelData")
 
 
 @dataclass
@@ -56,7 +45,7 @@ def list_images(spec: str | Path, class_names: Sequence[str] = ()) -> list[tuple
             for p in path.rglob("*")
             if p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            and (p.suffix.lower() in SUFFIXES or _is_dicom(p))
+            and (p.suffix.lower() in SUFFIXES or is_dicom(p))
         )
         if not files:
             raise DataError(f"images={spec_str}: no {'/'.join(SUFFIXES)} files in that folder")
@@ -72,18 +61,6 @@ def list_images(spec: str | Path, class_names: Sequence[str] = ()) -> list[tuple
     raise DataError(
         f"images={spec_str}: no such file or folder (expected a folder, a glob or a .csv)"
     )
-
-
-def _is_dicom(path: Path) -> bool:
-    """DICOM exports often have no suffix: the 'DICM' magic at byte 128 tells."""
-    if path.suffix:
-        return False
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _manifest(path: Path) -> list[tuple[Path, str | None]]:
@@ -105,20 +82,20 @@ def _manifest(path: Path) -> list[tuple[Path, str | None]]:
 
 
 def load_user_image(path: Path, label: str | None, *, resolution: int, channels: int) -> UserImage:
-    """Decode and fit one file; ``_BadFile`` (corrupt) or ``DataError`` (no conversion rule)."""
+    """Decode and fit one file; ``BadFile`` (corrupt) or ``DataError`` (no conversion rule)."""
     path = Path(path)
+    # Decoded and fitted in two steps (not ``load_image``): the note gives the file's own size.
     try:
-        # The readers pick the decoder by suffix; a suffix-less DICOM is recognised by its magic.
-        pixels = _decode_dicom(path) if _is_dicom(path) else _decode_file(path)[0]
-    except _BadFile as err:
-        if err.reason.startswith(_CORRUPT):
+        pixels, _ = decode_image(path)
+    except BadFile as err:
+        if err.corrupt:
             raise
         raise DataError(
             f"{path}: cannot convert to the model's input ({channels} channel(s), "
             f"{resolution}x{resolution}): {err.reason}"
         ) from err
     h, w, c = pixels.shape
-    image = _with_channels(_fit(_as_batch(pixels), resolution, channels)[0], channels)
+    image = fit_image(pixels, resolution=resolution, channels=channels)
     kind = {1: "gray", 3: "RGB"}[c]
     want = {1: "gray", 3: "RGB"}[channels]
     note = f"{path.name}: {kind} {w}x{h} -> {want} {resolution}x{resolution}"
@@ -138,5 +115,5 @@ def iter_user_images(
     for path, label in items:
         try:
             yield load_user_image(path, label, resolution=resolution, channels=channels)
-        except _BadFile as err:
+        except BadFile as err:
             skipped.append((err.path, err.reason))

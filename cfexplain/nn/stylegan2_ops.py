@@ -281,8 +281,20 @@ def modulated_conv2d(
             x * styles.reshape(N, c_in, 1, 1), weight, resample_filter, up=up, padding=padding
         )
         scale = gain if dcoefs is None else (dcoefs * gain).reshape(N, c_out, 1, 1)
+    return _epilogue(y, scale, noise=noise, bias=bias, gain=gain)
 
-    # Epilogue in as few passes over the big tensor as possible: y * scale + gain * (noise + bias).
+
+def _epilogue(
+    y: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    noise: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    gain: float,
+) -> torch.Tensor:
+    """``y * scale + gain * (noise + bias)`` for y ``[N, O, H', W']``, scale ``[N, O, 1, 1]`` or a
+    number, in as few passes over the big tensor as possible."""
+    N, c_out = y.shape[:2]
     if noise is not None:
         if noise.ndim == 2:
             noise = noise.reshape(1, 1, *noise.shape)

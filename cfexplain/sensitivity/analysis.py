@@ -122,18 +122,7 @@ def sweep(
     if not params:
         raise ValueError(f"{t.name}: no parameter values to sweep")
     assert x.ndim == 4, f"expected images [N, C, H, W], got {tuple(x.shape)}"
-    if task == "segmentation":
-        if masks is None:
-            raise ValueError("task=segmentation needs ground-truth masks [N, K, H, W]")
-        assert (
-            masks.ndim == 4 and masks.shape[0] == x.shape[0] and masks.shape[-2:] == x.shape[-2:]
-        ), f"masks {tuple(masks.shape)} do not fit images {tuple(x.shape)}: expected [N, K, H, W]"
-        names = (
-            list(outputs) if outputs is not None else [f"class {k}" for k in range(masks.shape[1])]
-        )
-        assert len(names) == masks.shape[1], f"{len(names)} output names for {masks.shape[1]} masks"
-    else:
-        names = list(outputs) if outputs is not None else [f"p(class {target})"]
+    names = _output_names(x, task, target, masks, outputs)
     device = _device(model, x)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -146,20 +135,12 @@ def sweep(
                 xb = t.apply(x[start : start + batch_size].to(device), p)
                 out = model(xb)
                 if task == "classification":
-                    assert out.ndim == 2 and 0 <= target < out.shape[1], (
-                        f"classifier output {tuple(out.shape)}: expected logits [N, K] with target {target} < K"
-                    )
-                    per_p.append(torch.softmax(out.float(), dim=1)[:, target : target + 1].cpu())
+                    per_p.append(_probability(out, target))
                 else:
+                    assert masks is not None  # _output_names asked for them
                     mb = masks[start : start + batch_size]
-                    assert (
-                        out.ndim == 4
-                        and out.shape[1] == mb.shape[1]
-                        and out.shape[-2:] == xb.shape[-2:]
-                    ), f"segmentation output {tuple(out.shape)}: expected logits {tuple(mb.shape)}"
-                    pred = predict_masks(out, activation, threshold).cpu()
-                    truth = t.apply_mask(mb.bool().cpu(), p)
-                    per_p.append(dice_scores(pred, truth).float())
+                    dice, pred = _dice(out, xb, mb, t, p, activation, threshold)
+                    per_p.append(dice)
                     if start == 0:
                         shown_masks.append(pred[:n_ex])
                 if start == 0:
@@ -178,6 +159,51 @@ def sweep(
         examples=torch.stack(shown),
         example_masks=torch.stack(shown_masks) if shown_masks else None,
     )
+
+
+def _output_names(
+    x: Tensor, task: str, target: int, masks: Tensor | None, outputs: Sequence[str] | None
+) -> list[str]:
+    """The O output column names, after checking that segmentation masks fit ``x``."""
+    if task == "classification":
+        return list(outputs) if outputs is not None else [f"p(class {target})"]
+    if masks is None:
+        raise ValueError("task=segmentation needs ground-truth masks [N, K, H, W]")
+    assert masks.ndim == 4 and masks.shape[0] == x.shape[0] and masks.shape[-2:] == x.shape[-2:], (
+        f"masks {tuple(masks.shape)} do not fit images {tuple(x.shape)}: expected [N, K, H, W]"
+    )
+    names = list(outputs) if outputs is not None else [f"class {k}" for k in range(masks.shape[1])]
+    assert len(names) == masks.shape[1], f"{len(names)} output names for {masks.shape[1]} masks"
+    return names
+
+
+def _probability(logits: Tensor, target: int) -> Tensor:
+    """Classifier logits ``[n, K]`` -> ``[n, 1]`` softmax probability of ``target``, on the CPU."""
+    assert logits.ndim == 2 and 0 <= target < logits.shape[1], (
+        f"classifier output {tuple(logits.shape)}: expected logits [N, K] with target {target} < K"
+    )
+    return torch.softmax(logits.float(), dim=1)[:, target : target + 1].cpu()
+
+
+def _dice(
+    logits: Tensor,
+    xb: Tensor,
+    masks: Tensor,
+    t: Transform,
+    p: float,
+    activation: str,
+    threshold: float,
+) -> tuple[Tensor, Tensor]:
+    """Dice ``[n, K]`` of the predicted masks of ``logits [n, K, H, W]`` against ``masks`` moved
+    by ``t`` at ``p``, and the predicted masks ``[n, K, H, W]`` bool, on the CPU."""
+    assert (
+        logits.ndim == 4
+        and logits.shape[1] == masks.shape[1]
+        and logits.shape[-2:] == xb.shape[-2:]
+    ), f"segmentation output {tuple(logits.shape)}: expected logits {tuple(masks.shape)}"
+    pred = predict_masks(logits, activation, threshold).cpu()
+    truth = t.apply_mask(masks.bool().cpu(), p)
+    return dice_scores(pred, truth).float(), pred
 
 
 def result_rows(result: SweepResult) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from omegaconf.errors import ConfigKeyError
 from PIL import Image
 
 from cfexplain.data import build_dataset
@@ -48,6 +49,13 @@ def test_multiclass_folder_needs_positive_from_for_binary(tmp_path):
 def test_phantom_channel_mismatch_is_named():
     cfg = compose_config("+dataset=knee", "preset=smoke", "data.channels=3").data
     with pytest.raises(DataError, match="data.channels"):
+        build_dataset(cfg, "train")
+
+
+def test_a_key_the_base_defines_is_read_not_defaulted():
+    # A config that lost a shared key (e.g. misspelt it) is an error, not a silent default.
+    cfg = compose_config("+dataset=knee", "preset=smoke", "~data.seed", "+data.sed=0").data
+    with pytest.raises(ConfigKeyError, match="seed"):
         build_dataset(cfg, "train")
 
 

@@ -17,7 +17,15 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from torch.utils.data import DataLoader
 
-from cfexplain.data.readers import DataError, load_image, open_dataset
+from cfexplain.data.readers import (
+    BadFile,
+    DataError,
+    decode_image,
+    fit_image,
+    is_dicom,
+    load_image,
+    open_dataset,
+)
 
 # --------------------------------------------------------------------------------------------
 # Writers
@@ -276,6 +284,26 @@ def test_load_image_names_the_bad_file(tmp_path):
     with pytest.raises(DataError, match="unreadable or corrupt image") as err:
         load_image(path, resolution=8, channels=1)
     assert str(path) in str(err.value)
+
+
+def test_decode_then_fit_is_load_image_and_bad_files_say_if_corrupt(tmp_path):
+    path = save_png(tmp_path / "wide.png", np.arange(12 * 20, dtype=np.uint8).reshape(12, 20))
+    pixels, eight_bit = decode_image(path)
+    assert pixels.shape == (12, 20, 1) and pixels.dtype == np.float32 and eight_bit
+    fitted = fit_image(pixels, resolution=8, channels=3)
+    assert fitted.shape == (3, 8, 8)
+    assert torch.equal(fitted, load_image(path, resolution=8, channels=3))
+
+    # A suffix-less DICOM export is found by its magic and decoded as DICOM.
+    bare = write_dicom(tmp_path / "IM0001", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    assert is_dicom(bare) and not is_dicom(path)
+    assert decode_image(bare)[0].shape == (4, 4, 1)
+
+    corrupt = {"unreadable or corrupt", "not a DICOM file"}
+    for reason, bad in _bad_files(tmp_path / "bad").items():
+        with pytest.raises(BadFile, match=reason) as err:
+            decode_image(bad)
+        assert err.value.path == str(bad) and err.value.corrupt == (reason in corrupt)
 
 
 def test_progress_bar_shows_for_many_files(tmp_path, capsys):

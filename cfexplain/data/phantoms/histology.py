@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import Dataset
 
+from cfexplain.data import ImageDataset
 from cfexplain.data.phantoms.knee import (
     area_down,
     band_noise,
@@ -141,6 +141,40 @@ def _splat_nuclei(nuc: dict[str, np.ndarray], size: int, chroma: np.ndarray) -> 
     return out.reshape(size, size)
 
 
+def _nucleus_groups(
+    f: Mapping[str, float], seeds: Mapping[str, int], is_tumour: bool
+) -> list[tuple[dict[str, np.ndarray], bool]]:
+    """``(nuclei, lives inside the tumour region)`` for the normal nuclei, the lymphocyte
+    cluster (when ``lymphocytes``) and the tumour nuclei (when ``is_tumour``), each group
+    from its own stream."""
+    nrng = np.random.default_rng(seeds["normal"])
+    normal = _nuclei(
+        nrng, int(nrng.poisson(f["normal_density"])), f["normal_nucleus_radius"], 0.12, 2.2, 1.0
+    )
+    groups = [(normal, False)]
+    if f["lymphocytes"] >= 0.5:
+        lrng = np.random.default_rng(seeds["lymph"])
+        lymph = _nuclei(
+            lrng, int(lrng.poisson(40)), 0.6 * f["normal_nucleus_radius"], 0.05, 1.1, 1.6
+        )
+        cx, cy = lrng.uniform(-0.35, 0.35, 2)
+        lymph["x"] = cx + 0.09 * lrng.standard_normal(lymph["x"].size)
+        lymph["y"] = cy + 0.09 * lrng.standard_normal(lymph["y"].size)
+        groups.append((lymph, False))
+    if is_tumour:
+        rng = np.random.default_rng(seeds["tumour"])
+        tumour = _nuclei(
+            rng,
+            int(rng.poisson(f["tumour_density"])),
+            f["tumour_nucleus_radius"],
+            f["pleomorphism"],
+            1.8,
+            f["hyperchromasia"],
+        )
+        groups.append((tumour, True))
+    return groups
+
+
 def render_histology(
     factors: Mapping[str, float], seeds: Mapping[str, int], resolution: int, supersample: int = 2
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -174,32 +208,7 @@ def render_histology(
     # Nuclei: normal ones everywhere except the tumour region; larger, darker, pleomorphic and
     # crowded ones inside it; optional lymphocyte clusters (small, round, very dark) anywhere.
     chroma = np.random.default_rng(seeds["chroma"]).random((size, size), dtype=np.float32)
-    nrng = np.random.default_rng(seeds["normal"])
-    normal = _nuclei(
-        nrng, int(nrng.poisson(f["normal_density"])), f["normal_nucleus_radius"], 0.12, 2.2, 1.0
-    )
-    groups = [(normal, False)]  # (nuclei, lives inside the tumour region)
-    if f["lymphocytes"] >= 0.5:
-        lrng = np.random.default_rng(seeds["lymph"])
-        lymph = _nuclei(
-            lrng, int(lrng.poisson(40)), 0.6 * f["normal_nucleus_radius"], 0.05, 1.1, 1.6
-        )
-        cx, cy = lrng.uniform(-0.35, 0.35, 2)
-        lymph["x"] = cx + 0.09 * lrng.standard_normal(lymph["x"].size)
-        lymph["y"] = cy + 0.09 * lrng.standard_normal(lymph["y"].size)
-        groups.append((lymph, False))
-    if is_tumour:
-        rng = np.random.default_rng(seeds["tumour"])
-        tumour = _nuclei(
-            rng,
-            int(rng.poisson(f["tumour_density"])),
-            f["tumour_nucleus_radius"],
-            f["pleomorphism"],
-            1.8,
-            f["hyperchromasia"],
-        )
-        groups.append((tumour, True))
-    for nuc, in_tumour in groups:
+    for nuc, in_tumour in _nucleus_groups(f, seeds, is_tumour):
         col = np.clip(((nuc["x"] + 0.5) * size).astype(np.intp), 0, size - 1)
         row = np.clip(((nuc["y"] + 0.5) * size).astype(np.intp), 0, size - 1)
         inside = in_region[row, col]
@@ -226,7 +235,7 @@ def render_histology(
     return np.clip(np.moveaxis(rgb, 0, -1), 0.0, 1.0).astype(np.float32), masks
 
 
-class HistologyPhantom(Dataset):
+class HistologyPhantom(ImageDataset):
     """H&E tiles, normal (0) or tumour (1), generated on the fly.
 
     ``ds[i]`` is ``{"image": float32 [3, R, R] in [-1, 1], "label": int, "meta": {...}}`` with

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from scipy import fft as sp_fft
 from scipy import ndimage
-from torch.utils.data import Dataset
+
+from cfexplain.data import ImageDataset
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 TASKS = {"binary": ["KL<2", "KL>=2"], "kl": ["KL0", "KL1", "KL2", "KL3", "KL4"]}
@@ -471,93 +472,172 @@ def render_knee(
     """Image [R, R] float32 in [0, 1] and masks {name: bool [R, R]} for one knee.
 
     ``factors`` holds the disease and nuisance factors and ``marker``; ``anatomy`` comes from
-    the sampler. Pure: the same inputs give the same pixels.
+    the sampler. Pure: the same inputs give the same pixels. Each structure is drawn by one
+    method of ``_Knee``, called in the order in which its attenuation is summed.
     """
     a, f = anatomy, factors
-    size = resolution * supersample
-    grid = _Grid(f, size)
-    u, v = grid.u, grid.v
-    aa = 1.0 / (size * f["scale"])  # one supersample pixel in canonical units
-    yj, W, fx0 = a["joint_y"], a["half_width"], a["femur_x"]
-    dfm, ost, scl = f["deformity"], f["osteophyte"], f["sclerosis"]
-    xm = fx0 - W + a["rx_medial"]
-    xl = fx0 + W - a["rx_lateral"]
-    cond = {}
-    for name, xc, rx, ry in (
-        ("medial", xm, a["rx_medial"], a["ry_medial"]),
-        ("lateral", xl, a["rx_lateral"], a["ry_lateral"]),
-    ):
-        yc = _plateau_height(xc, a, xm) - a[f"jsw0_{name}"] - ry
-        # Narrowing stretches only the lower half, so the change stays at the joint.
-        cond[name] = (xc, yc, rx, ry, ry + a[f"jsw0_{name}"] - f[f"jsw_{name}"])
-    yc_top = min(c[1] for c in cond.values())
-
-    # Each structure is computed only on the rows it can reach: the femur above the joint, the
-    # tibia below it, and everything that disease touches (J) in a band around it.
-    reach = max(W, a["tibia_width"]) + 0.16  # osteophytes included
-    J = grid.box(
-        fx0 - reach,
-        fx0 + reach,
-        yc_top - 0.35 * max(a["ry_medial"], a["ry_lateral"]) - 0.02,
-        yj + 0.16,
-    )
-    F = grid.rows(-np.inf, yj + 0.13)
-    T = grid.rows(yj - 0.10, np.inf)
-    uJ, vJ = u[J], v[J]
-
-    # Tibia: plateau on top, a metaphysis funnelling into the shaft, rounded margins. Away
-    # from the joint the plateau's relief no longer matters.
-    xt, tw = a["tibia_x"], a["tibia_width"]
-    plateau = np.full(u.shape, yj, dtype=np.float32)
-    plat_J = _plateau_height(uJ, a, xm)
-    if dfm > 0:
-        # Subchondral collapse: the medial plateau dips and its surface gets dented.
-        dent = 0.5 + 0.5 * np.sin(uJ * 70.0 + a["irregular_phase"])
-        plat_J = plat_J + dfm * (0.004 * dent + 0.006 * _decay(((uJ - xm) / a["rx_medial"]) ** 2))
-    plateau[J] = plat_J
-    uT, vT = u[T], v[T]
-    below = np.maximum(vT - yj - 0.04, 0.0)
-    tib_cx = xt + math.tan(math.radians(a["tibia_tilt"])) * below
-    tib_hw = a["tibia_shaft"] + (tw - a["tibia_shaft"]) * _decay(below / a["tibia_flare"])
-    d_tibia = np.full(u.shape, -1.0, dtype=np.float32)
-    d_tibia[T] = smooth_min(vT - plateau[T], tib_hw - np.abs(uT - tib_cx), 0.035)
-
-    # Femur: a shaft flaring like a trumpet into two condyles with a notch between them.
-    uF, vF = u[F], v[F]
-    above = np.maximum(yc_top - vF, 0.0)
-    fem_cx = fx0 - math.tan(math.radians(a["femur_tilt"])) * above
-    fem_hw = a["femur_shaft"] + (W - a["femur_shaft"]) * _decay(above / a["femur_flare"])
-    d_femur = np.full(u.shape, -1.0, dtype=np.float32)
-    d_femur[F] = np.minimum(fem_hw - np.abs(uF - fem_cx), yc_top + 0.01 - vF)
-    cond_sdf = {}
-    for name, (xc, yc, rx, ry, ry_low) in cond.items():
-        # Boxes reach past each shape by more than its blending radius, so nothing is cut.
-        box = grid.box(xc - rx - 0.03, xc + rx + 0.03, yc - 0.35 * ry - 0.03, yc + ry_low + 0.03)
-        ub, vb = u[box], v[box]
-        # A low upper cap lets the metaphysis flare, not the ellipse, shape the shoulders.
-        d_c = _condyle_sdf(ub, vb, xc, yc, rx, 0.35 * ry, ry_low, 2.5 * dfm)
-        if dfm > 0:
-            # Eroded, irregular articular surface: only ever removes bone.
-            bumps = 1.0 + np.sin(ub * 45.0 + 2.0 * a["irregular_phase"])
-            d_c = d_c - (vb > yc) * np.float32(dfm * 0.0035) * bumps
-        d_femur[box] = smooth_max(d_femur[box], d_c, 0.02)
-        full = np.full(u.shape, -1.0, dtype=np.float32)
-        full[box] = d_c
-        cond_sdf[name] = full[J]
-    notch_y = max(c[1] + c[4] for c in cond.values())
-    nw, nh = a["notch_width"], a["notch_height"]
-    box = grid.box(fx0 - nw - 0.02, fx0 + nw + 0.02, notch_y - nh - 0.02, notch_y + 0.02)
-    d_notch = _ellipse_sdf(u[box], v[box], fx0, notch_y, nw, nh)
-    d_femur[box] = smooth_min(d_femur[box], -d_notch, 0.01)
-
-    # Osteophytes: beaks at the four joint margins, continuing the articular surface outwards.
+    k = _Knee(f, a, resolution, supersample)
+    d_tibia, tib_hw, tib_cx, below = k.tibia()
+    d_femur, fem_hw, fem_cx, above, cond_sdf = k.femur()
+    # Osteophytes grow both bones in place; their mask is what lies outside the plain bones.
     fem_plain, tib_plain = d_femur.copy(), d_tibia.copy()
-    spur = None
-    if ost > 0:
+    spur = k.osteophytes(d_femur, d_tibia) if f["osteophyte"] > 0 else None
+
+    # One stream for the texture and then the detector noise: both fixed by the seed.
+    trng = np.random.default_rng(a["texture_seed"])
+    tex = k.texture(trng)
+    att = k.soft_tissue()
+    att[k.F] += k.bone(k.F, d_femur, fem_hw, fem_cx, _decay(above / (2.0 * a["femur_flare"])), tex)
+    att[k.T] += k.bone(k.T, d_tibia, tib_hw, tib_cx, _decay(below / (2.0 * a["tibia_flare"])), tex)
+    k.add_fibula(att, tex)
+    k.add_patella(att)
+    scl_shape = k.sclerosis(tib_plain, cond_sdf) if f["sclerosis"] > 0 else None
+    if scl_shape is not None:
+        att[k.J] += (1.1 * f["sclerosis"]) * scl_shape
+
+    img = 1.0 - np.exp(att * np.float32(-f["exposure"]))
+    img = area_down(clip01(img) ** np.float32(f["gamma"]), supersample)
+    masks = k.masks(cond_sdf, spur, fem_plain, tib_plain, scl_shape)
+
+    # Burned-in lead marker on the detector: image frame, not anatomy frame.
+    has_marker = f["marker"] >= 0.5
+    marker_cov = np.zeros((resolution, resolution), dtype=np.float32)
+    if has_marker:
+        img, marker_cov = _draw_marker(img, int(a["marker_corner"]), f["laterality"], resolution)
+    masks["marker"] = coverage_mask(marker_cov, marker_cov, has_marker)
+
+    sigma = f["blur"] * resolution
+    if sigma > 0.25:
+        img = ndimage.gaussian_filter(img, sigma, mode="nearest")
+    img = img + np.float32(f["noise"]) * trng.standard_normal(img.shape, dtype=np.float32)
+    return clip01(img).astype(np.float32), masks
+
+
+# A condyle: centre (x, y), half-width, upper and lower half-heights (the lower one narrowed).
+_Condyle = tuple[float, float, float, float, float]
+
+
+class _Knee:
+    """One knee in its canonical frame: the (u, v) of every supersampled pixel [S, S], the
+    condyles, the tibial plateau, and the windows of rows each structure can reach. Signed
+    distances are > 0 inside a shape; each method draws one structure."""
+
+    def __init__(
+        self,
+        factors: Mapping[str, float],
+        anatomy: Mapping[str, Any],
+        resolution: int,
+        supersample: int,
+    ) -> None:
+        a, f = anatomy, factors
+        self.a, self.f, self.resolution, self.supersample = a, f, resolution, supersample
+        size = resolution * supersample
+        self.grid = grid = _Grid(f, size)
+        self.u, self.v = u, v = grid.u, grid.v
+        self.aa = 1.0 / (size * f["scale"])  # one supersample pixel in canonical units
+        yj, W, fx0 = a["joint_y"], a["half_width"], a["femur_x"]
+        self.xm = xm = fx0 - W + a["rx_medial"]
+        xl = fx0 + W - a["rx_lateral"]
+        self.cond: dict[str, _Condyle] = {}
+        for name, xc, rx, ry in (
+            ("medial", xm, a["rx_medial"], a["ry_medial"]),
+            ("lateral", xl, a["rx_lateral"], a["ry_lateral"]),
+        ):
+            yc = _plateau_height(xc, a, xm) - a[f"jsw0_{name}"] - ry
+            # Narrowing stretches only the lower half, so the change stays at the joint.
+            self.cond[name] = (xc, yc, rx, ry, ry + a[f"jsw0_{name}"] - f[f"jsw_{name}"])
+        self.yc_top = min(c[1] for c in self.cond.values())
+
+        # Each structure is computed only on the rows it can reach: the femur above the joint,
+        # the tibia below it, and everything that disease touches (J) in a band around it.
+        reach = max(W, a["tibia_width"]) + 0.16  # osteophytes included
+        self.J = grid.box(
+            fx0 - reach,
+            fx0 + reach,
+            self.yc_top - 0.35 * max(a["ry_medial"], a["ry_lateral"]) - 0.02,
+            yj + 0.16,
+        )
+        self.F = grid.rows(-np.inf, yj + 0.13)
+        self.T = grid.rows(yj - 0.10, np.inf)
+        self.uJ, self.vJ = u[self.J], v[self.J]
+        self.plat_J = _plateau_height(self.uJ, a, xm)
+        dfm = f["deformity"]
+        if dfm > 0:
+            # Subchondral collapse: the medial plateau dips and its surface gets dented.
+            dent = 0.5 + 0.5 * np.sin(self.uJ * 70.0 + a["irregular_phase"])
+            decay = _decay(((self.uJ - xm) / a["rx_medial"]) ** 2)
+            self.plat_J = self.plat_J + dfm * (0.004 * dent + 0.006 * decay)
+
+    def tibia(self) -> tuple[np.ndarray, Any, Any, np.ndarray]:
+        """Signed distance [S, S] of the tibia (-1 off rows T), and on rows T the shaft's
+        half-width, centre and depth below the joint."""
+        a, u, v, T = self.a, self.u, self.v, self.T
+        # Plateau on top, a metaphysis funnelling into the shaft, rounded margins. Away from
+        # the joint the plateau's relief no longer matters.
+        yj, xt, tw = a["joint_y"], a["tibia_x"], a["tibia_width"]
+        plateau = np.full(u.shape, yj, dtype=np.float32)
+        plateau[self.J] = self.plat_J
+        uT, vT = u[T], v[T]
+        below = np.maximum(vT - yj - 0.04, 0.0)
+        tib_cx = xt + math.tan(math.radians(a["tibia_tilt"])) * below
+        tib_hw = a["tibia_shaft"] + (tw - a["tibia_shaft"]) * _decay(below / a["tibia_flare"])
+        d_tibia = np.full(u.shape, -1.0, dtype=np.float32)
+        d_tibia[T] = smooth_min(vT - plateau[T], tib_hw - np.abs(uT - tib_cx), 0.035)
+        return d_tibia, tib_hw, tib_cx, below
+
+    def femur(self) -> tuple[np.ndarray, Any, Any, np.ndarray, dict[str, np.ndarray]]:
+        """Signed distance [S, S] of the femur (-1 off rows F); on rows F the shaft's
+        half-width, centre and height above the condyles; each condyle's distance on J."""
+        a, u, v, F, grid = self.a, self.u, self.v, self.F, self.grid
+        fx0, yc_top = a["femur_x"], self.yc_top
+        # A shaft flaring like a trumpet into two condyles with a notch between them.
+        uF, vF = u[F], v[F]
+        above = np.maximum(yc_top - vF, 0.0)
+        fem_cx = fx0 - math.tan(math.radians(a["femur_tilt"])) * above
+        fem_hw = a["femur_shaft"] + (a["half_width"] - a["femur_shaft"]) * _decay(
+            above / a["femur_flare"]
+        )
+        d_femur = np.full(u.shape, -1.0, dtype=np.float32)
+        d_femur[F] = np.minimum(fem_hw - np.abs(uF - fem_cx), yc_top + 0.01 - vF)
+        cond_sdf = self._condyles(d_femur)
+        notch_y = max(c[1] + c[4] for c in self.cond.values())
+        nw, nh = a["notch_width"], a["notch_height"]
+        box = grid.box(fx0 - nw - 0.02, fx0 + nw + 0.02, notch_y - nh - 0.02, notch_y + 0.02)
+        d_notch = _ellipse_sdf(u[box], v[box], fx0, notch_y, nw, nh)
+        d_femur[box] = smooth_min(d_femur[box], -d_notch, 0.01)
+        return d_femur, fem_hw, fem_cx, above, cond_sdf
+
+    def _condyles(self, d_femur: np.ndarray) -> dict[str, np.ndarray]:
+        """Blend both condyles into ``d_femur`` in place; return each one's distance on J."""
+        u, v, dfm = self.u, self.v, self.f["deformity"]
+        cond_sdf = {}
+        for name, (xc, yc, rx, ry, ry_low) in self.cond.items():
+            # Boxes reach past each shape by more than its blending radius, so nothing is cut.
+            box = self.grid.box(
+                xc - rx - 0.03, xc + rx + 0.03, yc - 0.35 * ry - 0.03, yc + ry_low + 0.03
+            )
+            ub, vb = u[box], v[box]
+            # A low upper cap lets the metaphysis flare, not the ellipse, shape the shoulders.
+            d_c = _condyle_sdf(ub, vb, xc, yc, rx, 0.35 * ry, ry_low, 2.5 * dfm)
+            if dfm > 0:
+                # Eroded, irregular articular surface: only ever removes bone.
+                bumps = 1.0 + np.sin(ub * 45.0 + 2.0 * self.a["irregular_phase"])
+                d_c = d_c - (vb > yc) * np.float32(dfm * 0.0035) * bumps
+            d_femur[box] = smooth_max(d_femur[box], d_c, 0.02)
+            full = np.full(u.shape, -1.0, dtype=np.float32)
+            full[box] = d_c
+            cond_sdf[name] = full[self.J]
+        return cond_sdf
+
+    def osteophytes(self, d_femur: np.ndarray, d_tibia: np.ndarray) -> np.ndarray:
+        """Beaks at the four joint margins, continuing the articular surface outwards: blended
+        into both bones in place; returns the spurs' own signed distance [S, S]."""
+        a, u, v = self.a, self.u, self.v
+        xt, tw, ost = a["tibia_x"], a["tibia_width"], self.f["osteophyte"]
         spur = np.full(u.shape, -1.0, dtype=np.float32)
         ang = math.radians(a["spur_angle"])
         for k, (name, side) in enumerate((("medial", -1.0), ("lateral", 1.0))):
-            xc, yc, rx, _, ry_low = cond[name]
+            xc, yc, rx, _, ry_low = self.cond[name]
             tx = xt + side * (tw - 0.015)
             # Femoral beaks curl down, tibial ones up: both towards the joint line.
             for bone_d, ax, ay, dx, dy, bend, site in (
@@ -573,7 +653,7 @@ def render_knee(
                 (
                     d_tibia,
                     tx,
-                    _plateau_height(tx, a, xm) + 0.014,
+                    _plateau_height(tx, a, self.xm) + 0.014,
                     side * 0.94,
                     -0.34,
                     -0.3 * side,
@@ -582,29 +662,34 @@ def render_knee(
             ):
                 length = ost * a[f"spur_size_{site}"]
                 r = 1.2 * length + 0.015
-                box = grid.box(ax - r, ax + r, ay - r, ay + r)
+                box = self.grid.box(ax - r, ax + r, ay - r, ay + r)
                 d_s = _spur_sdf(
                     u[box], v[box], ax, ay, dx, dy, length, a[f"spur_width_{site}"], bend
                 )
                 bone_d[box] = smooth_max(bone_d[box], d_s, 0.006)
                 spur[box] = np.maximum(spur[box], d_s)
+        return spur
 
-    # Trabecular texture lives in the canonical frame so it turns with the bone.
-    tsize = max(32, resolution)  # a power of two, so wrapping is a bit mask
-    # One stream for the texture and then the detector noise: both fixed by the seed.
-    trng = np.random.default_rng(a["texture_seed"])
-    grain = a["texture_grain"]
-    tile = band_noise(trng, tsize, 0.45 * grain, 1.6 * grain, aspect=2.0)
-    scale_t = tsize / 1.5  # the tile spans 1.5 canonical units
-    # The offset keeps the values positive, so truncation is a floor.
-    ti = (v * scale_t + 512.0).astype(np.int32) & (tsize - 1)
-    tj = (u * scale_t + 512.0).astype(np.int32) & (tsize - 1)
-    tex = tile.ravel()[ti * tsize + tj]
+    def texture(self, trng: np.random.Generator) -> np.ndarray:
+        """Trabecular texture [S, S]; it lives in the canonical frame so it turns with the bone."""
+        tsize = max(32, self.resolution)  # a power of two, so wrapping is a bit mask
+        grain = self.a["texture_grain"]
+        tile = band_noise(trng, tsize, 0.45 * grain, 1.6 * grain, aspect=2.0)
+        scale_t = tsize / 1.5  # the tile spans 1.5 canonical units
+        # The offset keeps the values positive, so truncation is a floor.
+        ti = (self.v * scale_t + 512.0).astype(np.int32) & (tsize - 1)
+        tj = (self.u * scale_t + 512.0).astype(np.int32) & (tsize - 1)
+        return tile.ravel()[ti * tsize + tj]
 
-    def bone(rows: slice, d: np.ndarray, hw: Any, cx: Any, epi: Any) -> np.ndarray:
+    def bone(
+        self, rows: slice, d: np.ndarray, hw: Any, cx: Any, epi: Any, tex: np.ndarray
+    ) -> np.ndarray:
+        """Attenuation on ``rows`` of a bone of signed distance ``d`` [S, S], half-width ``hw``
+        and centre ``cx``; ``epi`` is 1 at its end (epiphysis) and 0 along the shaft."""
+        a = self.a
         d = d[rows]
-        inside = clip01(d / aa + 0.5)
-        chord = np.sqrt(clip01(1.0 - ((u[rows] - cx) / hw) ** 2))
+        inside = clip01(d / self.aa + 0.5)
+        chord = np.sqrt(clip01(1.0 - ((self.u[rows] - cx) / hw) ** 2))
         # Shafts: a thick cortex around a hollow medulla; ends: a thin shell around dense
         # cancellous bone.
         ct = 0.006 + 0.012 * (1.0 - epi)
@@ -613,94 +698,109 @@ def render_knee(
         dens = dens * (1.0 + a["texture_amp"] * tex[rows] * (0.3 + 0.7 * epi))
         return inside * (dens + a["cortex_density"] * (0.7 + 0.5 * (1.0 - epi)) * rim)
 
-    # Soft tissue: a cylinder whose projected thickness is its chord, fuller at the joint.
-    soft_hw = W + a["soft_margin"] + 0.03 * _decay(((v - yj) / 0.25) ** 2)
-    att = a["background"] + a["soft_density"] * np.sqrt(clip01(1.0 - (u / soft_hw) ** 2))
-    att[F] += bone(F, d_femur, fem_hw, fem_cx, _decay(above / (2.0 * a["femur_flare"])))
-    att[T] += bone(T, d_tibia, tib_hw, tib_cx, _decay(below / (2.0 * a["tibia_flare"])))
+    def soft_tissue(self) -> np.ndarray:
+        """Attenuation [S, S] of the background and the soft tissue: a cylinder whose projected
+        thickness is its chord, fuller at the joint."""
+        a, u, v = self.a, self.u, self.v
+        soft_hw = (
+            a["half_width"] + a["soft_margin"] + 0.03 * _decay(((v - a["joint_y"]) / 0.25) ** 2)
+        )
+        return a["background"] + a["soft_density"] * np.sqrt(clip01(1.0 - (u / soft_hw) ** 2))
 
-    # Fibula: head below the lateral plateau, overlapping the tibia, tapering into the shaft.
-    fx = xt + a["fibula_x"] * tw
-    fy = yj + a["fibula_y"]
-    B = grid.rows(fy - a["fibula_ry"] - 0.02, np.inf)
-    uB, vB = u[B], v[B]
-    d_fib = np.zeros(u.shape, dtype=np.float32)
-    down = np.maximum(vB - fy, 0.0)
-    neck = _decay(down / 0.07)
-    fib_hw = a["fibula_shaft"] + (a["fibula_rx"] - a["fibula_shaft"]) * neck
-    fib_cx = (fx - 0.2 * a["fibula_rx"]) + a["fibula_slope"] * down + (0.2 * a["fibula_rx"]) * neck
-    d_head = _ellipse_sdf(uB, vB, fx, fy, a["fibula_rx"], a["fibula_ry"])
-    d_fib[B] = np.maximum(d_head, np.minimum(fib_hw - np.abs(uB - fib_cx), vB - fy + 0.02))
-    att[B] += 0.7 * bone(B, d_fib, fib_hw, fib_cx, _decay(down / 0.08))
+    def add_fibula(self, att: np.ndarray, tex: np.ndarray) -> None:
+        """Head below the lateral plateau, overlapping the tibia, tapering into the shaft."""
+        a, u, v = self.a, self.u, self.v
+        fx = a["tibia_x"] + a["fibula_x"] * a["tibia_width"]
+        fy = a["joint_y"] + a["fibula_y"]
+        B = self.grid.rows(fy - a["fibula_ry"] - 0.02, np.inf)
+        uB, vB = u[B], v[B]
+        d_fib = np.zeros(u.shape, dtype=np.float32)
+        down = np.maximum(vB - fy, 0.0)
+        neck = _decay(down / 0.07)
+        fib_hw = a["fibula_shaft"] + (a["fibula_rx"] - a["fibula_shaft"]) * neck
+        fib_cx = (
+            (fx - 0.2 * a["fibula_rx"]) + a["fibula_slope"] * down + (0.2 * a["fibula_rx"]) * neck
+        )
+        d_head = _ellipse_sdf(uB, vB, fx, fy, a["fibula_rx"], a["fibula_ry"])
+        d_fib[B] = np.maximum(d_head, np.minimum(fib_hw - np.abs(uB - fib_cx), vB - fy + 0.02))
+        att[B] += 0.7 * self.bone(B, d_fib, fib_hw, fib_cx, _decay(down / 0.08), tex)
 
-    # Patella: a faint oval superimposed on the distal femur.
-    P = grid.rows(yj - a["patella_y"] - a["patella_ry"], yj - a["patella_y"] + a["patella_ry"])
-    pu = (u[P] - a["patella_x"]) / a["patella_rx"]
-    pv = (v[P] - (yj - a["patella_y"])) / a["patella_ry"]
-    att[P] += a["patella_density"] * np.sqrt(clip01(1.0 - pu * pu - pv * pv))
+    def add_patella(self, att: np.ndarray) -> None:
+        """A faint oval superimposed on the distal femur."""
+        a, yj = self.a, self.a["joint_y"]
+        P = self.grid.rows(
+            yj - a["patella_y"] - a["patella_ry"], yj - a["patella_y"] + a["patella_ry"]
+        )
+        pu = (self.u[P] - a["patella_x"]) / a["patella_rx"]
+        pv = (self.v[P] - (yj - a["patella_y"])) / a["patella_ry"]
+        att[P] += a["patella_density"] * np.sqrt(clip01(1.0 - pu * pu - pv * pv))
 
-    # Subchondral sclerosis: a dense band under the plateau and inside each condyle's lower
-    # surface, strongest medially where the load is.
-    scl_shape = None
-    if scl > 0:
+    def sclerosis(self, tib_plain: np.ndarray, cond_sdf: dict[str, np.ndarray]) -> np.ndarray:
+        """Subchondral sclerosis on J: a dense band under the plateau and inside each condyle's
+        lower surface, strongest medially where the load is."""
+        uJ, vJ, aa = self.uJ, self.vJ, self.aa
         depth = 0.028
-        tib_band = clip01(tib_plain[J] / aa + 0.5) * _decay(np.maximum(vJ - plat_J, 0.0) / depth)
+        tib_band = clip01(tib_plain[self.J] / aa + 0.5) * _decay(
+            np.maximum(vJ - self.plat_J, 0.0) / depth
+        )
+        scl_shape = None
         for name, weight in (("medial", 1.0), ("lateral", 0.6)):
-            xc, yc, rx, _, _ = cond[name]
+            xc, yc, rx, _, _ = self.cond[name]
             d_c = cond_sdf[name]
             t2 = ((uJ - xc) / (0.75 * rx)) ** 2
             fem_band = clip01(d_c / aa + 0.5) * (vJ > yc) * _decay(np.maximum(d_c, 0.0) / depth)
             part = (weight * _decay(t2 * t2)) * np.maximum(fem_band, tib_band)
             scl_shape = part if scl_shape is None else np.maximum(scl_shape, part)
-        att[J] += (1.1 * scl) * scl_shape
+        assert scl_shape is not None
+        return scl_shape
 
-    img = 1.0 - np.exp(att * np.float32(-f["exposure"]))
-    img = area_down(clip01(img) ** np.float32(f["gamma"]), supersample)
+    def joint_space(self, cond_sdf: dict[str, np.ndarray]) -> np.ndarray:
+        """Bool on J: below each condyle centre, outside the condyle, above the plateau; at
+        least one output pixel thick so it never vanishes."""
+        uJ, vJ, plat_J = self.uJ, self.vJ, self.plat_J
+        thin = 0.5 / (self.resolution * self.f["scale"])
+        js = None
+        for name in ("medial", "lateral"):
+            xc, yc, rx, _, _ = self.cond[name]
+            gap = (cond_sdf[name] <= 0) & (vJ > yc) & (vJ < plat_J)
+            mid = plat_J - 0.5 * self.f[f"jsw_{name}"]
+            part = (np.abs(uJ - xc) < 0.7 * rx) & (gap | (np.abs(vJ - mid) < thin))
+            js = part if js is None else js | part
+        assert js is not None
+        return js
 
-    # Joint space: below each condyle centre, outside the condyle, above the plateau; at
-    # least one output pixel thick so it never vanishes.
-    thin = 0.5 / (resolution * f["scale"])
-    js = None
-    for name in ("medial", "lateral"):
-        xc, yc, rx, _, _ = cond[name]
-        gap = (cond_sdf[name] <= 0) & (vJ > yc) & (vJ < plat_J)
-        mid = plat_J - 0.5 * f[f"jsw_{name}"]
-        part = (np.abs(uJ - xc) < 0.7 * rx) & (gap | (np.abs(vJ - mid) < thin))
-        js = part if js is None else js | part
+    def masks(
+        self,
+        cond_sdf: dict[str, np.ndarray],
+        spur: np.ndarray | None,
+        fem_plain: np.ndarray,
+        tib_plain: np.ndarray,
+        scl_shape: np.ndarray | None,
+    ) -> dict[str, np.ndarray]:
+        """Joint space, osteophyte and sclerosis masks, bool [R, R]."""
+        R, ss = self.resolution, self.supersample
+        masks = {}
+        js_cov = self._window_mask(self.joint_space(cond_sdf))
+        masks["joint_space"] = coverage_mask(js_cov, js_cov, True)
+        if spur is not None:
+            outside = -np.maximum(fem_plain, tib_plain)
+            ost_cov = area_down(((spur > 0) & (outside >= 0)).astype(np.float32), ss)
+            ost_score = area_down(np.minimum(spur, outside), ss)
+            masks["osteophyte"] = coverage_mask(ost_cov, ost_score, True)
+        else:
+            masks["osteophyte"] = np.zeros((R, R), dtype=bool)
+        if scl_shape is not None:
+            scl_cov = self._window_mask(scl_shape > 0.35)
+            masks["sclerosis"] = coverage_mask(scl_cov, self._window_mask(scl_shape), True)
+        else:
+            masks["sclerosis"] = np.zeros((R, R), dtype=bool)
+        return masks
 
-    def window_mask(field: np.ndarray) -> np.ndarray:
-        full = np.zeros(u.shape, dtype=np.float32)
-        full[J] = field
-        return area_down(full, supersample)
-
-    masks = {}
-    js_cov = window_mask(js)
-    masks["joint_space"] = coverage_mask(js_cov, js_cov, True)
-    if spur is not None:
-        outside = -np.maximum(fem_plain, tib_plain)
-        ost_cov = area_down(((spur > 0) & (outside >= 0)).astype(np.float32), supersample)
-        ost_score = area_down(np.minimum(spur, outside), supersample)
-        masks["osteophyte"] = coverage_mask(ost_cov, ost_score, True)
-    else:
-        masks["osteophyte"] = np.zeros((resolution, resolution), dtype=bool)
-    if scl_shape is not None:
-        scl_cov = window_mask(scl_shape > 0.35)
-        masks["sclerosis"] = coverage_mask(scl_cov, window_mask(scl_shape), True)
-    else:
-        masks["sclerosis"] = np.zeros((resolution, resolution), dtype=bool)
-
-    # Burned-in lead marker on the detector: image frame, not anatomy frame.
-    has_marker = f["marker"] >= 0.5
-    marker_cov = np.zeros((resolution, resolution), dtype=np.float32)
-    if has_marker:
-        img, marker_cov = _draw_marker(img, int(a["marker_corner"]), f["laterality"], resolution)
-    masks["marker"] = coverage_mask(marker_cov, marker_cov, has_marker)
-
-    sigma = f["blur"] * resolution
-    if sigma > 0.25:
-        img = ndimage.gaussian_filter(img, sigma, mode="nearest")
-    img = img + np.float32(f["noise"]) * trng.standard_normal(img.shape, dtype=np.float32)
-    return clip01(img).astype(np.float32), masks
+    def _window_mask(self, field: np.ndarray) -> np.ndarray:
+        """A field on J, zero elsewhere, area-averaged down to [R, R]."""
+        full = np.zeros(self.u.shape, dtype=np.float32)
+        full[self.J] = field
+        return area_down(full, self.supersample)
 
 
 def _draw_marker(
@@ -753,7 +853,7 @@ def _draw_marker(
 # ----------------------------------------------------------------------------------------------
 
 
-class KneePhantom(Dataset):
+class KneePhantom(ImageDataset):
     """AP knee radiographs with KL ground truth, generated on the fly.
 
     ``ds[i]`` is ``{"image": float32 [1, R, R] in [-1, 1], "label": int, "meta": {...}}`` with
@@ -764,6 +864,13 @@ class KneePhantom(Dataset):
     """
 
     channels = 1
+    n: int
+    seed: int
+    split: str
+    task: str
+    shortcut_rate: float
+    supersample: int
+    cache: bool
 
     def __init__(
         self,
