@@ -1,9 +1,10 @@
 """Generator stage: StyleGAN2-ADA trained on the stage chain's dataset.
 
-The loop reads top to bottom: real batch → G step (non-saturating loss, lazy path length) →
-D step (logistic loss, lazy R1) → G EMA → ADA p → log → snapshot/checkpoint. Gradients are
-averaged across ranks by hand (the published recipe), so the same loop runs alone or under
-torchrun. Quality: Fréchet distance and KID on the trained classifier's features, and the class
+The stage reads top to bottom: build → train → finish. An iteration draws a real batch and
+runs its phases, written as data (:class:`Phase`, as the published loop does): G (non-saturating
+loss, lazy path length), then D (logistic loss, lazy R1); then G EMA → ADA p → log →
+snapshot/checkpoint. Gradients are averaged across ranks by hand (the published recipe), so the
+same loop runs alone or under torchrun. Quality: Fréchet distance and KID on the trained classifier's features, and the class
 shares the classifier gives generated vs real images.
 """
 
@@ -156,8 +157,9 @@ class _Batch:
 @dataclass(frozen=True)
 class Phase:
     """One optimiser step of an iteration, as data (the published loop's phases): ``loss(batch,
-    reg)`` yields the losses to backpropagate into ``module``, with its lazy regularisation
-    when ``reg`` (every ``interval`` steps; 0: never); then ``opt`` steps."""
+    reg)`` yields the losses to backpropagate into ``module``, one after the other: the main
+    one, then its lazy regularisation when ``reg`` (every ``interval`` steps; 0: never) unless
+    the loss folds it in; then ``opt`` steps."""
 
     name: str
     module: torch.nn.Module
@@ -181,9 +183,7 @@ def _g_loss(
 ) -> Iterator[torch.Tensor]:
     """Fool D; then, when ``reg``, the path-length penalty on half the batch (its own backward)."""
     fake = t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
-    loss = gan.g_nonsaturating_loss(t.D(t.augment(fake)))
-    b.stats["loss/G"] = loss.detach()
-    yield loss
+    yield gan.g_nonsaturating_loss(t.D(t.augment(fake)))
     if reg:
         n_pl = max(len(b.z) // 2, 1)
         ws_pl = _mapping(t.G, b.z[:n_pl], float(g.style_mixing)).detach().requires_grad_(True)
@@ -204,7 +204,7 @@ def _d_loss(g: DictConfig, t: _GAN, b: _Batch, reg: bool) -> Iterator[torch.Tens
     if reg:
         r1 = gan.r1_penalty(real_logits, b.real)
         loss = loss + r1.mean() * (float(g.r1_gamma) / 2) * int(g.r1_interval)
-    b.stats |= {"loss/D": loss.detach(), "real": real_logits.detach(), "fake": fake_logits.detach()}
+    b.stats |= {"real_logits": real_logits.detach(), "fake_logits": fake_logits.detach()}
     yield loss
 
 
@@ -216,7 +216,9 @@ def _run_phase(
     for m in others:
         m.requires_grad_(False)
     phase.opt.zero_grad(set_to_none=True)
-    for loss in phase.loss(b, phase.interval > 0 and step % phase.interval == 0):
+    for i, loss in enumerate(phase.loss(b, phase.interval > 0 and step % phase.interval == 0)):
+        if i == 0:  # the main loss, logged as loss/<name>
+            b.stats[f"loss/{phase.name}"] = loss.detach()
         loss.backward()
     _optimizer_step(phase.module, phase.opt, d)
     for m in others:
@@ -250,7 +252,8 @@ def _advance(g: DictConfig, t: _GAN, s: dict[str, Any], b: _Batch, d: distribute
     s["step"] += 1
     gan.ema_update(t.G_ema, t.G, gan.ema_beta(batch, s["nimg"], float(g.ema_kimg), g.ema_rampup))
     signs = torch.tensor(
-        [b.stats["real"].sign().sum().item(), b.stats["real"].numel()], dtype=torch.float64
+        [b.stats["real_logits"].sign().sum().item(), b.stats["real_logits"].numel()],
+        dtype=torch.float64,
     )
     if d.enabled:
         dist.all_reduce(signs)
@@ -334,8 +337,8 @@ def _log(run: Run, bar: tqdm, t: _GAN, s: dict[str, Any], b: _Batch) -> None:
             "loss/G": b.stats["loss/G"].item(),
             "loss/D": b.stats["loss/D"].item(),
             "ada/p": t.augment.p.item(),
-            "real_logits": b.stats["real"].mean().item(),
-            "fake_logits": b.stats["fake"].mean().item(),
+            "real_logits": b.stats["real_logits"].mean().item(),
+            "fake_logits": b.stats["fake_logits"].mean().item(),
             "pl_mean": s["pl_mean"],
             "kimg": s["nimg"] / 1000,
             "s_per_kimg": sec_per_kimg,

@@ -268,12 +268,8 @@ def _train_epoch(
     offset: int,
 ) -> None:
     """The rest of the current epoch of ``t`` (its batches not done before a resume)."""
-    n, seed, batch, total = (
-        cfg.normative,
-        int(cfg.seed),
-        int(cfg.normative.batch_size),
-        int(cfg.normative.steps),
-    )
+    n, seed = cfg.normative, int(cfg.seed)
+    batch, total = int(n.batch_size), int(n.steps)
     schedule = dict(
         base=1.0, warmup=int(n.warmup_steps), total=total, min_ratio=float(n.min_lr_ratio)
     )
