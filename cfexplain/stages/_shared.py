@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cfexplain.data import collate
 from cfexplain.utils import distributed
@@ -51,6 +51,25 @@ def epoch_batches(
     return [
         perm[s * batch + rank * per_rank : s * batch + (rank + 1) * per_rank] for s in range(steps)
     ]
+
+
+def epoch_loader(
+    ds: Dataset,
+    batch: int,
+    seed: int,
+    epoch: int,
+    step: int,
+    d: distributed.Dist,
+    num_workers: int,
+    collate_fn: Callable = collate,
+) -> DataLoader:
+    """This rank's batches of ``epoch`` from global ``step`` on: those done before a resume
+    (the epoch's first ``step - epoch * steps_per_epoch``) are left out."""
+    batches = epoch_batches(len(ds), batch, seed, epoch, d.rank, d.world)
+    skip = step - epoch * (len(ds) // batch)
+    return DataLoader(
+        ds, batch_sampler=batches[skip:], collate_fn=collate_fn, num_workers=num_workers
+    )
 
 
 def real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:
@@ -109,7 +128,9 @@ class Checkpoint:
         {"step": int, "states": [name, ...], name: state_dict, ..., "rng": ..., key: extra, ...}
     """
 
-    def __init__(self, run: Run, d: distributed.Dist, rng: bool = False, **states: Stateful):
+    def __init__(
+        self, run: Run, d: distributed.Dist, rng: bool = False, **states: Stateful
+    ) -> None:
         self.run, self.d, self.rng = run, d, rng
         self.path = run.dir / STATE_FILE
         self.states: dict[str, Stateful] = dict(states)

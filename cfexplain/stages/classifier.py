@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset, collate
 from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_external
-from cfexplain.stages._shared import Checkpoint, epoch_batches, lr_at, write_artifact
+from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.seeding import Stream, generator
@@ -157,11 +157,7 @@ def _train_epoch(
 ) -> None:
     """The rest of epoch ``s['epoch']``: its batches not done before a resume."""
     c, seed, batch = cfg.classifier, int(cfg.seed), int(cfg.classifier.batch_size)
-    batches = epoch_batches(len(ds), batch, seed, s["epoch"], d.rank, d.world)
-    skip = s["step"] - s["epoch"] * (len(ds) // batch)  # batches done before a resume
-    loader = DataLoader(
-        ds, batch_sampler=batches[skip:], collate_fn=collate, num_workers=int(cfg.data.num_workers)
-    )
+    loader = epoch_loader(ds, batch, seed, s["epoch"], s["step"], d, int(cfg.data.num_workers))
     ddp.train()
     for x, y, _ in loader:
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)

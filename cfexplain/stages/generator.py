@@ -68,7 +68,8 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             resumed_from_kimg=round(s["nimg"] / 1000, 3),
         )
     _train(cfg, run, t, s, train_ds, quality, ckpt, d)
-    return _finish(cfg, run, t, s, train_ds, quality, d)
+    more = {"data": train_ds.source, **(quality.info if quality else {})}
+    return _finish(cfg, run, t, s, more, d)
 
 
 def _start() -> dict[str, Any]:
@@ -358,15 +359,10 @@ def _snapshot(
 
 
 def _finish(
-    cfg: DictConfig,
-    run: Run,
-    t: _GAN,
-    s: dict[str, Any],
-    ds: Dataset,
-    quality: _Quality | None,
-    d: distributed.Dist,
+    cfg: DictConfig, run: Run, t: _GAN, s: dict[str, Any], more: dict[str, Any], d: distributed.Dist
 ) -> Artifact:
-    """Save the kept G_ema (and the last one, G and D) with its metrics; write the artifact."""
+    """Save the kept G_ema (and the last one, G and D) with its metrics; write the artifact
+    with ``more`` info (the data, the quality metrics' references)."""
     g = cfg.generator
     files = {
         "G_ema": "G_ema.safetensors",
@@ -404,16 +400,14 @@ def _finish(
         }
         run.summary(metrics)
     info = {
-        "data": ds.source,
         "G": f"{g.G._target_} {t.g_kwargs}",
         "D": f"{g.D._target_} {t.d_kwargs}",
         "G_parameters": sum(p.numel() for p in t.G.parameters()),
         "D_parameters": sum(p.numel() for p in t.D.parameters()),
         "processes": d.world,
         "device": str(d.device),
-        **(quality.info if quality else {}),
     }
-    return write_artifact(run, metrics, files, info)
+    return write_artifact(run, metrics, files, more | info)
 
 
 # ----------------------------------------------------------------------------- loop pieces

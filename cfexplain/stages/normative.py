@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from cfexplain.data import build_dataset, collate
 from cfexplain.data.phantoms.knee import JSW_DEFINITE
 from cfexplain.nn import normative as nm
-from cfexplain.stages._shared import Checkpoint, epoch_batches, lr_at, write_artifact
+from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
@@ -274,11 +274,8 @@ def _train_epoch(
         base=1.0, warmup=int(n.warmup_steps), total=total, min_ratio=float(n.min_lr_ratio)
     )
     epoch = t.loop["step"] // (len(ds) // batch)
-    batches = epoch_batches(len(ds), batch, seed + t.key, epoch, d.rank, d.world)
-    skip = t.loop["step"] - epoch * (len(ds) // batch)
-    loader = DataLoader(
-        ds, batch_sampler=batches[skip:], collate_fn=collate, num_workers=int(cfg.data.num_workers)
-    )
+    workers = int(cfg.data.num_workers)
+    loader = epoch_loader(ds, batch, seed + t.key, epoch, t.loop["step"], d, workers)
     for x, y, _ in loader:
         bad = sorted(set(y.tolist()) - set(healthy))
         assert not bad, f"normative: labels {bad} reached training; only {healthy} may"

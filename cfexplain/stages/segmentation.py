@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cfexplain.nn.segmentation import UNet, dice_scores, predict_masks, segmentation_loss
-from cfexplain.stages._shared import Checkpoint, epoch_batches, lr_at, write_artifact
+from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
@@ -202,14 +202,8 @@ def _train_epoch(
         base=float(s.lr), warmup=int(s.warmup_steps), total=total, min_ratio=float(s.min_lr_ratio)
     )
     epoch = loop["step"] // (len(ds) // batch)
-    batches = epoch_batches(len(ds), batch, int(cfg.seed) + SEED_KEY, epoch, d.rank, d.world)
-    skip = loop["step"] - epoch * (len(ds) // batch)  # batches of this epoch done before a resume
-    loader = DataLoader(
-        ds,
-        batch_sampler=batches[skip:],
-        collate_fn=_collate(classes),
-        num_workers=int(cfg.data.num_workers),
-    )
+    seed, workers = int(cfg.seed) + SEED_KEY, int(cfg.data.num_workers)
+    loader = epoch_loader(ds, batch, seed, epoch, loop["step"], d, workers, _collate(classes))
     for x, masks in loader:
         x, masks = x.to(d.device, non_blocking=True), masks.to(d.device, non_blocking=True)
         for g in opt.param_groups:

@@ -128,10 +128,9 @@ def test_a_resume_logs_every_step_once(smoke_cfg, monkeypatch):
             raise RuntimeError("power cut")
         return real_lr_at(step, **kw)
 
-    monkeypatch.setattr(stage, "lr_at", crash_at_aae_step_12)
-    with pytest.raises(RuntimeError, match="power cut"):
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="power cut"):
+        patch.setattr(stage, "lr_at", crash_at_aae_step_12)
         run_chain(smoke_cfg(*overrides))
-    monkeypatch.setattr(stage, "lr_at", real_lr_at)
     art = run_chain(smoke_cfg(*overrides))["normative"]
     assert art.info["resumed_from_steps"] == {"vae": 14, "aae": 8}
     rows = [json.loads(line) for line in (art.dir / "log.jsonl").read_text().splitlines()]
