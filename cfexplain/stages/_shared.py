@@ -146,7 +146,7 @@ class Checkpoint:
             self.saved = None
         if self.saved is None:
             return None
-        self._restore(self.states)
+        self._restore(self.saved, self.states)
         if self.rng:
             set_rng_state(self.saved["rng"])
         self.run.rewind(int(self.saved["step"]))
@@ -162,11 +162,13 @@ class Checkpoint:
         """Save these states too; restore them now from the loaded ``state.pt`` if it has them."""
         self.states |= states
         if self.saved is not None:
-            self._restore({k: v for k, v in states.items() if k in self.saved["states"]})
+            names = self.saved["states"]
+            self._restore(self.saved, {k: v for k, v in states.items() if k in names})
 
-    def _restore(self, states: Mapping[str, Stateful]) -> None:
+    @staticmethod
+    def _restore(saved: Mapping[str, Any], states: Mapping[str, Stateful]) -> None:
         for name, obj in states.items():
-            obj.load_state_dict(self.saved[name])
+            obj.load_state_dict(saved[name])
 
     def announce(self, where: str, **notes: Any) -> None:
         """Log the resume (``where``: from which point) and note it in the artifact's info."""

@@ -142,7 +142,7 @@ def _build(cfg: DictConfig, run: Run, d: distributed.Dist) -> _Trainee:
     log.info(f"[encoder] perceptual distance: {perceptual.kind} — {perceptual.note}")
 
     torch.manual_seed(seed)
-    kwargs = {
+    kwargs: dict[str, Any] = {
         k: v for k, v in OmegaConf.to_container(e.model, resolve=True).items() if k != "_target_"
     }
     kwargs |= dict(img_resolution=res, img_channels=ch, w_dim=G.w_dim, num_ws=G.num_ws)

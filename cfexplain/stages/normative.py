@@ -2,6 +2,8 @@
 
 The models in ``normative.models`` train one after the other; each keeps its own resumable
 state inside the stage's ``state.pt``, so a kill resumes in the middle of the model it hit.
+Their steps count on in ``log.jsonl`` and ``state.pt``: the second model's step 1 is
+``normative.steps + 1``.
 Training sees only images whose label is in ``normative.healthy_labels`` (checked per batch).
 Metrics per model: image-level AUC of the anomaly score, diseased vs healthy test images; with
 ground-truth masks (phantoms), pixel-level AUROC and best Dice of the residual map against the
@@ -193,7 +195,9 @@ def _trainee(name: str, cfg: DictConfig, d: distributed.Dist) -> _Trainee:
     n, key = cfg.normative, nm.MODEL_NAMES.index(name) + 1
     model = _build(cfg, name, d.device, int(cfg.seed) + key)
     modules: dict[str, torch.nn.Module] = {"model": model}
-    opts = {"ae": torch.optim.Adam(model.parameters(), lr=float(n.lr), betas=tuple(n.betas))}
+    opts: dict[str, torch.optim.Optimizer] = {
+        "ae": torch.optim.Adam(model.parameters(), lr=float(n.lr), betas=tuple(n.betas))
+    }
     if name == "aae":
         disc = nm.LatentDiscriminator(int(np.prod(model.latent_shape)), int(n.aae.d_hidden)).to(
             d.device
