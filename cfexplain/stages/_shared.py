@@ -1,4 +1,5 @@
-"""Pieces every training stage's loop uses: seeded image draws, the time budget, the artifact.
+"""Pieces every training stage's loop uses: seeded image draws and batches, the learning rate,
+the time budget, the checkpoint, the artifact.
 
 Private to ``cfexplain.stages`` (not a stage: it is not in the chain).
 """
@@ -7,16 +8,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cfexplain.data import collate
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, torch_load, torch_save
+from cfexplain.utils.artifacts import STATE_FILE, Artifact, load_state, torch_save
 from cfexplain.utils.seeding import Stream, generator, rng_state, set_rng_state
 from cfexplain.utils.tracking import Run
 
@@ -27,6 +28,48 @@ def sample_images(ds: Dataset, n: int, seed: int, key: int) -> torch.Tensor:
     """``n`` distinct images ``[n, C, H, W]`` of ``ds``, the same for the same ``(seed, key)``."""
     idx = torch.randperm(len(ds), generator=generator(seed, key))[:n].tolist()
     return collate([ds[i] for i in idx])[0]
+
+
+def lr_at(step: int, *, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to ``base``, then cosine decay to ``base * min_ratio`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def epoch_batches(
+    n: int, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This rank's batches of one epoch: a seeded permutation, full global batches only.
+
+    ``batch`` is the global batch; each rank takes its ``batch // world`` share of every batch.
+    """
+    perm = torch.randperm(n, generator=generator(seed, Stream.EPOCH_ORDER, epoch)).tolist()
+    per_rank = batch // world
+    steps = n // batch
+    return [
+        perm[s * batch + rank * per_rank : s * batch + (rank + 1) * per_rank] for s in range(steps)
+    ]
+
+
+def epoch_loader(
+    ds: Dataset,
+    batch: int,
+    seed: int,
+    epoch: int,
+    step: int,
+    d: distributed.Dist,
+    num_workers: int,
+    collate_fn: Callable = collate,
+) -> DataLoader:
+    """This rank's batches of ``epoch`` from global ``step`` on: those done before a resume
+    (the epoch's first ``step - epoch * steps_per_epoch``) are left out."""
+    batches = epoch_batches(len(ds), batch, seed, epoch, d.rank, d.world)
+    skip = step - epoch * (len(ds) // batch)
+    return DataLoader(
+        ds, batch_sampler=batches[skip:], collate_fn=collate_fn, num_workers=num_workers
+    )
 
 
 def real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:
@@ -65,40 +108,81 @@ def write_artifact(
     return artifact
 
 
-def resume_state(
-    run: Run, model: torch.nn.Module, opt: torch.optim.Optimizer, loop: dict[str, Any], stage: str
-) -> dict[str, Any]:
-    """Model, optimiser and RNG from the stage's resumable ``state.pt`` when there is one; the
-    loop counters saved with them, else ``loop`` as given."""
-    state_file = run.dir / STATE_FILE
-    if not state_file.is_file():
-        return loop
-    saved = torch_load(state_file)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
-    loop = dict(saved["loop"])
-    log.info(f"[{stage}] resumed from {state_file} at step {loop['step']}")
-    run.notes["resumed_from_step"] = loop["step"]
-    return loop
+class Stateful(Protocol):
+    """What a checkpoint saves by name: a module, an optimiser, an augment pipe..."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any: ...
 
 
-def save_state(
-    run: Run,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    loop: Mapping[str, Any],
-    d: distributed.Dist,
-) -> None:
-    """Write the resumable ``state.pt`` (rank 0, atomically); every rank waits for it."""
-    if run.is_main:
-        torch_save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": rng_state(),
-                "loop": dict(loop),
-            },
-            run.dir / STATE_FILE,
-        )
-    d.barrier()
+class Checkpoint:
+    """A stage's resumable ``state.pt``: named state dicts, the step and extra state.
+
+    ``states`` are saved by name (modules, optimisers, EMA copies, the augment pipe); a stage
+    that builds its models one after the other adds each with :meth:`add`. ``rng=True`` keeps
+    the global torch RNG too, for stages that draw from it. ``step`` is in the units of the
+    stage's ``run.log(..., step=)``: a resume drops the log rows after it, as they come again.
+    On disk, one flat dict written atomically by rank 0::
+
+        {"step": int, "states": [name, ...], name: state_dict, ..., "rng": ..., key: extra, ...}
+    """
+
+    def __init__(
+        self, run: Run, d: distributed.Dist, rng: bool = False, **states: Stateful
+    ) -> None:
+        self.run, self.d, self.rng = run, d, rng
+        self.path = run.dir / STATE_FILE
+        self.states: dict[str, Stateful] = dict(states)
+        self.saved: dict[str, Any] | None = None
+
+    def load(self) -> dict[str, Any] | None:
+        """Restore the states (and the RNG) from ``state.pt`` and rewind ``log.jsonl`` to its
+        step; the extra state saved with them, or None when there is nothing to resume from
+        (no file, or a corrupt one moved aside): the stage starts from scratch."""
+        self.saved = load_state(self.path)
+        if self.saved is not None and "states" not in self.saved:
+            log.warning(f"[{self.run.stage}] {self.path} is of an older format: starting afresh")
+            self.saved = None
+        if self.saved is None:
+            return None
+        self._restore(self.saved, self.states)
+        if self.rng:
+            set_rng_state(self.saved["rng"])
+        self.run.rewind(int(self.saved["step"]))
+        kept = {"step", "states", "rng", *self.saved["states"]}
+        return {k: v for k, v in self.saved.items() if k not in kept}
+
+    @property
+    def step(self) -> int | None:
+        """The step :meth:`load` resumed from; None when it started from scratch."""
+        return None if self.saved is None else int(self.saved["step"])
+
+    def add(self, **states: Stateful) -> None:
+        """Save these states too; restore them now from the loaded ``state.pt`` if it has them."""
+        self.states |= states
+        if self.saved is not None:
+            names = self.saved["states"]
+            self._restore(self.saved, {k: v for k, v in states.items() if k in names})
+
+    @staticmethod
+    def _restore(saved: Mapping[str, Any], states: Mapping[str, Stateful]) -> None:
+        for name, obj in states.items():
+            obj.load_state_dict(saved[name])
+
+    def announce(self, where: str, **notes: Any) -> None:
+        """Log the resume (``where``: from which point) and note it in the artifact's info."""
+        log.info(f"[{self.run.stage}] resumed from {self.path} {where}")
+        self.run.notes |= notes
+
+    def save(self, step: int, **extra: Any) -> None:
+        """Write ``state.pt`` at ``step`` with ``extra`` (rank 0, atomically); every rank waits."""
+        if self.run.is_main:
+            state: dict[str, Any] = {"step": int(step), "states": list(self.states)}
+            state |= {name: obj.state_dict() for name, obj in self.states.items()}
+            if self.rng:
+                state["rng"] = rng_state()
+            clash = set(state) & set(extra)
+            assert not clash, f"checkpoint: extra state {sorted(clash)} shadows a saved name"
+            torch_save(state | extra, self.path)
+        self.d.barrier()

@@ -9,7 +9,6 @@ Either way the test split is scored and the model is saved in a form later stage
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset, collate
 from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_external
-from cfexplain.stages._shared import resume_state, save_state, write_artifact
+from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.seeding import Stream, generator
@@ -61,51 +60,13 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
 # ----------------------------------------------------------------------------- training
 
 
-def lr_at(step: int, *, base: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up to ``base``, then cosine decay to ``base * min_ratio`` at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def epoch_batches(
-    n: int, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
-) -> list[list[int]]:
-    """This rank's batches of one epoch: a seeded permutation, full global batches only.
-
-    ``batch`` is the global batch; each rank takes its ``batch // world`` share of every batch.
-    """
-    perm = torch.randperm(n, generator=generator(seed, Stream.EPOCH_ORDER, epoch)).tolist()
-    per_rank = batch // world
-    steps = n // batch
-    return [
-        perm[s * batch + rank * per_rank : s * batch + (rank + 1) * per_rank] for s in range(steps)
-    ]
-
-
 def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed.Dist):
-    c, seed = cfg.classifier, int(cfg.seed)
-    train_ds = splits["train"]
-    batch = int(c.batch_size)
-    if batch % d.world:
-        raise ValueError(
-            f"classifier.batch_size={batch} must be divisible by the number of processes ({d.world})"
-        )
-    if len(train_ds) < batch:
-        raise ValueError(
-            f"classifier.batch_size={batch} is larger than the training split ({len(train_ds)} images)"
-        )
-    kwargs = {
-        k: v for k, v in OmegaConf.to_container(c.model, resolve=True).items() if k != "_target_"
-    }
-    kwargs |= {"in_channels": int(cfg.data.channels), "num_classes": int(train_ds.num_classes)}
-    torch.manual_seed(seed)  # initial weights: same on every rank, same for a seed
-    model = instantiate(c.model, **{k: kwargs[k] for k in ("in_channels", "num_classes")}).to(
-        d.device
-    )
+    """Train with early stopping on validation AUC; the best epoch's model, files and info."""
+    c = cfg.classifier
+    _check_batch(int(c.batch_size), len(splits["train"]), d)
+    model, kwargs = _build(cfg, int(splits["train"].num_classes), d.device)
     opt = instantiate(c.optimizer)(model.parameters())
-    steps_per_epoch = len(train_ds) // batch
+    steps_per_epoch = len(splits["train"]) // int(c.batch_size)
     total = int(c.epochs) * steps_per_epoch
     lr = dict(
         base=float(c.optimizer.lr),
@@ -113,86 +74,19 @@ def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed
         total=total,
         min_ratio=float(c.min_lr_ratio),
     )
-
-    s = {
-        "step": 0,
-        "epoch": 0,
-        "best_auc": -1.0,
-        "best_epoch": -1,
-        "bad_epochs": 0,
-        "best": None,
-        "history": [],
-    }
-    s = resume_state(run, model, opt, s, "classifier")
-
-    def checkpoint() -> None:
-        save_state(run, model, opt, s, d)
-
+    ckpt = Checkpoint(run, d, rng=True, model=model, optimizer=opt)
+    saved = ckpt.load()
+    s: dict[str, Any] = saved["loop"] if saved else _start()
+    if saved:
+        ckpt.announce(f"at step {s['step']}", resumed_from_step=s["step"])
     ddp = distributed.wrap_ddp(model, d)
     bar = tqdm(
         total=total, initial=s["step"], desc="classifier", unit="step", disable=not run.is_main
     )
     while s["epoch"] < int(c.epochs) and s["bad_epochs"] < int(c.patience):
-        batches = epoch_batches(len(train_ds), batch, seed, s["epoch"], d.rank, d.world)
-        skip = (
-            s["step"] - s["epoch"] * steps_per_epoch
-        )  # batches of this epoch done before a resume
-        loader = DataLoader(
-            train_ds,
-            batch_sampler=batches[skip:],
-            collate_fn=collate,
-            num_workers=int(cfg.data.num_workers),
-        )
-        model.train()
-        for x, y, _ in loader:
-            x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
-            if c.hflip:
-                flip = (
-                    torch.rand(
-                        len(x), generator=generator(seed, Stream.CLASSIFIER_FLIP, s["step"], d.rank)
-                    )
-                    < 0.5
-                )
-                x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
-            with distributed.autocast(d.device, bool(c.amp)):
-                loss = F.cross_entropy(ddp(x), y, label_smoothing=float(c.label_smoothing))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(s["step"], **lr)
-            opt.step()
-            s["step"] += 1
-            bar.update()
-            if s["step"] % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                run.log(
-                    {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
-                    step=s["step"],
-                )
-            if s["step"] % int(cfg.checkpoint_every) == 0:
-                checkpoint()
-        val = classification_metrics(
-            *predict(model, splits["val"], int(c.eval_batch_size), d.device)
-        )
-        s["epoch"] += 1
-        improved = val["auc"] > s["best_auc"]
-        if improved:
-            s["best_auc"], s["best_epoch"], s["bad_epochs"] = val["auc"], s["epoch"], 0
-            s["best"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-        else:
-            s["bad_epochs"] += 1
-        s["history"].append(
-            {"epoch": s["epoch"], "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
-        )
-        run.log(
-            {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"]},
-            step=s["step"],
-        )
-        if run.is_main:
-            bar.write(
-                f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{'  *' if improved else ''}"
-            )
-        checkpoint()
+        _train_epoch(cfg, run, ddp, opt, splits["train"], s, lr, d, bar, ckpt)
+        _validate(c, run, model, splits["val"], s, d, bar)
+        ckpt.save(s["step"], loop=s)
     bar.close()
     if s["best"] is not None:
         model.load_state_dict(s["best"])
@@ -209,6 +103,115 @@ def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed
         "device": str(d.device),
     }
     return model.eval(), files, info
+
+
+def _start() -> dict[str, Any]:
+    """The loop's counters before the first step."""
+    return {
+        "step": 0,
+        "epoch": 0,
+        "best_auc": -1.0,
+        "best_epoch": -1,
+        "bad_epochs": 0,
+        "best": None,  # the best epoch's weights so far
+        "history": [],
+    }
+
+
+def _check_batch(batch: int, n_train: int, d: distributed.Dist) -> None:
+    if batch % d.world:
+        raise ValueError(
+            f"classifier.batch_size={batch} must be divisible by the number of processes ({d.world})"
+        )
+    if n_train < batch:
+        raise ValueError(
+            f"classifier.batch_size={batch} is larger than the training split ({n_train} images)"
+        )
+
+
+def _build(
+    cfg: DictConfig, num_classes: int, device: torch.device
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The untrained model and the constructor arguments it is saved with."""
+    c = cfg.classifier
+    kwargs = {
+        k: v for k, v in OmegaConf.to_container(c.model, resolve=True).items() if k != "_target_"
+    }
+    kwargs |= {"in_channels": int(cfg.data.channels), "num_classes": num_classes}
+    torch.manual_seed(int(cfg.seed))  # initial weights: same on every rank, same for a seed
+    model = instantiate(c.model, **{k: kwargs[k] for k in ("in_channels", "num_classes")})
+    return model.to(device), kwargs
+
+
+def _train_epoch(
+    cfg: DictConfig,
+    run: Run,
+    ddp: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ds: Dataset,
+    s: dict[str, Any],
+    lr: dict[str, Any],
+    d: distributed.Dist,
+    bar: tqdm,
+    ckpt: Checkpoint,
+) -> None:
+    """The rest of epoch ``s['epoch']``: its batches not done before a resume."""
+    c, seed, batch = cfg.classifier, int(cfg.seed), int(cfg.classifier.batch_size)
+    loader = epoch_loader(ds, batch, seed, s["epoch"], s["step"], d, int(cfg.data.num_workers))
+    ddp.train()
+    for x, y, _ in loader:
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        if c.hflip:
+            draw = generator(seed, Stream.CLASSIFIER_FLIP, s["step"], d.rank)
+            flip = torch.rand(len(x), generator=draw) < 0.5
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        with distributed.autocast(d.device, bool(c.amp)):
+            loss = F.cross_entropy(ddp(x), y, label_smoothing=float(c.label_smoothing))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s["step"], **lr)
+        opt.step()
+        s["step"] += 1
+        bar.update()
+        if s["step"] % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            run.log(
+                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]}, step=s["step"]
+            )
+        if s["step"] % int(cfg.checkpoint_every) == 0:
+            ckpt.save(s["step"], loop=s)
+
+
+def _validate(
+    c: DictConfig,
+    run: Run,
+    model: torch.nn.Module,
+    val_ds: Dataset,
+    s: dict[str, Any],
+    d: distributed.Dist,
+    bar: tqdm,
+) -> None:
+    """End of an epoch: validation AUC, and the best model so far (early stopping)."""
+    val = classification_metrics(*predict(model, val_ds, int(c.eval_batch_size), d.device))
+    s["epoch"] += 1
+    improved = val["auc"] > s["best_auc"]
+    if improved:
+        s["best_auc"], s["best_epoch"], s["bad_epochs"] = val["auc"], s["epoch"], 0
+        s["best"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+    else:
+        s["bad_epochs"] += 1
+    s["history"].append(
+        {"epoch": s["epoch"], "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
+    )
+    run.log(
+        {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"]},
+        step=s["step"],
+    )
+    if run.is_main:
+        bar.write(
+            f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{'  *' if improved else ''}"
+        )
 
 
 # ----------------------------------------------------------------------------- external

@@ -33,9 +33,9 @@ from cfexplain.explain.counterfactual import DIRECTIONS_FILE, CounterfactualEngi
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.nn.encoder import load_encoder, load_generator
 from cfexplain.nn.perceptual import build_perceptual
-from cfexplain.stages._shared import sample_images, write_artifact
+from cfexplain.stages._shared import Checkpoint, sample_images, write_artifact
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, atomic_write, torch_load, torch_save
+from cfexplain.utils.artifacts import Artifact, atomic_write
 from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
@@ -166,13 +166,11 @@ def _sample_scores(
     c, seed = cfg.direction, int(cfg.seed)
     n, bs = int(c.n_samples), int(c.batch_size)
     n_chunks = math.ceil(n / bs)
-    state_file = run.dir / STATE_FILE
-    done: dict[str, dict[str, torch.Tensor]] = (
-        torch_load(state_file)["chunks"] if state_file.is_file() else {}
-    )
+    ckpt = Checkpoint(run, d)  # its step: the number of chunks sampled
+    saved = ckpt.load()
+    done: dict[str, dict[str, torch.Tensor]] = saved["chunks"] if saved else {}
     if done:
-        log.info(f"[direction] resumed from {state_file}: {len(done)}/{n_chunks} chunks sampled")
-        run.notes["resumed_from_chunks"] = len(done)
+        ckpt.announce(f"with {len(done)}/{n_chunks} chunks sampled", resumed_from_chunks=len(done))
     todo = [i for i in range(n_chunks) if str(i) not in done]
     rounds = math.ceil(len(todo) / d.world)
     mine: dict[str, dict[str, torch.Tensor]] = {}
@@ -194,14 +192,13 @@ def _sample_scores(
             with torch.no_grad():
                 wi = G.mapping(z)
                 prob = torch.softmax(f(G.synthesis(wi, noise_mode="const")), dim=1)
-            mine[str(i)] = {"w": wi[:, 0].float().cpu(), "p": prob.float().cpu()}
+            # A copy: the view wi[:, 0] would save all num_ws layers of its storage.
+            mine[str(i)] = {"w": wi[:, 0].float().cpu().clone(), "p": prob.float().cpu()}
         bar.update(min(d.world, len(todo) - r * d.world))
         if (r + 1) % int(cfg.checkpoint_every) == 0 or r == rounds - 1:
             done |= _gather(mine, d)
             mine = {}
-            if run.is_main:
-                torch_save({"chunks": done}, state_file)
-            d.barrier()
+            ckpt.save(len(done), chunks=done)
     bar.close()
     order = [done[str(i)] for i in range(n_chunks)]
     return torch.cat([o["w"] for o in order]).numpy(), torch.cat([o["p"] for o in order]).numpy()

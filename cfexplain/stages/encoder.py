@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,12 +29,18 @@ from cfexplain.data import build_dataset
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.nn.encoder import Encoder, load_generator
 from cfexplain.nn.perceptual import Perceptual, build_perceptual
-from cfexplain.stages._shared import out_of_time, real_batch, sample_images, write_artifact
-from cfexplain.stages.classifier import lr_at
+from cfexplain.stages._shared import (
+    Checkpoint,
+    lr_at,
+    out_of_time,
+    real_batch,
+    sample_images,
+    write_artifact,
+)
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
+from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
-from cfexplain.utils.seeding import Stream, generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -84,6 +91,37 @@ def decision_loss(f: torch.nn.Module, rec: torch.Tensor, x: torch.Tensor) -> tor
 def fit(cfg: DictConfig, run: Run) -> Artifact:
     """Train E against the frozen generator; write its weights and reconstruction metrics."""
     d = distributed.setup(cfg.device)
+    t = _build(cfg, run, d)
+    ckpt = Checkpoint(run, d, rng=True, E=t.E, opt=t.opt)
+    saved = ckpt.load()
+    s: dict[str, Any] = saved["loop"] if saved else {"step": 0, "seconds": 0.0, "cut": []}
+    if saved:
+        ckpt.announce(f"at step {s['step']}", resumed_from_step=s["step"])
+    if float(cfg.encoder.decision_weight) > 0 and int(cfg.encoder.real_steps) > 0:
+        t.f = load_classifier(run.inputs["classifier"].dir, d.device).eval()
+        t.f.requires_grad_(False)
+    t.ddp = distributed.wrap_ddp(t.E, d)
+    _train(cfg, run, t, s, ckpt, d)
+    return _finish(cfg, run, t, s, d)
+
+
+@dataclass
+class _Trainee:
+    """What the loop trains and what it trains against: the frozen G (and classifier f)."""
+
+    G: torch.nn.Module
+    E: Encoder
+    kwargs: dict[str, Any]  # E's constructor arguments, saved with its weights
+    opt: torch.optim.Optimizer
+    perceptual: Perceptual
+    pool: _Pool | None
+    train_ds: Dataset | None
+    f: torch.nn.Module | None = None  # the classifier of the decision loss
+    ddp: torch.nn.Module | None = None  # E, or E under DistributedDataParallel
+
+
+def _build(cfg: DictConfig, run: Run, d: distributed.Dist) -> _Trainee:
+    """Load G, build E (initialised from the seed, with W's statistics), its optimiser, the pool."""
     e, seed = cfg.encoder, int(cfg.seed)
     G = load_generator(run.inputs["generator"].dir, d.device)
     res, ch = G.img_resolution, G.img_channels
@@ -92,16 +130,19 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             f"data.resolution/channels = {cfg.data.resolution}/{cfg.data.channels} but the generator "
             f"makes {res} px, {ch} channel(s): train the encoder on the generator's data"
         )
-    batch, per_rank = int(e.batch_size), int(e.batch_size) // d.world
-    if batch % d.world:
+    if int(e.batch_size) % d.world:
         raise ValueError(
-            f"encoder.batch_size={batch} must be divisible by the number of processes ({d.world})"
+            f"encoder.batch_size={e.batch_size} must be divisible by the number of processes ({d.world})"
+        )
+    if int(e.real_steps) > 0 and int(e.real_batch_size) // d.world < 1:
+        raise ValueError(
+            f"encoder.real_batch_size={e.real_batch_size} must give every process at least one image"
         )
     perceptual = build_perceptual(str(e.perceptual), d.device)
     log.info(f"[encoder] perceptual distance: {perceptual.kind} — {perceptual.note}")
 
     torch.manual_seed(seed)
-    kwargs = {
+    kwargs: dict[str, Any] = {
         k: v for k, v in OmegaConf.to_container(e.model, resolve=True).items() if k != "_target_"
     }
     kwargs |= dict(img_resolution=res, img_channels=ch, w_dim=G.w_dim, num_ws=G.num_ws)
@@ -111,87 +152,34 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     E.set_w_stats(G.mapping.w_avg, _w_std(G, int(e.stats_samples), seed, d.device))
     E = E.to(d.device)
     opt = torch.optim.Adam(E.parameters(), lr=float(e.lr), betas=(0.9, 0.99))
+    pool = _Pool(G, int(e.pool_size), seed, d.device) if int(e.pool_size) > 0 else None
+    train_ds = build_dataset(cfg.data, "train") if int(e.real_steps) > 0 else None
+    return _Trainee(G, E, kwargs, opt, perceptual, pool, train_ds)
+
+
+def _train(
+    cfg: DictConfig, run: Run, t: _Trainee, s: dict[str, Any], ckpt: Checkpoint, d: distributed.Dist
+) -> None:
+    """The synthetic phase, then the real one, from step ``s['step']`` to the end."""
+    e = cfg.encoder
     total = int(e.steps) + int(e.real_steps)
     lr = dict(
         base=float(e.lr), warmup=int(e.warmup_steps), total=total, min_ratio=float(e.min_lr_ratio)
     )
-    pool = _Pool(G, int(e.pool_size), seed, d.device) if int(e.pool_size) > 0 else None
-    train_ds = build_dataset(cfg.data, "train") if int(e.real_steps) > 0 else None
-
     # A wall-clock budget (max_minutes) split between the phases in proportion to their steps.
     max_seconds = float(e.max_minutes) * 60 if e.get("max_minutes") else math.inf
     synthetic_seconds = max_seconds * int(e.steps) / max(total, 1)
-    s: dict[str, Any] = {"step": 0, "seconds": 0.0, "cut": []}
-    state_file = run.dir / STATE_FILE
-    if state_file.is_file():
-        saved = torch_load(state_file)
-        E.load_state_dict(saved["E"])
-        opt.load_state_dict(saved["opt"])
-        set_rng_state(saved["rng"])
-        s = saved["loop"]
-        log.info(f"[encoder] resumed from {state_file} at step {s['step']}")
-        run.notes["resumed_from_step"] = s["step"]
-
-    def checkpoint() -> None:
-        if run.is_main:
-            torch_save(
-                {"E": E.state_dict(), "opt": opt.state_dict(), "rng": rng_state(), "loop": s},
-                state_file,
-            )
-        d.barrier()
-
-    decision_weight = float(e.decision_weight)
-    f = None
-    if decision_weight > 0 and int(e.real_steps) > 0:
-        f = load_classifier(run.inputs["classifier"].dir, d.device).eval()
-        f.requires_grad_(False)
-    ddp = distributed.wrap_ddp(E, d)
-    k_img = min(int(e.image_samples), per_rank)
-    k_real = int(e.real_batch_size) // d.world
-    if int(e.real_steps) > 0 and k_real < 1:
-        raise ValueError(
-            f"encoder.real_batch_size={e.real_batch_size} must give every process at least one image"
-        )
     bar = tqdm(total=total, initial=s["step"], desc="encoder", unit="step", disable=not run.is_main)
     t0 = time.time() - s["seconds"]
     while s["step"] < total:
         step = s["step"]
         synthetic = step < int(e.steps)
-        w_true, x_syn = _pairs(G, pool, per_rank, seed, step, d)
-        if synthetic:
-            pred = ddp(x_syn)
-            loss_lat = latent_loss(E.normalise(pred), E.normalise(w_true))
-            loss, parts = float(e.latent_weight) * loss_lat, {"l1": 0.0, "lpips": 0.0}
-            if k_img > 0:  # image losses through G: the costly part on a CPU
-                rec = G.synthesis(pred[:k_img], noise_mode="const")
-                loss_img, parts = image_loss(
-                    rec, x_syn[:k_img], perceptual, float(e.l1_weight), float(e.lpips_weight)
-                )
-                loss = loss + loss_img
-            parts["prior"] = 0.0
-        else:
-            # Real images have no true w: image losses and the W prior, plus the latent loss on
-            # synthetic pairs so that E keeps speaking W (one forward pass for both).
-            real = real_batch(train_ds, k_real, seed, step, d).to(d.device)
-            pred = ddp(torch.cat([real, x_syn]))
-            pred_real, pred_syn = pred[:k_real], pred[k_real:]
-            loss_lat = latent_loss(E.normalise(pred_syn), E.normalise(w_true))
-            rec = G.synthesis(pred_real, noise_mode="const")
-            loss_img, parts = image_loss(
-                rec, real, perceptual, float(e.l1_weight), float(e.lpips_weight)
-            )
-            prior = w_prior_loss(E.normalise(pred_real))
-            loss = float(e.latent_weight) * loss_lat + loss_img + float(e.prior_weight) * prior
-            parts["prior"] = prior.item()
-            if f is not None:
-                decision = decision_loss(f, rec, real)
-                loss = loss + decision_weight * decision
-                parts["decision"] = decision.item()
-        opt.zero_grad(set_to_none=True)
+        loss, loss_lat, parts = _loss(cfg, t, step, synthetic, d)
+        t.opt.zero_grad(set_to_none=True)
         loss.backward()
-        for group in opt.param_groups:
+        for group in t.opt.param_groups:
             group["lr"] = lr_at(step, **lr)
-        opt.step()
+        t.opt.step()
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"encoder loss is {loss.item()} at step {step}: lower encoder.lr"
@@ -204,16 +192,10 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                 l1=f"{parts['l1']:.3f}",
                 lpips=f"{parts['lpips']:.3f}",
             )
+            row = {f"train/{k}": parts.get(k, 0.0) for k in ("l1", "lpips", "prior", "decision")}
             run.log(
-                {
-                    "train/latent": loss_lat.item(),
-                    "train/l1": parts["l1"],
-                    "train/lpips": parts["lpips"],
-                    "train/prior": parts["prior"],
-                    "train/decision": parts.get("decision", 0.0),
-                    "train/phase": 0 if synthetic else 1,
-                    "train/lr": opt.param_groups[0]["lr"],
-                },
+                {"train/latent": loss_lat.item(), **row}
+                | {"train/phase": 0 if synthetic else 1, "train/lr": t.opt.param_groups[0]["lr"]},
                 step=s["step"],
             )
         s["seconds"] = time.time() - t0
@@ -226,24 +208,70 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             bar.update(end - s["step"])
             s["step"] = end
         if s["step"] % int(cfg.checkpoint_every) == 0 or s["step"] == end:
-            checkpoint()
+            ckpt.save(s["step"], loop=s)
     bar.close()
 
-    E.eval()
+
+def _loss(
+    cfg: DictConfig, t: _Trainee, step: int, synthetic: bool, d: distributed.Dist
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One step's loss, its latent part and the parts it logs.
+
+    Synthetic phase: the latent loss on pairs, plus image losses through G on ``image_samples``
+    of them. Real phase: real images have no true w: image losses and the W prior, plus the
+    latent loss on synthetic pairs so that E keeps speaking W (one forward pass for both).
+    """
+    e, seed, per_rank = cfg.encoder, int(cfg.seed), int(cfg.encoder.batch_size) // d.world
+    w_true, x_syn = _pairs(t.G, t.pool, per_rank, seed, step, d)
+    weights = float(e.l1_weight), float(e.lpips_weight)
+    if synthetic:
+        pred = t.ddp(x_syn)
+        loss_lat = latent_loss(t.E.normalise(pred), t.E.normalise(w_true))
+        loss, parts = float(e.latent_weight) * loss_lat, {"l1": 0.0, "lpips": 0.0}
+        k_img = min(int(e.image_samples), per_rank)
+        if k_img > 0:  # image losses through G: the costly part on a CPU
+            rec = t.G.synthesis(pred[:k_img], noise_mode="const")
+            loss_img, parts = image_loss(rec, x_syn[:k_img], t.perceptual, *weights)
+            loss = loss + loss_img
+        parts["prior"] = 0.0
+        return loss, loss_lat, parts
+    k_real = int(e.real_batch_size) // d.world
+    real = real_batch(t.train_ds, k_real, seed, step, d).to(d.device)
+    pred = t.ddp(torch.cat([real, x_syn]))
+    pred_real, pred_syn = pred[:k_real], pred[k_real:]
+    loss_lat = latent_loss(t.E.normalise(pred_syn), t.E.normalise(w_true))
+    rec = t.G.synthesis(pred_real, noise_mode="const")
+    loss_img, parts = image_loss(rec, real, t.perceptual, *weights)
+    prior = w_prior_loss(t.E.normalise(pred_real))
+    loss = float(e.latent_weight) * loss_lat + loss_img + float(e.prior_weight) * prior
+    parts["prior"] = prior.item()
+    if t.f is not None:
+        decision = decision_loss(t.f, rec, real)
+        loss = loss + float(e.decision_weight) * decision
+        parts["decision"] = decision.item()
+    return loss, loss_lat, parts
+
+
+def _finish(
+    cfg: DictConfig, run: Run, t: _Trainee, s: dict[str, Any], d: distributed.Dist
+) -> Artifact:
+    """Save E, measure its reconstructions (rank 0) and write the artifact."""
+    e = cfg.encoder
+    t.E.eval()
     files = {"encoder": WEIGHTS, "reconstructions": "reconstructions.png"}
     metrics: dict[str, Any] = {}
     if run.is_main:
-        save_model(run.dir / WEIGHTS, E, e.model._target_, kwargs)
-        metrics = _evaluate(cfg, run, G, E, perceptual, d.device)
+        save_model(run.dir / WEIGHTS, t.E, e.model._target_, t.kwargs)
+        metrics = _evaluate(cfg, run, t.G, t.E, t.perceptual, d.device)
         run.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=s["step"])
         run.summary(metrics)
     info = {
-        "model": f"{e.model._target_} {kwargs}",
-        "space": E.space,
-        "perceptual": perceptual.kind,
-        "perceptual_note": perceptual.note,
-        "parameters": sum(p.numel() for p in E.parameters()),
-        "pairs": f"pool of {int(e.pool_size)} rendered once" if pool else "rendered on the fly",
+        "model": f"{e.model._target_} {t.kwargs}",
+        "space": t.E.space,
+        "perceptual": t.perceptual.kind,
+        "perceptual_note": t.perceptual.note,
+        "parameters": sum(p.numel() for p in t.E.parameters()),
+        "pairs": f"pool of {int(e.pool_size)} rendered once" if t.pool else "rendered on the fly",
         "train_seconds": round(s["seconds"], 1),
         "stopped_by_time_budget": s["cut"],
         "processes": d.world,

@@ -1,9 +1,10 @@
 """Generator stage: StyleGAN2-ADA trained on the stage chain's dataset.
 
-The loop reads top to bottom: real batch → G step (non-saturating loss, lazy path length) →
-D step (logistic loss, lazy R1) → G EMA → ADA p → log → snapshot/checkpoint. Gradients are
-averaged across ranks by hand (the published recipe), so the same loop runs alone or under
-torchrun. Quality: Fréchet distance and KID on the trained classifier's features, and the class
+The stage reads top to bottom: build → train → finish. An iteration draws a real batch and
+runs its phases, written as data (:class:`Phase`, as the published loop does): G (non-saturating
+loss, lazy path length), then D (logistic loss, lazy R1); then G EMA → ADA p → log →
+snapshot/checkpoint. Gradients are averaged across ranks by hand (the published recipe), so the
+same loop runs alone or under torchrun. Quality: Fréchet distance and KID on the trained classifier's features, and the class
 shares the classifier gives generated vs real images.
 """
 
@@ -13,6 +14,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,15 +24,22 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset
 from cfexplain.nn import gan
 from cfexplain.nn.augment import AugmentPipe, ada_adjust
 from cfexplain.nn.classifier import load_classifier
-from cfexplain.stages._shared import out_of_time, real_batch, sample_images, write_artifact
+from cfexplain.stages._shared import (
+    Checkpoint,
+    out_of_time,
+    real_batch,
+    sample_images,
+    write_artifact,
+)
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
+from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.quality import FeatureStats, inception_fd
 from cfexplain.utils.seeding import METRIC_SEED, Stream, derived_seed, generator
@@ -44,17 +55,71 @@ class DivergenceError(RuntimeError):
 def fit(cfg: DictConfig, run: Run) -> Artifact:
     """Train G and D with ADA; write G_ema/G/D weights, snapshot grids and quality metrics."""
     d = distributed.setup(cfg.device)
-    g = cfg.generator
-    seed = int(cfg.seed)
     train_ds = build_dataset(cfg.data, "train")
-    res, ch = int(cfg.data.resolution), int(cfg.data.channels)
-    batch = int(g.batch_size)
-    if batch % d.world:
-        raise ValueError(
-            f"generator.batch_size={batch} must be divisible by the number of processes ({d.world})"
+    t = _build(cfg, d)
+    quality = _Quality(cfg, run, d.device) if run.is_main else None
+    ckpt = Checkpoint(run, d, **t.states())
+    saved = ckpt.load()
+    s: dict[str, Any] = saved["loop"] if saved else _start()
+    if saved:
+        t.G_best = saved.get("G_best")
+        ckpt.announce(
+            f"at {s['nimg'] / 1000:.1f} kimg, ADA p={t.augment.p.item():.3f}",
+            resumed_from_kimg=round(s["nimg"] / 1000, 3),
         )
+    _train(cfg, run, t, s, train_ds, quality, ckpt, d)
+    more = {"data": train_ds.source, **(quality.info if quality else {})}
+    return _finish(cfg, run, t, s, more, d)
 
-    torch.manual_seed(seed)
+
+def _start() -> dict[str, Any]:
+    """The loop's counters before the first step."""
+    return {
+        "step": 0,
+        "nimg": 0,
+        "pl_mean": 0.0,
+        "ada_acc": [0.0, 0.0],
+        "train_seconds": 0.0,
+        "snapshots": [],
+        "best": None,  # index into snapshots of the kept G_ema (generator.keep=best)
+    }
+
+
+@dataclass
+class _GAN:
+    """The networks in training, their optimisers and the augment pipe."""
+
+    G: torch.nn.Module
+    D: torch.nn.Module
+    G_ema: torch.nn.Module
+    augment: AugmentPipe
+    G_opt: torch.optim.Optimizer
+    D_opt: torch.optim.Optimizer
+    g_kwargs: dict[str, Any]  # constructor arguments, saved with the weights
+    d_kwargs: dict[str, Any]
+    G_best: dict[str, torch.Tensor] | None = None  # the kept G_ema (generator.keep=best)
+
+    def states(self) -> dict[str, Any]:
+        """What ``state.pt`` keeps, by name."""
+        return {
+            "G": self.G,
+            "D": self.D,
+            "G_ema": self.G_ema,
+            "augment": self.augment,
+            "G_opt": self.G_opt,
+            "D_opt": self.D_opt,
+        }
+
+
+def _build(cfg: DictConfig, d: distributed.Dist) -> _GAN:
+    """G and D initialised from the seed, G's EMA copy, the ADA pipe, the lazy Adam optimisers."""
+    g = cfg.generator
+    res, ch = int(cfg.data.resolution), int(cfg.data.channels)
+    if int(g.batch_size) % d.world:
+        raise ValueError(
+            f"generator.batch_size={g.batch_size} must be divisible by the number of processes ({d.world})"
+        )
+    torch.manual_seed(int(cfg.seed))
     g_kwargs = _kwargs(g.G, img_resolution=res, img_channels=ch)
     d_kwargs = _kwargs(g.D, img_resolution=res, img_channels=ch)
     G = instantiate(g.G, img_resolution=res, img_channels=ch).to(d.device)
@@ -65,63 +130,172 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         augment.p.fill_(float(g.ada.fixed_p))
     betas = tuple(float(b) for b in g.betas)
     g_lr, g_betas = gan.lazy_adam_hparams(
-        float(g.glr), betas, int(g.pl_interval) if g.pl_weight > 0 else 0
+        float(g.glr), betas, _interval(g.pl_weight, g.pl_interval)
     )
-    d_lr, d_betas = gan.lazy_adam_hparams(
-        float(g.dlr), betas, int(g.r1_interval) if g.r1_gamma > 0 else 0
-    )
+    d_lr, d_betas = gan.lazy_adam_hparams(float(g.dlr), betas, _interval(g.r1_gamma, g.r1_interval))
     G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=1e-8)
     D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=1e-8)
+    return _GAN(G, D, G_ema, augment, G_opt, D_opt, g_kwargs, d_kwargs)
 
+
+def _interval(weight: float, interval: int) -> int:
+    """Steps between two lazy regularisations; 0 when the regulariser is off."""
+    return int(interval) if weight > 0 else 0
+
+
+# ----------------------------------------------------------------------------- one iteration
+
+
+@dataclass
+class _Batch:
+    """One iteration's draws for this rank, and what its phases measured (detached)."""
+
+    real: torch.Tensor  # [n, C, H, W]
+    z: torch.Tensor  # [n, z_dim]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimiser step of an iteration, as data (the published loop's phases): ``loss(batch,
+    reg)`` yields the losses to backpropagate into ``module``, one after the other: the main
+    one, then its lazy regularisation when ``reg`` (every ``interval`` steps; 0: never) unless
+    the loss folds it in; then ``opt`` steps."""
+
+    name: str
+    module: torch.nn.Module
+    opt: torch.optim.Optimizer
+    interval: int
+    loss: Callable[[_Batch, bool], Iterator[torch.Tensor]]
+
+
+def _phases(g: DictConfig, t: _GAN, s: dict[str, Any], d: distributed.Dist) -> list[Phase]:
+    """An iteration: G (non-saturating loss, lazy path length), then D (logistic, lazy R1)."""
+    return [
+        Phase(
+            "G", t.G, t.G_opt, _interval(g.pl_weight, g.pl_interval), partial(_g_loss, g, t, s, d)
+        ),
+        Phase("D", t.D, t.D_opt, _interval(g.r1_gamma, g.r1_interval), partial(_d_loss, g, t)),
+    ]
+
+
+def _g_loss(
+    g: DictConfig, t: _GAN, s: dict[str, Any], d: distributed.Dist, b: _Batch, reg: bool
+) -> Iterator[torch.Tensor]:
+    """Fool D; then, when ``reg``, the path-length penalty on half the batch (its own backward)."""
+    fake = t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
+    yield gan.g_nonsaturating_loss(t.D(t.augment(fake)))
+    if reg:
+        n_pl = max(len(b.z) // 2, 1)
+        ws_pl = _mapping(t.G, b.z[:n_pl], float(g.style_mixing)).detach().requires_grad_(True)
+        lengths = gan.path_length(t.G.synthesis(ws_pl, noise_mode="random"), ws_pl)
+        pl_mean = s["pl_mean"] + 0.01 * (_mean_across(lengths.mean().detach(), d) - s["pl_mean"])
+        s["pl_mean"] = float(pl_mean)
+        yield ((lengths - pl_mean).square().mean()) * float(g.pl_weight) * int(g.pl_interval)
+
+
+def _d_loss(g: DictConfig, t: _GAN, b: _Batch, reg: bool) -> Iterator[torch.Tensor]:
+    """Tell reals from fakes, with the R1 penalty on the reals when ``reg`` (one backward)."""
+    with torch.no_grad():
+        fake = t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
+    b.real.requires_grad_(reg)
+    real_logits = t.D(t.augment(b.real))
+    fake_logits = t.D(t.augment(fake))
+    loss = gan.d_logistic_loss(real_logits, fake_logits)
+    if reg:
+        r1 = gan.r1_penalty(real_logits, b.real)
+        loss = loss + r1.mean() * (float(g.r1_gamma) / 2) * int(g.r1_interval)
+    b.stats |= {"real_logits": real_logits.detach(), "fake_logits": fake_logits.detach()}
+    yield loss
+
+
+def _run_phase(
+    phase: Phase, phases: list[Phase], b: _Batch, step: int, d: distributed.Dist
+) -> None:
+    """Backpropagate the phase's losses (the other phases' modules frozen meanwhile), step."""
+    others = [p.module for p in phases if p.module is not phase.module]
+    for m in others:
+        m.requires_grad_(False)
+    phase.opt.zero_grad(set_to_none=True)
+    for i, loss in enumerate(phase.loss(b, phase.interval > 0 and step % phase.interval == 0)):
+        if i == 0:  # the main loss, logged as loss/<name>
+            b.stats[f"loss/{phase.name}"] = loss.detach()
+        loss.backward()
+    _optimizer_step(phase.module, phase.opt, d)
+    for m in others:
+        m.requires_grad_(True)
+
+
+def _iteration(
+    cfg: DictConfig,
+    t: _GAN,
+    phases: list[Phase],
+    s: dict[str, Any],
+    ds: Dataset,
+    d: distributed.Dist,
+) -> _Batch:
+    """Draw this rank's batch for step ``s['step']`` and run the phases on it."""
+    seed, per_rank = int(cfg.seed), int(cfg.generator.batch_size) // d.world
+    # Latents, noise and augmentations of a step come from (seed, step, rank): each rank draws
+    # its own, a resumed run draws what the uninterrupted one did, and state.pt needs no RNG.
+    torch.manual_seed(derived_seed(seed, Stream.GENERATOR_STEP, s["step"], d.rank))
+    real = real_batch(ds, per_rank, seed, s["step"], d).to(d.device)
+    b = _Batch(real, torch.randn(per_rank, t.G.z_dim, device=d.device))
+    for phase in phases:
+        _run_phase(phase, phases, b, s["step"], d)
+    return b
+
+
+def _advance(g: DictConfig, t: _GAN, s: dict[str, Any], b: _Batch, d: distributed.Dist) -> None:
+    """After an iteration: count it, update G's EMA, adjust ADA p from the sign of D on reals."""
+    batch = int(g.batch_size)
+    s["nimg"] += batch
+    s["step"] += 1
+    gan.ema_update(t.G_ema, t.G, gan.ema_beta(batch, s["nimg"], float(g.ema_kimg), g.ema_rampup))
+    signs = torch.tensor(
+        [b.stats["real_logits"].sign().sum().item(), b.stats["real_logits"].numel()],
+        dtype=torch.float64,
+    )
+    if d.enabled:
+        dist.all_reduce(signs)
+    s["ada_acc"] = [s["ada_acc"][0] + signs[0].item(), s["ada_acc"][1] + signs[1].item()]
+    if g.ada.fixed_p is None and s["step"] % int(g.ada.interval) == 0:
+        rt = s["ada_acc"][0] / max(s["ada_acc"][1], 1)
+        t.augment.p.fill_(
+            ada_adjust(
+                t.augment.p.item(),
+                rt,
+                target=float(g.ada.target),
+                batch=batch,
+                interval=int(g.ada.interval),
+                ada_kimg=float(g.ada.kimg),
+            )
+        )
+        s["ada_acc"] = [0.0, 0.0]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _train(
+    cfg: DictConfig,
+    run: Run,
+    t: _GAN,
+    s: dict[str, Any],
+    ds: Dataset,
+    quality: _Quality | None,
+    ckpt: Checkpoint,
+    d: distributed.Dist,
+) -> None:
+    """Iterate until ``generator.kimg`` (or the time budget); snapshot and checkpoint on the way."""
+    g, batch = cfg.generator, int(cfg.generator.batch_size)
     total_nimg = int(float(g.kimg) * 1000)
     max_seconds = float(g.max_minutes) * 60 if g.get("max_minutes") else math.inf
-    s: dict[str, Any] = {
-        "step": 0,
-        "nimg": 0,
-        "pl_mean": 0.0,
-        "ada_acc": [0.0, 0.0],
-        "train_seconds": 0.0,
-        "snapshots": [],
-        "best": None,  # index into snapshots of the kept G_ema (generator.keep=best)
-    }
-    G_best: dict[str, torch.Tensor] | None = None
-    quality = _Quality(cfg, run, d.device) if run.is_main else None
-    state_file = run.dir / STATE_FILE
-    if state_file.is_file():
-        saved = torch_load(state_file)
-        for name, module in (("G", G), ("D", D), ("G_ema", G_ema), ("augment", augment)):
-            module.load_state_dict(saved[name])
-        G_opt.load_state_dict(saved["G_opt"])
-        D_opt.load_state_dict(saved["D_opt"])
-        s = saved["loop"]
-        G_best = saved.get("G_best")
-        log.info(
-            f"[generator] resumed from {state_file} at {s['nimg'] / 1000:.1f} kimg, ADA p={augment.p.item():.3f}"
-        )
-        run.notes["resumed_from_kimg"] = round(s["nimg"] / 1000, 3)
-
-    def checkpoint() -> None:
-        if run.is_main:
-            torch_save(
-                {
-                    "G": G.state_dict(),
-                    "D": D.state_dict(),
-                    "G_ema": G_ema.state_dict(),
-                    "augment": augment.state_dict(),
-                    "G_opt": G_opt.state_dict(),
-                    "D_opt": D_opt.state_dict(),
-                    "loop": s,
-                    **({"G_best": G_best} if G_best is not None else {}),
-                },
-                state_file,
-            )
-        d.barrier()
-
-    grid_z = torch.randn(
-        int(g.grid_size), G.z_dim, generator=generator(seed, Stream.GENERATOR_GRID)
-    ).to(d.device)
-    per_rank = batch // d.world
     snapshot_nimg = int(float(g.snapshot_kimg) * 1000)
+    phases = _phases(g, t, s, d)
+    grid_z = torch.randn(
+        int(g.grid_size), t.G.z_dim, generator=generator(int(cfg.seed), Stream.GENERATOR_GRID)
+    ).to(d.device)
     bar = tqdm(
         total=total_nimg / 1000,
         initial=min(s["nimg"], total_nimg) / 1000,
@@ -132,112 +306,64 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     )
     t0 = time.time() - s["train_seconds"]
     while s["nimg"] < total_nimg and not s.get("out_of_time"):
-        step = s["step"]
-        # Latents, noise and augmentations of a step come from (seed, step, rank): each rank
-        # draws its own, a resumed run draws what the uninterrupted one did, and state.pt needs
-        # no RNG state.
-        torch.manual_seed(derived_seed(seed, Stream.GENERATOR_STEP, step, d.rank))
-        real = real_batch(train_ds, per_rank, seed, step, d).to(d.device)
-        z = torch.randn(per_rank, G.z_dim, device=d.device)
-
-        # G step: fool D; lazy path-length regularisation every pl_interval steps.
-        D.requires_grad_(False)
-        G_opt.zero_grad(set_to_none=True)
-        ws = _mapping(G, z, float(g.style_mixing))
-        fake = G.synthesis(ws, noise_mode="random")
-        loss_g = gan.g_nonsaturating_loss(D(augment(fake)))
-        loss_g.backward()
-        if g.pl_weight > 0 and step % int(g.pl_interval) == 0:
-            n_pl = max(per_rank // 2, 1)
-            ws_pl = _mapping(G, z[:n_pl], float(g.style_mixing)).detach().requires_grad_(True)
-            lengths = gan.path_length(G.synthesis(ws_pl, noise_mode="random"), ws_pl)
-            pl_mean = s["pl_mean"] + 0.01 * (
-                _mean_across(lengths.mean().detach(), d) - s["pl_mean"]
-            )
-            s["pl_mean"] = float(pl_mean)
-            (
-                ((lengths - pl_mean).square().mean()) * float(g.pl_weight) * int(g.pl_interval)
-            ).backward()
-        _step(G, G_opt, d)
-        D.requires_grad_(True)
-
-        # D step: tell reals from fakes; lazy R1 on the reals every r1_interval steps.
-        D_opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            fake = G.synthesis(_mapping(G, z, float(g.style_mixing)), noise_mode="random")
-        do_r1 = g.r1_gamma > 0 and step % int(g.r1_interval) == 0
-        real.requires_grad_(do_r1)
-        real_logits = D(augment(real))
-        fake_logits = D(augment(fake))
-        loss_d = gan.d_logistic_loss(real_logits, fake_logits)
-        if do_r1:
-            r1 = gan.r1_penalty(real_logits, real)
-            loss_d = loss_d + r1.mean() * (float(g.r1_gamma) / 2) * int(g.r1_interval)
-        loss_d.backward()
-        _step(D, D_opt, d)
-
-        losses = torch.stack([loss_g.detach(), loss_d.detach()])
+        b = _iteration(cfg, t, phases, s, ds, d)
+        losses = torch.stack([b.stats["loss/G"], b.stats["loss/D"]])
         if not torch.isfinite(losses).all():
             raise DivergenceError(
                 f"generator diverged at {s['nimg'] / 1000:.2f} kimg (G loss {losses[0]:.3g}, D loss {losses[1]:.3g}); "
-                f"the last good checkpoint {state_file} is untouched: lower generator.glr/dlr or raise generator.r1_gamma"
+                f"the last good checkpoint {ckpt.path} is untouched: lower generator.glr/dlr or raise generator.r1_gamma"
             )
-
-        # G EMA, ADA p from the sign of D on reals.
-        s["nimg"] += batch
-        s["step"] += 1
-        gan.ema_update(G_ema, G, gan.ema_beta(batch, s["nimg"], float(g.ema_kimg), g.ema_rampup))
-        signs = torch.tensor(
-            [real_logits.detach().sign().sum().item(), real_logits.numel()], dtype=torch.float64
-        )
-        if d.enabled:
-            dist.all_reduce(signs)
-        s["ada_acc"] = [s["ada_acc"][0] + signs[0].item(), s["ada_acc"][1] + signs[1].item()]
-        if g.ada.fixed_p is None and s["step"] % int(g.ada.interval) == 0:
-            rt = s["ada_acc"][0] / max(s["ada_acc"][1], 1)
-            augment.p.fill_(
-                ada_adjust(
-                    augment.p.item(),
-                    rt,
-                    target=float(g.ada.target),
-                    batch=batch,
-                    interval=int(g.ada.interval),
-                    ada_kimg=float(g.ada.kimg),
-                )
-            )
-            s["ada_acc"] = [0.0, 0.0]
-
+        _advance(g, t, s, b, d)
         s["train_seconds"] = time.time() - t0
         bar.update((min(s["nimg"], total_nimg) - min(s["nimg"] - batch, total_nimg)) / 1000)
         if s["step"] % 10 == 0:
-            sec_per_kimg = s["train_seconds"] / max(s["nimg"] / 1000, 1e-9)
-            bar.set_postfix_str(f"{sec_per_kimg:.1f} s/kimg, p={augment.p.item():.3f}")
-            run.log(
-                {
-                    "loss/G": loss_g.item(),
-                    "loss/D": loss_d.item(),
-                    "ada/p": augment.p.item(),
-                    "real_logits": real_logits.mean().item(),
-                    "fake_logits": fake_logits.mean().item(),
-                    "pl_mean": s["pl_mean"],
-                    "kimg": s["nimg"] / 1000,
-                    "s_per_kimg": sec_per_kimg,
-                },
-                step=s["step"],
-            )
+            _log(run, bar, t, s, b)
         s["out_of_time"] = out_of_time(s["train_seconds"], max_seconds, d)
         done = s["nimg"] >= total_nimg or s["out_of_time"]
         if done or s["nimg"] // snapshot_nimg > (s["nimg"] - batch) // snapshot_nimg:
             if quality is not None:
-                s["snapshots"].append(quality.snapshot(G_ema, grid_z, s, final=done))
-                if g.keep == "best" and _better(s["snapshots"], s["best"]):
-                    s["best"] = len(s["snapshots"]) - 1
-                    G_best = {k: v.detach().clone() for k, v in G_ema.state_dict().items()}
-            checkpoint()
+                _snapshot(g, t, s, quality, grid_z, final=done)
+            ckpt.save(s["step"], loop=s, **({"G_best": t.G_best} if t.G_best is not None else {}))
         elif s["step"] % int(cfg.checkpoint_every) == 0:
-            checkpoint()
+            ckpt.save(s["step"], loop=s, **({"G_best": t.G_best} if t.G_best is not None else {}))
     bar.close()
 
+
+def _log(run: Run, bar: tqdm, t: _GAN, s: dict[str, Any], b: _Batch) -> None:
+    """The progress bar's speed and ADA p; losses and logits into the run's log."""
+    sec_per_kimg = s["train_seconds"] / max(s["nimg"] / 1000, 1e-9)
+    bar.set_postfix_str(f"{sec_per_kimg:.1f} s/kimg, p={t.augment.p.item():.3f}")
+    run.log(
+        {
+            "loss/G": b.stats["loss/G"].item(),
+            "loss/D": b.stats["loss/D"].item(),
+            "ada/p": t.augment.p.item(),
+            "real_logits": b.stats["real_logits"].mean().item(),
+            "fake_logits": b.stats["fake_logits"].mean().item(),
+            "pl_mean": s["pl_mean"],
+            "kimg": s["nimg"] / 1000,
+            "s_per_kimg": sec_per_kimg,
+        },
+        step=s["step"],
+    )
+
+
+def _snapshot(
+    g: DictConfig, t: _GAN, s: dict[str, Any], quality: _Quality, grid_z: torch.Tensor, final: bool
+) -> None:
+    """Grid and quality of G_ema now (rank 0); with ``keep=best``, keep it if it is the best."""
+    s["snapshots"].append(quality.snapshot(t.G_ema, grid_z, s, final=final))
+    if g.keep == "best" and _better(s["snapshots"], s["best"]):
+        s["best"] = len(s["snapshots"]) - 1
+        t.G_best = {k: v.detach().clone() for k, v in t.G_ema.state_dict().items()}
+
+
+def _finish(
+    cfg: DictConfig, run: Run, t: _GAN, s: dict[str, Any], more: dict[str, Any], d: distributed.Dist
+) -> Artifact:
+    """Save the kept G_ema (and the last one, G and D) with its metrics; write the artifact
+    with ``more`` info (the data, the quality metrics' references)."""
+    g = cfg.generator
     files = {
         "G_ema": "G_ema.safetensors",
         "G_ema_last": "G_ema_last.safetensors",
@@ -248,14 +374,14 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     metrics: dict[str, Any] = {}
     if run.is_main:
         target_g, target_d = g.G._target_, g.D._target_
-        save_model(run.dir / files["G_ema_last"], G_ema, target_g, g_kwargs)
+        save_model(run.dir / files["G_ema_last"], t.G_ema, target_g, t.g_kwargs)
         kept = s["snapshots"][-1]
-        if s["best"] is not None and G_best is not None:
+        if s["best"] is not None and t.G_best is not None:
             kept = s["snapshots"][s["best"]]
-            G_ema.load_state_dict(G_best)
-        save_model(run.dir / files["G_ema"], G_ema, target_g, g_kwargs)
-        save_model(run.dir / files["G"], G, target_g, g_kwargs)
-        save_model(run.dir / files["D"], D, target_d, d_kwargs)
+            t.G_ema.load_state_dict(t.G_best)
+        save_model(run.dir / files["G_ema"], t.G_ema, target_g, t.g_kwargs)
+        save_model(run.dir / files["G"], t.G, target_g, t.g_kwargs)
+        save_model(run.dir / files["D"], t.D, target_d, t.d_kwargs)
         metrics = {k: v for k, v in kept.items() if k not in ("grid", "kimg")}
         (run.dir / files["grid"]).write_bytes((run.dir / kept["grid"]).read_bytes())
         last = s["snapshots"][-1]
@@ -269,21 +395,19 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             "kimg": round(s["nimg"] / 1000, 3),
             "train_seconds": round(s["train_seconds"], 1),
             "s_per_kimg": round(s["train_seconds"] / max(s["nimg"] / 1000, 1e-9), 2),
-            "ada_p": round(augment.p.item(), 4),
+            "ada_p": round(t.augment.p.item(), 4),
             "stopped_by_time_budget": bool(s.get("out_of_time")),
         }
         run.summary(metrics)
     info = {
-        "data": train_ds.source,
-        "G": f"{g.G._target_} {g_kwargs}",
-        "D": f"{g.D._target_} {d_kwargs}",
-        "G_parameters": sum(p.numel() for p in G.parameters()),
-        "D_parameters": sum(p.numel() for p in D.parameters()),
+        "G": f"{g.G._target_} {t.g_kwargs}",
+        "D": f"{g.D._target_} {t.d_kwargs}",
+        "G_parameters": sum(p.numel() for p in t.G.parameters()),
+        "D_parameters": sum(p.numel() for p in t.D.parameters()),
         "processes": d.world,
         "device": str(d.device),
-        **(quality.info if quality else {}),
     }
-    return write_artifact(run, metrics, files, info)
+    return write_artifact(run, metrics, files, more | info)
 
 
 # ----------------------------------------------------------------------------- loop pieces
@@ -305,7 +429,9 @@ def _mapping(G: torch.nn.Module, z: torch.Tensor, mixing: float) -> torch.Tensor
     return ws
 
 
-def _step(module: torch.nn.Module, opt: torch.optim.Optimizer, d: distributed.Dist) -> None:
+def _optimizer_step(
+    module: torch.nn.Module, opt: torch.optim.Optimizer, d: distributed.Dist
+) -> None:
     """Average gradients over ranks (one flat all-reduce), clean NaN/inf as published, step."""
     params = [p for p in module.parameters() if p.grad is not None]
     if d.enabled and params:

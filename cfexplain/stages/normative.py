@@ -2,6 +2,8 @@
 
 The models in ``normative.models`` train one after the other; each keeps its own resumable
 state inside the stage's ``state.pt``, so a kill resumes in the middle of the model it hit.
+Their steps count on in ``log.jsonl`` and ``state.pt``: the second model's step 1 is
+``normative.steps + 1``.
 Training sees only images whose label is in ``normative.healthy_labels`` (checked per batch).
 Metrics per model: image-level AUC of the anomaly score, diseased vs healthy test images; with
 ground-truth masks (phantoms), pixel-level AUROC and best Dice of the residual map against the
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,12 +29,11 @@ from tqdm.auto import tqdm
 from cfexplain.data import build_dataset, collate
 from cfexplain.data.phantoms.knee import JSW_DEFINITE
 from cfexplain.nn import normative as nm
-from cfexplain.stages._shared import write_artifact
-from cfexplain.stages.classifier import epoch_batches, lr_at
+from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model, torch_load, torch_save
+from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
-from cfexplain.utils.seeding import Stream, generator, rng_state, set_rng_state
+from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -60,18 +62,12 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             f"fewer than normative.batch_size={n.batch_size}"
         )
 
-    state_file = run.dir / STATE_FILE
-    state: dict[str, Any] = torch_load(state_file) if state_file.is_file() else {"models": {}}
-    if state["models"]:
-        set_rng_state(state["rng"])
-        where = {m: s["loop"]["step"] for m, s in state["models"].items()}
-        log.info(f"[normative] resumed from {state_file} at steps {where}")
-        run.notes["resumed_from_steps"] = where
-
-    def checkpoint() -> None:
-        if run.is_main:
-            torch_save({**state, "rng": rng_state()}, state_file)
-        d.barrier()
+    ckpt = Checkpoint(run, d, rng=True)
+    saved = ckpt.load()
+    models: dict[str, Any] = saved["models"] if saved else {}
+    if models:
+        where = {m: s["loop"]["step"] for m, s in models.items()}
+        ckpt.announce(f"at steps {where}", resumed_from_steps=where)
 
     files: dict[str, str] = {}
     metrics: dict[str, Any] = {}
@@ -82,7 +78,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         **counts,
     }
     for name in names:
-        model, loop = _train(name, cfg, run, healthy_ds, healthy, d, state, checkpoint)
+        # Steps of log.jsonl and state.pt count on across the models.
+        offset = names.index(name) * int(n.steps)
+        model, loop = _train(name, cfg, run, healthy_ds, healthy, d, ckpt, models, offset)
         kwargs = _model_kwargs(cfg, name)
         files[name] = f"{name}.safetensors"
         result = evaluate(
@@ -106,13 +104,15 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             save_model(run.dir / files[name], model, TARGETS[name], kwargs)
             files[f"{name}_examples"] = f"{name}_examples.png"
             _examples(run, model, test_ds, healthy, name, run.dir / files[f"{name}_examples"])
-            run.log({k: v for k, v in metrics.items() if k.startswith(name) and np.isscalar(v)})
             tqdm.write(
                 f"[normative] {name}: image AUC {result['image_auc']:.4f}  pixel AUROC "
                 f"{result.get('pixel_auroc', float('nan')):.4f}  best Dice {result.get('best_dice', float('nan')):.4f}"
             )
     info |= {"processes": d.world, "device": str(d.device)}
     if run.is_main:
+        # Once all are trained: a resume re-evaluates the models finished before it.
+        for name in names:
+            run.log({k: v for k, v in metrics.items() if k.startswith(name) and np.isscalar(v)})
         run.summary(metrics)
     return write_artifact(run, metrics, files, info)
 
@@ -169,27 +169,35 @@ def _build(cfg: DictConfig, name: str, device: torch.device, seed: int) -> nm.No
     return cls(**_model_kwargs(cfg, name)).to(device)
 
 
-def _train(
-    name: str,
-    cfg: DictConfig,
-    run: Run,
-    ds: Dataset,
-    healthy: list[int],
-    d: distributed.Dist,
-    state: dict[str, Any],
-    checkpoint,
-) -> tuple[nm.NormativeModel, dict[str, Any]]:
-    """Train one model (or finish a resumed one); its state lives in ``state['models'][name]``."""
-    n, seed = cfg.normative, int(cfg.seed)
-    key = nm.MODEL_NAMES.index(name) + 1  # separates the random streams of the two models
-    batch = int(n.batch_size)
-    if batch % d.world:
-        raise ValueError(
-            f"normative.batch_size={batch} must be divisible by the number of processes ({d.world})"
-        )
-    model = _build(cfg, name, d.device, seed + key)
+@dataclass
+class _Trainee:
+    """One normative model in training: its modules, optimisers, base rates and counters."""
+
+    name: str
+    key: int  # separates the random streams of the models
+    model: nm.NormativeModel
+    modules: dict[str, torch.nn.Module]
+    opts: dict[str, torch.optim.Optimizer]
+    base_lr: dict[str, float]
+    loop: dict[str, Any] = field(
+        default_factory=lambda: {"step": 0, "train_seconds": 0.0, "finished": False}
+    )
+
+    def states(self) -> dict[str, Any]:
+        """Modules and optimisers by their name in ``state.pt``."""
+        return {f"{self.name}.{k}": m for k, m in self.modules.items()} | {
+            f"{self.name}.opt.{k}": o for k, o in self.opts.items()
+        }
+
+
+def _trainee(name: str, cfg: DictConfig, d: distributed.Dist) -> _Trainee:
+    """The untrained model ``name`` (with the AAE's latent discriminator) and its optimisers."""
+    n, key = cfg.normative, nm.MODEL_NAMES.index(name) + 1
+    model = _build(cfg, name, d.device, int(cfg.seed) + key)
     modules: dict[str, torch.nn.Module] = {"model": model}
-    opts = {"ae": torch.optim.Adam(model.parameters(), lr=float(n.lr), betas=tuple(n.betas))}
+    opts: dict[str, torch.optim.Optimizer] = {
+        "ae": torch.optim.Adam(model.parameters(), lr=float(n.lr), betas=tuple(n.betas))
+    }
     if name == "aae":
         disc = nm.LatentDiscriminator(int(np.prod(model.latent_shape)), int(n.aae.d_hidden)).to(
             d.device
@@ -202,86 +210,109 @@ def _train(
             model.encoder.parameters(), lr=float(n.aae.g_lr), betas=tuple(n.aae.betas)
         )
     base_lr = {k: o.param_groups[0]["lr"] for k, o in opts.items()}
-    loop: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "finished": False}
-    if name in state["models"]:
-        saved = state["models"][name]
-        for k, m in modules.items():
-            m.load_state_dict(saved["modules"][k])
-        for k, o in opts.items():
-            o.load_state_dict(saved["opts"][k])
-        loop = dict(saved["loop"])
+    return _Trainee(name, key, model, modules, opts, base_lr)
 
-    def save() -> None:
-        state["models"][name] = {
-            "modules": {k: m.state_dict() for k, m in modules.items()},
-            "opts": {k: o.state_dict() for k, o in opts.items()},
-            "loop": dict(loop),
-        }
-        checkpoint()
 
-    total = int(n.steps)
-    if loop["finished"]:
-        log.info(f"[normative] {name}: finished before the resume, {loop['step']} steps")
-        return model.eval(), loop
+def _train(
+    name: str,
+    cfg: DictConfig,
+    run: Run,
+    ds: Dataset,
+    healthy: list[int],
+    d: distributed.Dist,
+    ckpt: Checkpoint,
+    models: dict[str, Any],
+    offset: int,
+) -> tuple[nm.NormativeModel, dict[str, Any]]:
+    """Train one model (or finish a resumed one); ``models[name]['loop']`` holds its counters,
+    and its log and checkpoint steps start at ``offset``."""
+    n = cfg.normative
+    if int(n.batch_size) % d.world:
+        raise ValueError(
+            f"normative.batch_size={n.batch_size} must be divisible by the number of processes ({d.world})"
+        )
+    t = _trainee(name, cfg, d)
+    ckpt.add(**t.states())  # restored here when the checkpoint has them
+    if name in models:
+        t.loop = dict(models[name]["loop"])
+    models[name] = {"loop": t.loop}
+    if t.loop["finished"]:
+        log.info(f"[normative] {name}: finished before the resume, {t.loop['step']} steps")
+        return t.model.eval(), t.loop
     perceptual = _perceptual(n, d.device)
-    schedule = dict(
-        base=1.0, warmup=int(n.warmup_steps), total=total, min_ratio=float(n.min_lr_ratio)
-    )
-    steps_per_epoch = len(ds) // batch
     bar = tqdm(
-        total=total,
-        initial=loop["step"],
+        total=int(n.steps),
+        initial=t.loop["step"],
         desc=f"normative {name}",
         unit="step",
         disable=not run.is_main,
     )
-    t0 = time.time() - loop["train_seconds"]
-    model.train()
-    while loop["step"] < total:
-        epoch = loop["step"] // steps_per_epoch
-        batches = epoch_batches(len(ds), batch, seed + key, epoch, d.rank, d.world)
-        skip = loop["step"] - epoch * steps_per_epoch
-        loader = DataLoader(
-            ds,
-            batch_sampler=batches[skip:],
-            collate_fn=collate,
-            num_workers=int(cfg.data.num_workers),
-        )
-        for x, y, _ in loader:
-            bad = sorted(set(y.tolist()) - set(healthy))
-            assert not bad, f"normative: labels {bad} reached training; only {healthy} may"
-            x = x.to(d.device, non_blocking=True)
-            step = loop["step"]
-            for k, o in opts.items():
-                for g in o.param_groups:
-                    g["lr"] = base_lr[k] * lr_at(step, **schedule)
-            noise = torch.randn(
-                (len(x), *model.latent_shape),
-                generator=generator(seed, Stream.NORMATIVE_LATENT + key, step, d.rank),
-            ).to(d.device)
-            if name == "vae":
-                losses = _vae_step(model, opts, x, noise, n, perceptual, d)
-            else:
-                losses = _aae_step(model, modules["disc"], opts, x, noise, n, perceptual, d)
-            if not all(np.isfinite(v) for v in losses.values()):
-                raise FloatingPointError(
-                    f"normative {name} diverged at step {step} ({losses}); the last checkpoint "
-                    f"{run.dir / STATE_FILE} is untouched: lower normative.lr"
-                )
-            loop["step"] += 1
-            loop["train_seconds"] = time.time() - t0
-            bar.update()
-            if loop["step"] % 10 == 0:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-                run.log({f"{name}/train/{k}": v for k, v in losses.items()}, step=loop["step"])
-            if loop["step"] % int(cfg.checkpoint_every) == 0:
-                save()
-            if loop["step"] >= total:
-                break
+    t0 = time.time() - t.loop["train_seconds"]
+    t.model.train()
+    while t.loop["step"] < int(n.steps):
+        _train_epoch(cfg, run, ds, healthy, t, perceptual, t0, d, bar, ckpt, models, offset)
     bar.close()
-    loop["finished"] = True
-    save()
-    return model.eval(), loop
+    t.loop["finished"] = True
+    ckpt.save(offset + t.loop["step"], models=models)
+    return t.model.eval(), t.loop
+
+
+def _train_epoch(
+    cfg: DictConfig,
+    run: Run,
+    ds: Dataset,
+    healthy: list[int],
+    t: _Trainee,
+    perceptual,
+    t0: float,
+    d: distributed.Dist,
+    bar: tqdm,
+    ckpt: Checkpoint,
+    models: dict[str, Any],
+    offset: int,
+) -> None:
+    """The rest of the current epoch of ``t`` (its batches not done before a resume)."""
+    n, seed = cfg.normative, int(cfg.seed)
+    batch, total = int(n.batch_size), int(n.steps)
+    schedule = dict(
+        base=1.0, warmup=int(n.warmup_steps), total=total, min_ratio=float(n.min_lr_ratio)
+    )
+    epoch = t.loop["step"] // (len(ds) // batch)
+    workers = int(cfg.data.num_workers)
+    loader = epoch_loader(ds, batch, seed + t.key, epoch, t.loop["step"], d, workers)
+    for x, y, _ in loader:
+        bad = sorted(set(y.tolist()) - set(healthy))
+        assert not bad, f"normative: labels {bad} reached training; only {healthy} may"
+        x = x.to(d.device, non_blocking=True)
+        step = t.loop["step"]
+        for k, o in t.opts.items():
+            for g in o.param_groups:
+                g["lr"] = t.base_lr[k] * lr_at(step, **schedule)
+        noise = torch.randn(
+            (len(x), *t.model.latent_shape),
+            generator=generator(seed, Stream.NORMATIVE_LATENT + t.key, step, d.rank),
+        ).to(d.device)
+        if t.name == "vae":
+            losses = _vae_step(t.model, t.opts, x, noise, n, perceptual, d)
+        else:
+            losses = _aae_step(t.model, t.modules["disc"], t.opts, x, noise, n, perceptual, d)
+        if not all(np.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(
+                f"normative {t.name} diverged at step {step} ({losses}); the last checkpoint "
+                f"{ckpt.path} is untouched: lower normative.lr"
+            )
+        t.loop["step"] += 1
+        t.loop["train_seconds"] = time.time() - t0
+        bar.update()
+        if t.loop["step"] % 10 == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+            run.log(
+                {f"{t.name}/train/{k}": v for k, v in losses.items()}, step=offset + t.loop["step"]
+            )
+        if t.loop["step"] % int(cfg.checkpoint_every) == 0:
+            ckpt.save(offset + t.loop["step"], models=models)
+        if t.loop["step"] >= total:
+            break
 
 
 def _vae_step(model, opts, x, noise, n, perceptual, d) -> dict[str, float]:

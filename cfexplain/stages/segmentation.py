@@ -22,10 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cfexplain.nn.segmentation import UNet, dice_scores, predict_masks, segmentation_loss
-from cfexplain.stages._shared import resume_state, save_state, write_artifact
-from cfexplain.stages.classifier import epoch_batches, lr_at
+from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import STATE_FILE, Artifact, save_model
+from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.tracking import Run
 
@@ -140,7 +139,7 @@ def _train(
     kwargs: dict[str, Any],
     d: distributed.Dist,
 ) -> tuple[UNet, dict[str, Any]]:
-    s, seed = cfg.segmentation, int(cfg.seed)
+    s = cfg.segmentation
     batch = int(s.batch_size)
     if batch % d.world:
         raise ValueError(
@@ -150,70 +149,89 @@ def _train(
         raise ValueError(
             f"segmentation.batch_size={batch} is larger than the training split ({len(ds)} images)"
         )
-    torch.manual_seed(seed)  # initial weights: same on every rank, same for a seed
+    torch.manual_seed(int(cfg.seed))  # initial weights: same on every rank, same for a seed
     model = UNet(**kwargs).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=float(s.lr), weight_decay=float(s.weight_decay))
-    total = int(s.steps)
-    schedule = dict(
-        base=float(s.lr), warmup=int(s.warmup_steps), total=total, min_ratio=float(s.min_lr_ratio)
+    ckpt = Checkpoint(run, d, rng=True, model=model, optimizer=opt)
+    saved = ckpt.load()
+    loop: dict[str, Any] = (
+        saved["loop"] if saved else {"step": 0, "train_seconds": 0.0, "finished": False}
     )
-    loop: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "finished": False}
-    loop = resume_state(run, model, opt, loop, "segmentation")
-
-    def checkpoint() -> None:
-        save_state(run, model, opt, loop, d)
-
+    if saved:
+        ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
     if loop["finished"]:
         return model.eval(), loop
     ddp = distributed.wrap_ddp(model, d)
-    steps_per_epoch = len(ds) // batch
     bar = tqdm(
-        total=total, initial=loop["step"], desc="segmentation", unit="step", disable=not run.is_main
+        total=int(s.steps),
+        initial=loop["step"],
+        desc="segmentation",
+        unit="step",
+        disable=not run.is_main,
     )
     t0 = time.time() - loop["train_seconds"]
     model.train()
-    while loop["step"] < total:
-        epoch = loop["step"] // steps_per_epoch
-        batches = epoch_batches(len(ds), batch, seed + SEED_KEY, epoch, d.rank, d.world)
-        skip = loop["step"] - epoch * steps_per_epoch  # batches of this epoch done before a resume
-        loader = DataLoader(
-            ds,
-            batch_sampler=batches[skip:],
-            collate_fn=_collate(classes),
-            num_workers=int(cfg.data.num_workers),
-        )
-        for x, masks in loader:
-            x, masks = x.to(d.device, non_blocking=True), masks.to(d.device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(loop["step"], **schedule)
-            with distributed.autocast(d.device, bool(s.amp)):
-                logits = ddp(x)
-            loss = segmentation_loss(logits, masks, float(s.dice_weight))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"segmentation diverged at step {loop['step']} (loss {loss.item()}); the last "
-                    f"checkpoint {run.dir / STATE_FILE} is untouched: lower segmentation.lr"
-                )
-            loop["step"] += 1
-            loop["train_seconds"] = time.time() - t0
-            bar.update()
-            if loop["step"] % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                run.log(
-                    {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
-                    step=loop["step"],
-                )
-            if loop["step"] % int(cfg.checkpoint_every) == 0:
-                checkpoint()
-            if loop["step"] >= total:
-                break
+    while loop["step"] < int(s.steps):
+        _train_epoch(cfg, run, ddp, opt, ds, classes, loop, t0, d, bar, ckpt)
     bar.close()
     loop["finished"] = True
-    checkpoint()
+    ckpt.save(loop["step"], loop=loop)
     return model.eval(), loop
+
+
+def _train_epoch(
+    cfg: DictConfig,
+    run: Run,
+    ddp: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    ds: Dataset,
+    classes: list[str],
+    loop: dict[str, Any],
+    t0: float,
+    d: distributed.Dist,
+    bar: tqdm,
+    ckpt: Checkpoint,
+) -> None:
+    """The rest of the current epoch (its batches not done before a resume), up to the end."""
+    s, total, batch = (
+        cfg.segmentation,
+        int(cfg.segmentation.steps),
+        int(cfg.segmentation.batch_size),
+    )
+    schedule = dict(
+        base=float(s.lr), warmup=int(s.warmup_steps), total=total, min_ratio=float(s.min_lr_ratio)
+    )
+    epoch = loop["step"] // (len(ds) // batch)
+    seed, workers = int(cfg.seed) + SEED_KEY, int(cfg.data.num_workers)
+    loader = epoch_loader(ds, batch, seed, epoch, loop["step"], d, workers, _collate(classes))
+    for x, masks in loader:
+        x, masks = x.to(d.device, non_blocking=True), masks.to(d.device, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(loop["step"], **schedule)
+        with distributed.autocast(d.device, bool(s.amp)):
+            logits = ddp(x)
+        loss = segmentation_loss(logits, masks, float(s.dice_weight))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"segmentation diverged at step {loop['step']} (loss {loss.item()}); the last "
+                f"checkpoint {ckpt.path} is untouched: lower segmentation.lr"
+            )
+        loop["step"] += 1
+        loop["train_seconds"] = time.time() - t0
+        bar.update()
+        if loop["step"] % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            run.log(
+                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
+                step=loop["step"],
+            )
+        if loop["step"] % int(cfg.checkpoint_every) == 0:
+            ckpt.save(loop["step"], loop=loop)
+        if loop["step"] >= total:
+            break
 
 
 # ----------------------------------------------------------------------------- evaluation

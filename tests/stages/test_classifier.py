@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cfexplain.nn.classifier import ResNetClassifier, load_classifier
-from cfexplain.stages.classifier import classification_metrics, epoch_batches, lr_at
+from cfexplain.stages._shared import epoch_batches, lr_at
+from cfexplain.stages.classifier import classification_metrics
 from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact
 from tests.conftest import kill_when, run_train, smoke_train

@@ -230,6 +230,20 @@ def test_interrupted_sampling_resumes_to_the_same_direction(smoke_cfg, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sampling_checkpoint_holds_only_the_samples(smoke_cfg, tmp_path):
+    plant_run(tmp_path / "runs" / "knee")
+    overrides = ("stages=[direction]", "direction.n_samples=1000", "direction.batch_size=250")
+    art = run_chain(smoke_cfg(*overrides))["direction"]
+    state = art.dir / "state.pt"
+    chunks = torch.load(state, weights_only=True)["chunks"]
+    tensors = [t for c in chunks.values() for t in c.values()]
+    assert len(chunks) == 4 and chunks["0"]["w"].shape == (250, W_DIM)
+    # w is W's first layer: a view of all NUM_WS layers would save NUM_WS times its bytes.
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in tensors)
+    payload = sum(t.numel() * t.element_size() for t in tensors)
+    assert state.stat().st_size < payload + 16_000
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_find_the_same_direction_as_one(smoke_cfg, tmp_path):
 

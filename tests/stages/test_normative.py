@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,26 @@ def test_kill_in_the_second_model_then_resume_gives_the_same_weights(tmp_path):
         a, b = load_file(str(ref_art.path(name))), load_file(str(art.path(name)))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert art.metrics["aae/test/image_auc"] == ref_art.metrics["aae/test/image_auc"]
+
+
+def test_a_resume_logs_every_step_once(smoke_cfg, monkeypatch):
+    overrides = ("stages=[normative]", "normative.steps=14", "checkpoint_every=8")
+    real_lr_at, seen = stage.lr_at, []
+
+    def crash_at_aae_step_12(step, **kw):
+        seen.append(step)
+        if seen.count(12) == 2:  # the VAE's step 12 was the first: past the AAE's log at 10
+            raise RuntimeError("power cut")
+        return real_lr_at(step, **kw)
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="power cut"):
+        patch.setattr(stage, "lr_at", crash_at_aae_step_12)
+        run_chain(smoke_cfg(*overrides))
+    art = run_chain(smoke_cfg(*overrides))["normative"]
+    assert art.info["resumed_from_steps"] == {"vae": 14, "aae": 8}
+    rows = [json.loads(line) for line in (art.dir / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["step"] is not None]
+    assert len(steps) == len(set(steps)) and steps == sorted(steps)
+    # The models' steps count on: the AAE's step 10 is the stage's step 14 + 10, logged once.
+    assert [r["step"] for r in rows if "aae/train/recon" in r] == [24]
+    assert [r["step"] for r in rows if "vae/train/recon" in r] == [10]
