@@ -63,7 +63,7 @@ def relevance(name: str, maps: Tensor, signed: bool) -> Tensor:
 
 def _samples(ds, n: int, target: int) -> dict[str, Any]:
     """Images, labels, masks and factors of the first ``n`` samples of a phantom split."""
-    from cfexplain.stages.normative import pathology_mask
+    from cfexplain.data.masks import pathology_mask
 
     samples = [ds[i] for i in range(n)]
     metas = [s["meta"] for s in samples]
@@ -94,7 +94,7 @@ def _counterfactual_under(engine: Any, cfg: DictConfig, target: int) -> Callable
     classifier through α, so α is refit for each randomised classifier (labels: its probability
     above the median on a fixed set of G samples, the direction along which it rises)."""
     from cfexplain.explain.counterfactual import CounterfactualEngine
-    from cfexplain.stages.direction import fit_linear_direction
+    from cfexplain.explain.directions import fit_linear_direction
 
     n = int(cfg.randomisation.direction_samples)
     gen = torch.Generator().manual_seed(int(cfg.seed))

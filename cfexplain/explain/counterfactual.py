@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DIRECTIONS_FILE = "directions.safetensors"
-
 
 @dataclass
 class Counterfactuals:

@@ -90,7 +90,7 @@ def _model_and_outputs(
     """``(model, description, output names, masks or None, header facts)``."""
     from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_classifier
     from cfexplain.nn.segmentation import load_segmentation
-    from cfexplain.stages.segmentation import mask_names, stack_masks
+    from cfexplain.data.masks import mask_names, stack_masks
 
     task = str(cfg.task)
     stage = STAGE_OF_TASK[task]
