@@ -19,13 +19,13 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cfexplain.inspect.page import Section, e, figure, fmt, page_html, table
-from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact, write_bytes, write_json, write_text
-from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
+from cfexplain.runs import TrainedRun
+from cfexplain.utils.artifacts import write_bytes, write_json, write_text
+from cfexplain.utils.cli import ConfigError, command_run, run_command
 from cfexplain.utils.images import save_grid
-from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -34,30 +34,16 @@ WHAT = ("filters", "feature_maps", "embeddings", "class_max", "units")
 UNITS_FILE = "units.csv"
 
 
-def _has(run_dir: Path, stage: str) -> bool:
-    return (run_dir / stage / ARTIFACT_FILE).is_file()
-
-
 class _Context:
     """What every section reads: the run, the model, the images and where to write."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, out: Path, run: Run) -> None:
-        from cfexplain.data import build_dataset
-        from cfexplain.nn.classifier import load_classifier
-        from cfexplain.utils import distributed
-
-        self.cfg, self.run_dir, self.out, self.run = cfg, run_dir, out, run
-        self.device = distributed.setup(str(cfg.device)).device
-        self.art = Artifact.load(run_dir / "classifier")
-        train_cfg = OmegaConf.load(run_dir / "classifier" / "config.yaml")
-        self.classes = [str(c) for c in self.art.info.get("classes") or []]
+    def __init__(self, cfg: DictConfig, trained: TrainedRun, out: Path, run: Run) -> None:
+        self.cfg, self.trained, self.out, self.run = cfg, trained, out, run
+        self.run_dir, self.device = trained.dir, trained.device
+        self.art, self.classes = trained.artifact("classifier"), trained.classes
         self.target = int(cfg.target)
-        if not self.classes or not 0 <= self.target < len(self.classes):
-            raise ConfigError(f"target={self.target}: the classifier's classes are {self.classes}")
-        self.model = load_classifier(run_dir / "classifier", self.device)
-        self.ds = build_dataset(train_cfg.data, str(cfg.split))
-        if hasattr(self.ds, "cache"):
-            self.ds.cache = False  # each sample is read once here
+        self.model = trained.classifier
+        self.ds = trained.dataset(str(cfg.split))
         n = len(self.ds) if cfg.limit is None else min(int(cfg.limit), len(self.ds))
         if n < 1:
             raise ConfigError(f"limit={cfg.limit}: the {cfg.split} split has {len(self.ds)} images")
@@ -172,11 +158,8 @@ def _embeddings(ctx: _Context, summary: dict) -> Section:
     sets: dict[str, torch.Tensor] = {
         "classifier features": emb.classifier_features(ctx.model, ctx.x)
     }
-    if _has(ctx.run_dir, "encoder"):
-        from cfexplain.nn.encoder import load_encoder
-
-        E = load_encoder(ctx.run_dir / "encoder", ctx.device)
-        sets["encoder latents E(x)"] = emb.encoder_latents(E, ctx.x, ctx.batch)
+    if ctx.trained.has("encoder"):
+        sets["encoder latents E(x)"] = emb.encoder_latents(ctx.trained.encoder, ctx.x, ctx.batch)
     else:
         notes.append(f"No W-latent embedding: {ctx.run_dir} has no encoder stage.")
     if bool(cfg.pixels):
@@ -268,15 +251,12 @@ def _class_max(ctx: _Context, summary: dict) -> Section:
         blur_sigma=float(cfg.blur_sigma),
     )
     results = {"input space": res}
-    if _has(ctx.run_dir, "generator"):
-        from cfexplain.nn.encoder import load_encoder, load_generator
-
-        G = load_generator(ctx.run_dir / "generator", ctx.device)
+    if ctx.trained.has("generator"):
+        G = ctx.trained.generator
         start = str(cfg.latent_start)
-        if start == "encoder" and _has(ctx.run_dir, "encoder"):
-            E = load_encoder(ctx.run_dir / "encoder", ctx.device)
+        if start == "encoder" and ctx.trained.has("encoder"):
             with torch.no_grad():
-                w0 = E(ctx.x[:n].to(ctx.device))
+                w0 = ctx.trained.encoder(ctx.x[:n].to(ctx.device))
         elif start in ("w_avg", "encoder"):
             if start == "encoder":
                 notes.append(
@@ -364,7 +344,7 @@ def _units(ctx: _Context, summary: dict) -> Section:
         )
     contrib = U.unit_contributions(acts, weight, ctx.target, positive)
     top = U.rank(contrib, int(cfg.top))
-    csv_path = ctx.run_dir / "inspect" / UNITS_FILE
+    csv_path = ctx.trained.output_dir("inspect") / UNITS_FILE
     csv_rows = U.update_units_csv(csv_path, {u: float(contrib[u]) for u in top})
     names = U.unit_names(csv_rows)
     size = int(cfg.patch_px) if cfg.patch_px else None
@@ -420,20 +400,20 @@ SECTIONS = {
 
 def inspect(cfg: DictConfig) -> Path:
     """Write the page that ``cfg`` describes; return the path of its ``index.html``."""
-    run_dir = trained_run(cfg)
+    trained = TrainedRun.open(cfg)
+    run_dir = trained.dir
     what = [str(w) for w in cfg.what]
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
         raise ConfigError(f"what={what}: choose from {list(WHAT)}")
-    seed_everything(int(cfg.seed), False)
-    out = Path(cfg.out) if cfg.out else run_dir / "inspect" / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else trained.output_dir("inspect", stamped=True)
     out = out.expanduser().resolve()
     for sub in ("maps", "embeddings", "class_max", "units"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     run = command_run("inspect", out, cfg, run_dir.name)
     start = time.time()
     try:
-        ctx = _Context(cfg, run_dir, out, run)
+        ctx = _Context(cfg, trained, out, run)
         header: dict[str, Any] = {
             "run": str(run_dir),
             "classifier": ctx.art.info.get("model", ""),
