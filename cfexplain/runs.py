@@ -59,7 +59,7 @@ class TrainedRun:
         self._artifacts: dict[str, Artifact] = {}
         self._datasets: dict[str, Dataset] = {}
         if require is not None and not self.has(require):
-            where = self.dir / require / ARTIFACT_FILE
+            where = self.artifact_file(require)
             raise ConfigError(f"run={self.given}: no finished {require} stage ({where})")
         if not self.dir.is_dir():
             raise ConfigError(f"run={self.given}: no such folder {self.dir}")
@@ -87,9 +87,13 @@ class TrainedRun:
         """The experiment's name (the folder's)."""
         return self.dir.name
 
+    def artifact_file(self, stage: str) -> Path:
+        """``<run>/<stage>/artifact.json``, written last: a stage is finished when it exists."""
+        return self.dir / stage / ARTIFACT_FILE
+
     def has(self, stage: str) -> bool:
-        """Whether ``stage`` finished (its ``artifact.json`` is written last)."""
-        return (self.dir / stage / ARTIFACT_FILE).is_file()
+        """Whether ``stage`` finished."""
+        return self.artifact_file(stage).is_file()
 
     def stage_dir(self, stage: str) -> Path:
         """The folder of a finished ``stage``; ConfigError naming the run when it is missing."""

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from cfexplain.utils.artifacts import atomic_write, write_text
-from cfexplain.utils.markup import esc
+from cfexplain.utils.markup import esc, page
 
 log = logging.getLogger("cfexplain")
 
@@ -296,14 +296,9 @@ def report_html(c: _Content) -> str:
         _section_unusual(c),
         _section_provenance(c),
     )
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Report: {esc(c.name)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>Report: {esc(c.name)}</h1>"
-        '<p class="note">What an image classifier concluded about one image, and why.</p>'
-        + "".join(sections)
-        + "</body></html>\n"
-    )
+    intro = '<p class="note">What an image classifier concluded about one image, and why.</p>'
+    title = f"Report: {c.name}"
+    return page(title, _CSS, title, intro, "".join(sections))
 
 
 # ----------------------------------------------------------------------------- PDF

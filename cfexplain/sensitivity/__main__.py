@@ -21,10 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from cfexplain.runs import TrainedRun, open_dataset
 from cfexplain.sensitivity.analysis import TASKS, SweepResult, result_rows, sweep
 from cfexplain.sensitivity.transforms import TRANSFORMS, get_transform
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
 from cfexplain.utils.cli import ConfigError, command_run, run_command
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
@@ -34,20 +34,10 @@ log = logging.getLogger("cfexplain")
 STAGE_OF_TASK = {"classification": "classifier", "segmentation": "segmentation"}
 
 
-def _run_dir(cfg: DictConfig) -> Path | None:
-    return Path(str(cfg.run)).expanduser().resolve() if cfg.get("run") else None
-
-
-def _data_config(cfg: DictConfig, run_dir: Path | None) -> DictConfig:
+def _data_config(cfg: DictConfig, run: TrainedRun | None) -> DictConfig:
     """The data the images come from: the run's training config, else ``+dataset=`` sized here."""
-    if run_dir is not None:
-        for stage in ("classifier", "segmentation"):
-            f = run_dir / stage / "config.yaml"
-            if f.is_file():
-                return OmegaConf.load(f).data
-        raise ConfigError(
-            f"run={cfg.run}: no stage config (classifier/ or segmentation/ config.yaml)"
-        )
+    if run is not None:
+        return run.config.data
     if cfg.get("data") is None or "name" not in cfg.data:
         raise ConfigError(
             "no images: set run=runs/<experiment>, or +dataset=NAME for a model given by model.target"
@@ -65,18 +55,17 @@ def _external(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     m = cfg.model
     kwargs = OmegaConf.to_container(m.kwargs, resolve=True) if m.get("kwargs") else {}
     try:
-        return load_external(m.get("target"), kwargs, m.get("weights"), m.get("torchscript"))
+        return load_external(
+            m.get("target"), kwargs, m.get("weights"), m.get("torchscript"), field="model"
+        )
     except (ValueError, ImportError, FileNotFoundError, TypeError) as e:
-        # load_external speaks of the classifier stage's fields; here they live under model.
-        raise ConfigError(f"model: {str(e).replace('classifier.', 'model.')}") from e
+        raise ConfigError(f"model: {e}") from e
 
 
 def _load_images(cfg: DictConfig, data_cfg: DictConfig):
-    from cfexplain.data import build_dataset, collate
+    from cfexplain.data import collate
 
-    ds = build_dataset(data_cfg, str(cfg.split))
-    if hasattr(ds, "cache"):
-        ds.cache = False  # each sample is read once
+    ds = open_dataset(data_cfg, str(cfg.split))
     n = len(ds) if cfg.limit is None else min(int(cfg.limit), len(ds))
     if n == 0:
         raise ConfigError(f"split={cfg.split}: no images")
@@ -85,12 +74,11 @@ def _load_images(cfg: DictConfig, data_cfg: DictConfig):
 
 
 def _model_and_outputs(
-    cfg: DictConfig, run_dir: Path | None, ds, x: torch.Tensor, metas, device: torch.device
+    cfg: DictConfig, run: TrainedRun | None, ds, x: torch.Tensor, metas, device: torch.device
 ) -> tuple[torch.nn.Module, str, list[str], torch.Tensor | None, dict[str, Any]]:
     """``(model, description, output names, masks or None, header facts)``."""
-    from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_classifier
-    from cfexplain.nn.segmentation import load_segmentation
     from cfexplain.data.masks import mask_names, stack_masks
+    from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier
 
     task = str(cfg.task)
     stage = STAGE_OF_TASK[task]
@@ -99,8 +87,8 @@ def _model_and_outputs(
     if external:
         model, source = _external(cfg)
     else:
-        if run_dir is None or not (run_dir / stage / ARTIFACT_FILE).is_file():
-            where = run_dir / stage / ARTIFACT_FILE if run_dir else "no run= given"
+        if run is None or not run.has(stage):
+            where = run.artifact_file(stage) if run else "no run= given"
             hint = (
                 "python -m cfexplain.train +dataset=knee stages=[segmentation]"
                 if task == "segmentation"
@@ -110,9 +98,9 @@ def _model_and_outputs(
                 f"task={task} needs a finished {stage} stage ({where}; {hint} trains one) "
                 "or your own model (model.target / model.torchscript)"
             )
-        art = Artifact.load(run_dir / stage)
-        load = load_classifier if task == "classification" else load_segmentation
-        model, source = load(run_dir / stage, device), art.info.get("model", stage)
+        art = run.artifact(stage)
+        model = run.classifier if task == "classification" else run.segmentation
+        source = art.info.get("model", stage)
     model = model.to(device).eval()
     probe = x[:2].to(device)
     if task == "classification":
@@ -189,18 +177,18 @@ def sensitivity(cfg: DictConfig) -> Path:
     if task not in TASKS:
         raise ConfigError(f"task={task}: expected one of {list(TASKS)}")
     plan = _plan(cfg)
-    run_dir = _run_dir(cfg)
-    if run_dir is not None and not run_dir.is_dir():
-        raise ConfigError(f"run={cfg.run}: no such folder {run_dir}")
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device
-    data_cfg = _data_config(cfg, run_dir)
+    # Without run=, the images come from +dataset= and the model from model.target.
+    trained = TrainedRun(str(cfg.run), device, require=None) if cfg.get("run") else None
+    run_dir = trained.dir if trained is not None else None
+    data_cfg = _data_config(cfg, trained)
     ds, x, metas, described = _load_images(cfg, data_cfg)
-    model, source, outputs, masks, facts = _model_and_outputs(cfg, run_dir, ds, x, metas, device)
+    model, source, outputs, masks, facts = _model_and_outputs(cfg, trained, ds, x, metas, device)
     if cfg.out:
         out = Path(str(cfg.out))
-    elif run_dir is not None:
-        out = run_dir / "sensitivity" / time.strftime("%Y%m%d-%H%M%S")
+    elif trained is not None:
+        out = trained.output_dir("sensitivity", stamped=True)
     else:
         raise ConfigError("set out=<folder> (there is no run= to write under)")
     out = out.expanduser().resolve()
