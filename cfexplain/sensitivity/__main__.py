@@ -42,7 +42,7 @@ def sensitivity(cfg: DictConfig) -> Path:
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device
     # Without run=, the images come from +dataset= and the model from model.target.
-    trained = TrainedRun(str(cfg.run), device, require=None) if cfg.get("run") else None
+    trained = TrainedRun(str(cfg.run), device, require=None) if cfg.run else None
     run_dir = trained.dir if trained is not None else None
     data_cfg = S.data_config(cfg, trained)
     ds, x, metas, described = S.load_images(cfg, data_cfg)

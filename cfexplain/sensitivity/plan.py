@@ -23,7 +23,7 @@ def data_config(cfg: DictConfig, run: TrainedRun | None) -> DictConfig:
     """The data the images come from: the run's training config, else ``+dataset=`` sized here."""
     if run is not None:
         return run.config.data
-    if cfg.get("data") is None or "name" not in cfg.data:
+    if cfg.data is None or "name" not in cfg.data:
         raise ConfigError(
             "no images: set run=runs/<experiment>, or +dataset=NAME for a model given by model.target"
         )
@@ -39,11 +39,9 @@ def external_model(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     from cfexplain.nn.classifier import load_external
 
     m = cfg.model
-    kwargs = OmegaConf.to_container(m.kwargs, resolve=True) if m.get("kwargs") else {}
+    kwargs = OmegaConf.to_container(m.kwargs, resolve=True) if m.kwargs else {}
     try:
-        return load_external(
-            m.get("target"), kwargs, m.get("weights"), m.get("torchscript"), field="model"
-        )
+        return load_external(m.target, kwargs, m.weights, m.torchscript, field="model")
     except (ValueError, ImportError, FileNotFoundError, TypeError) as e:
         raise ConfigError(f"model: {e}") from e
 
@@ -68,7 +66,7 @@ def model_and_outputs(
 
     task = str(cfg.task)
     stage = STAGE_OF_TASK[task]
-    external = bool(cfg.model.get("target") or cfg.model.get("torchscript"))
+    external = bool(cfg.model.target or cfg.model.torchscript)
     art = None
     if external:
         model, source = external_model(cfg)
