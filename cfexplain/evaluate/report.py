@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
-from cfexplain.utils.markup import esc, fmt
+from cfexplain.utils.markup import esc, fmt, page
 
 # Column, heading, which way is better (for the page's legend).
 COLUMNS = (
@@ -131,12 +131,7 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
             "seconds",
         )
     }
-    parts = [
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
-        f"<title>cfexplain evaluation · {_cell(summary.get('run', ''))}</title><style>{_CSS}</style></head><body>",
-        "<h1>cfexplain evaluation</h1>",
-        _kv_table(header),
-    ]
+    parts = []
     if gallery:
         parts.append(f'<p><a href="{esc(gallery)}">the gallery of this run</a></p>')
     parts += [f'<p class="note">{_cell(n)}</p>' for n in summary.get("notes", [])]
@@ -183,8 +178,8 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
             "<h2>Does the classifier use the marker?</h2>",
             _kv_table(summary["marker_reliance"]),
         ]
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    title = f"cfexplain evaluation · {fmt(summary.get('run', ''))}"
+    return page(title, _CSS, "cfexplain evaluation", _kv_table(header), "\n".join(parts) + "\n")
 
 
 def write_report(

@@ -144,8 +144,18 @@ def _cam_layer(model: nn.Module, method: str) -> nn.Module:
     )
 
 
+class MethodUnavailable(ValueError):
+    """A method that a trained run cannot give (a stage it needs is missing); the message is the
+    note the gallery shows instead of the map."""
+
+
 class Method:
-    """Base: ``Method(model, **params).attribute(x [N, C, H, W], target) -> [N, 1, H, W]``."""
+    """Base: ``Method(model, **params).attribute(x [N, C, H, W], target) -> [N, 1, H, W]``.
+
+    ``Method.from_run(run, **params)`` builds it from a trained run
+    (:class:`cfexplain.runs.TrainedRun`): by default on the run's classifier; a method that
+    needs more of the run (a generator, a normative model) takes it from there.
+    """
 
     name: ClassVar[str] = ""
     # How per-channel maps become one map: "sum" for gradient-like maps, "mean" when every
@@ -156,6 +166,11 @@ class Method:
     def __init__(self, model: nn.Module, **params: Any) -> None:
         self.model = model
         self.params = params
+
+    @classmethod
+    def from_run(cls, run: Any, **params: Any) -> Method:
+        """The method on ``run.classifier``."""
+        return cls(run.classifier, **params)
 
     def attribute(self, x: Tensor, target: int) -> Tensor:
         assert x.ndim == 4, f"{self.name}: expected images [N, C, H, W], got {tuple(x.shape)}"
@@ -482,6 +497,20 @@ class Normative(Method):
             normative = models[kind]
         self.normative, self.kind = normative, kind
 
+    @classmethod
+    def from_run(cls, run: Any, kind: str = "vae") -> Normative:
+        """The residual of the run's normative model ``kind`` (loaded once by the run)."""
+        from cfexplain.utils.cli import ConfigError
+
+        if not run.has("normative"):
+            raise MethodUnavailable(f"No normative map: {run.dir} has no normative stage.")
+        if kind not in run.normative:
+            raise ConfigError(
+                f"params.normative.kind={kind!r}: the normative stage of {run.dir} has "
+                f"{sorted(run.normative)}"
+            )
+        return cls(run.classifier, normative=run.normative[kind], kind=kind)
+
     def attribute(self, x: Tensor, target: int) -> Tensor:
         with torch.no_grad():
             _, residual, _ = self.normative.anomaly(x)
@@ -492,23 +521,53 @@ class Counterfactual(Method):
     """Difference between the first frame that flips the decision and the reconstruction G(E(x)).
 
     ``engine`` is a ``cfexplain.explain.counterfactual.CounterfactualEngine``; where no frame
-    flips, the last frame in the direction a flip needed is used.
+    flips, the last frame in the direction a flip needed is used. :meth:`sequences` gives the
+    whole sequences the difference is taken from.
     """
 
     name = "counterfactual"
+    stages: ClassVar[tuple[str, ...]] = ("generator", "encoder", "direction")
 
-    def __init__(self, model: nn.Module, engine: Any = None, lambdas: Any = "auto") -> None:
+    def __init__(
+        self, model: nn.Module, engine: Any = None, lambdas: Any = "auto", refine_steps: int = 0
+    ) -> None:
         super().__init__(model)
         if engine is None:
             raise ValueError(
                 "counterfactual needs a CounterfactualEngine (the run's generator, encoder and "
                 "direction stages)"
             )
-        self.engine, self.lambdas = engine, lambdas
+        self.engine, self.lambdas, self.refine_steps = engine, lambdas, int(refine_steps)
+
+    @classmethod
+    def from_run(
+        cls, run: Any, lambdas: Any = "auto", refine_steps: int = 0, **engine: Any
+    ) -> Counterfactual:
+        """The engine of the run (its own classifier, G, E and direction); ``engine``: the
+        :class:`~cfexplain.explain.counterfactual.CounterfactualEngine` keyword arguments."""
+        from cfexplain.explain.counterfactual import CounterfactualEngine, parse_lambdas
+
+        missing = [s for s in cls.stages if not run.has(s)]
+        if missing:
+            raise MethodUnavailable(
+                "No counterfactual column: it needs the generator, encoder and direction stages "
+                f"of the run; {run.dir} lacks {', '.join(missing)} (python -m cfexplain.train trains them)."
+            )
+        from cfexplain.utils.cli import ConfigError
+
+        try:
+            lambdas = parse_lambdas(lambdas)
+        except ValueError as e:
+            raise ConfigError(f"lambdas: {e}") from e
+        model = CounterfactualEngine.from_run(run, **engine)
+        return cls(run.classifier, engine=model, lambdas=lambdas, refine_steps=refine_steps)
+
+    def sequences(self, x: Tensor, target: int) -> Any:
+        """The :class:`~cfexplain.explain.counterfactual.Counterfactuals` of ``x [N, C, H, W]``."""
+        return self.engine(x, target=target, lambdas=self.lambdas, refine_steps=self.refine_steps)
 
     def attribute(self, x: Tensor, target: int) -> Tensor:
-        cf = self.engine(x, target=target, lambdas=self.lambdas)
-        return counterfactual_difference(cf)
+        return counterfactual_difference(self.sequences(x, target))
 
 
 def counterfactual_difference(cf: Any) -> Tensor:

@@ -10,12 +10,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DIRECTIONS_FILE = "directions.safetensors"
+if TYPE_CHECKING:
+    from cfexplain.runs import TrainedRun
+
+LAMBDA_GRIDS = ("auto", "symmetric")
+
+
+def parse_lambdas(spec: Any) -> str | list[float]:
+    """The λ grid of a config or a call: ``"auto"``, ``"symmetric"`` or a list of numbers
+    (a YAML list arrives as a ListConfig). ValueError for anything else."""
+    if isinstance(spec, str):
+        if spec not in LAMBDA_GRIDS:
+            raise ValueError(
+                f"lambdas must be 'auto', 'symmetric' or a list of numbers, got {spec!r}"
+            )
+        return spec
+    try:
+        values = [float(v) for v in spec]
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"lambdas must be 'auto', 'symmetric' or a list of numbers, got {spec!r}"
+        ) from e
+    if not values:
+        raise ValueError("lambdas: an empty list of λ values")
+    return values
 
 
 @dataclass
@@ -113,29 +137,28 @@ class CounterfactualEngine:
 
     @classmethod
     def from_run(
-        cls, run_dir: str | Path, device: str | torch.device | None = None, **params
+        cls,
+        run: TrainedRun | str | Path,
+        device: str | torch.device | None = None,
+        **params: Any,
     ) -> CounterfactualEngine:
-        """The engine of a trained run ``runs/<experiment>`` (classifier, generator, encoder, direction)."""
-        from safetensors.torch import load_file
-
-        from cfexplain.nn.classifier import load_classifier
-        from cfexplain.nn.encoder import load_encoder, load_generator
+        """The engine of a trained run: the run's own classifier (no second copy), generator,
+        encoder and direction. ``run`` is a :class:`~cfexplain.runs.TrainedRun`, or its folder
+        opened here on ``device`` (default: auto)."""
         from cfexplain.nn.perceptual import build_perceptual
-        from cfexplain.utils.artifacts import Artifact
+        from cfexplain.runs import TrainedRun
         from cfexplain.utils.distributed import resolve_device
 
-        run_dir = Path(run_dir)
-        device = resolve_device(str(device)) if device is not None else resolve_device("auto")
-        G = load_generator(run_dir / "generator", device)
-        E = load_encoder(run_dir / "encoder", device)
-        f = load_classifier(run_dir / "classifier", device)
-        saved = load_file(str(Artifact.load(run_dir / "direction").path("directions")))
+        if not isinstance(run, TrainedRun):
+            run = TrainedRun(run, resolve_device(str(device) if device is not None else "auto"))
+        saved = run.directions
         direction = saved["direction"] if "direction" in saved else saved["directions"]
         if "perceptual" not in params:
-            kind = Artifact.load(run_dir / "encoder").info.get("perceptual", "auto")
-            params["perceptual"] = build_perceptual(kind, device)
+            kind = run.artifact("encoder").info.get("perceptual", "auto")
+            params["perceptual"] = build_perceptual(kind, run.device)
         params.setdefault("lambda_range", saved["lambda_range"])
-        return cls(G, E, f, direction, device=device, **params)
+        G, E = run.generator, run.encoder
+        return cls(G, E, run.classifier, direction, device=run.device, **params)
 
     # ------------------------------------------------------------------------- calling
 
@@ -221,18 +244,15 @@ class CounterfactualEngine:
     ) -> Tensor:
         """``[N, K]`` λ values, ascending per image."""
         n = len(w)
-        if isinstance(spec, str):
-            if spec == "symmetric":
-                grid = torch.linspace(-1.0, 1.0, self.num_frames, device=self.device)
-                if self.num_frames % 2:
-                    grid[self.num_frames // 2] = 0.0  # exactly: that frame is the reconstruction
-                return (self.span(target) * grid).expand(n, -1).contiguous()
-            if spec == "auto":
-                return self._bisect(w, alpha, target)
-            raise ValueError(
-                f"lambdas must be 'auto', 'symmetric' or a list of numbers, got {spec!r}"
-            )
-        lam = torch.as_tensor(list(spec), dtype=torch.float32, device=self.device)
+        spec = parse_lambdas(spec)
+        if spec == "symmetric":
+            grid = torch.linspace(-1.0, 1.0, self.num_frames, device=self.device)
+            if self.num_frames % 2:
+                grid[self.num_frames // 2] = 0.0  # exactly: that frame is the reconstruction
+            return (self.span(target) * grid).expand(n, -1).contiguous()
+        if spec == "auto":
+            return self._bisect(w, alpha, target)
+        lam = torch.as_tensor(spec, dtype=torch.float32, device=self.device)
         return lam.sort().values.expand(n, -1).contiguous()
 
     def _bisect(self, w: Tensor, alpha: Tensor, target: int) -> Tensor:

@@ -25,7 +25,7 @@ from torch import Tensor
 from cfexplain.explain.attribution import normalise
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import animated_gif, to_uint8, upscale
-from cfexplain.utils.markup import esc, fmt
+from cfexplain.utils.markup import esc, facts_table, fmt, notes_html, page
 
 ROWS_FILE = "rows.html.part"  # the HTML rows so far, one per image, appended batch by batch
 
@@ -332,26 +332,23 @@ def page_html(
     """The whole page: a header table (run, classifier, metric summary), links (label -> relative
     href, e.g. the run's evaluation), filter buttons for every value seen in ``facets`` (true,
     pred, flip), a sort menu, and the rows."""
-    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(fmt(v))}</td></tr>" for k, v in header.items())
-    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
-    note_html += "".join(
+    note_html = notes_html(notes) + "".join(
         f'<p><a href="{esc(href)}">{esc(label)}</a></p>' for label, href in (links or {}).items()
     )
     controls = "<br>".join(
         _buttons(k, lbl, facets.get(k, []))
         for k, lbl in (("true", "true label"), ("pred", "predicted"), ("flip", "flip"))
     )
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>cfexplain · {esc(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
-        f"<header><h1>cfexplain gallery</h1><table>{table}</table>{note_html}</header>\n"
+    body = (
         f'<div class="controls">{controls}<br><label>sort by <select id="sort">'
         '<option value="index">order</option><option value="prob">probability</option>'
         '<option value="name">name</option><option value="true">true label</option>'
         '<option value="pred">predicted</option><option value="flip">flip</option></select></label>'
         ' <span id="count"></span></div>\n'
-        f'<main id="rows">\n{rows}</main>\n<script>{_SCRIPT}</script>\n</body></html>\n'
+        f'<main id="rows">\n{rows}</main>\n<script>{_SCRIPT}</script>\n'
     )
+    title = f"cfexplain · {header.get('run', '')}"
+    return page(title, _CSS, "cfexplain gallery", facts_table(header) + note_html, body)
 
 
 # ----------------------------------------------------------------------------- streaming writer

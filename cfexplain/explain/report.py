@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from cfexplain.utils.artifacts import atomic_write, write_text
-from cfexplain.utils.markup import esc
+from cfexplain.utils.markup import esc, page
 
 log = logging.getLogger("cfexplain")
 
@@ -296,14 +296,9 @@ def report_html(c: _Content) -> str:
         _section_unusual(c),
         _section_provenance(c),
     )
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Report: {esc(c.name)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>Report: {esc(c.name)}</h1>"
-        '<p class="note">What an image classifier concluded about one image, and why.</p>'
-        + "".join(sections)
-        + "</body></html>\n"
-    )
+    intro = '<p class="note">What an image classifier concluded about one image, and why.</p>'
+    title = f"Report: {c.name}"
+    return page(title, _CSS, title, intro, "".join(sections))
 
 
 # ----------------------------------------------------------------------------- PDF
@@ -352,97 +347,66 @@ def _chromium_pdf(chromium: str, html_path: Path, out: Path) -> None:
         raise RuntimeError(f"chromium exited with {r.returncode}: {r.stderr.strip()[-300:]}")
 
 
+def _text(fig: Any, x: float, y: float, s: str, size: float, **kw: Any) -> None:
+    # parse_math=False everywhere: a "$" in a file name or config must print as itself.
+    fig.text(x, y, s, fontsize=size, va="top", parse_math=False, **kw)
+
+
+def _show(fig: Any, rect: tuple[float, float, float, float], arr: np.ndarray, title: str) -> None:
+    ax = fig.add_axes(rect)
+    ax.imshow(arr, interpolation="nearest")
+    ax.set_title(title, fontsize=8, parse_math=False)
+    ax.set_axis_off()
+
+
 def _matplotlib_pdf(c: _Content, out: Path) -> None:
     """One A4 page: the same sections as the HTML, drawn without a browser."""
     from matplotlib.figure import Figure
 
     from cfexplain.explain.gallery import gray_rgb, overlay
 
-    # parse_math=False everywhere: a "$" in a file name or config must print as itself.
     fig = Figure(figsize=(8.27, 11.69))
-    fig.text(
-        0.06, 0.965, f"Report: {c.name}", fontsize=15, weight="bold", va="top", parse_math=False
-    )
-    fig.text(
-        0.06,
-        0.935,
-        f"What the model said: {c.answer}, with a probability of {_percent(c.probability)}.",
-        fontsize=11,
-        va="top",
-        parse_math=False,
-    )
-    fig.text(
-        0.06,
-        0.915,
-        "A computer model's output, not a diagnosis.",
-        fontsize=8,
-        va="top",
-        parse_math=False,
-    )
-
-    def show(rect: tuple[float, float, float, float], arr: np.ndarray, title: str) -> None:
-        ax = fig.add_axes(rect)
-        ax.imshow(arr, interpolation="nearest")
-        ax.set_title(title, fontsize=8, parse_math=False)
-        ax.set_axis_off()
-
+    _text(fig, 0.06, 0.965, f"Report: {c.name}", 15, weight="bold")
+    said = f"What the model said: {c.answer}, with a probability of {_percent(c.probability)}."
+    _text(fig, 0.06, 0.935, said, 11)
+    _text(fig, 0.06, 0.915, "A computer model's output, not a diagnosis.", 8)
     x = c.image[None]
-    fig.text(0.06, 0.89, "Where it looked", fontsize=12, weight="bold", va="top", parse_math=False)
-    show((0.06, 0.66, 0.25, 0.21), gray_rgb(x)[0], "The image")
-    show(
-        (0.36, 0.66, 0.25, 0.21), overlay(x, c.guided_gradcam, True)[0], f"Evidence for {c.answer}"
-    )
+    _text(fig, 0.06, 0.89, "Where it looked", 12, weight="bold")
+    _show(fig, (0.06, 0.66, 0.25, 0.21), gray_rgb(x)[0], "The image")
+    evidence = overlay(x, c.guided_gradcam, True)[0]
+    _show(fig, (0.36, 0.66, 0.25, 0.21), evidence, f"Evidence for {c.answer}")
     if c.residual is not None:
-        fig.text(
-            0.66,
-            0.89,
-            "How unusual the image is",
-            fontsize=12,
-            weight="bold",
-            va="top",
-            parse_math=False,
-        )
-        show((0.66, 0.66, 0.25, 0.21), overlay(x, c.residual, False)[0], "Differences from healthy")
-
-    fig.text(
-        0.06,
-        0.63,
-        "What would change its mind",
-        fontsize=12,
-        weight="bold",
-        va="top",
-        parse_math=False,
-    )
-    if c.frames is None:
-        fig.text(0.06, 0.605, "Not available for this run.", fontsize=9, va="top", parse_math=False)
-    else:
-        k = len(c.frames)
-        w = min(0.11, 0.88 / k)
-        target = c.class_names[c.frame_target]
-        for i, (frame, p, flip) in enumerate(
-            zip(gray_rgb(c.frames), c.probs, c.flips(), strict=True)
-        ):
-            title = f"{_percent(p)}" + (" *" if flip else "")
-            show((0.06 + i * w, 0.5, w * 0.95, w * 0.95 * 8.27 / 11.69), frame, title)
-        fig.text(
-            0.06,
-            0.48,
-            f"Under each step: the probability of {target}; * marks an answer that differs from the original.",
-            fontsize=8,
-            va="top",
-            parse_math=False,
-        )
-
-    fig.text(
-        0.06, 0.44, "Where this came from", fontsize=12, weight="bold", va="top", parse_math=False
-    )
+        _text(fig, 0.66, 0.89, "How unusual the image is", 12, weight="bold")
+        residual = overlay(x, c.residual, False)[0]
+        _show(fig, (0.66, 0.66, 0.25, 0.21), residual, "Differences from healthy")
+    _pdf_change(fig, c)
+    _text(fig, 0.06, 0.44, "Where this came from", 12, weight="bold")
     rows = [("image", c.name), *((str(k), _value(v)) for k, v in c.provenance.items())]
     rows.append(("report written", c.written))
     y = 0.415
     for key, val in rows[:30]:
         val = val if len(val) <= 95 else val[:92] + "..."
-        fig.text(
-            0.06, y, f"{key}: {val}", fontsize=7.5, va="top", parse_math=False, family="monospace"
-        )
+        _text(fig, 0.06, y, f"{key}: {val}", 7.5, family="monospace")
         y -= 0.013
     fig.savefig(out, format="pdf")
+
+
+def _pdf_change(fig: Any, c: _Content) -> None:
+    """The PDF's "What would change its mind": the counterfactual frames and their probabilities."""
+    from cfexplain.explain.gallery import gray_rgb
+
+    _text(fig, 0.06, 0.63, "What would change its mind", 12, weight="bold")
+    if c.frames is None:
+        _text(fig, 0.06, 0.605, "Not available for this run.", 9)
+        return
+    k = len(c.frames)
+    w = min(0.11, 0.88 / k)
+    target = c.class_names[c.frame_target]
+    for i, (frame, p, flip) in enumerate(zip(gray_rgb(c.frames), c.probs, c.flips(), strict=True)):
+        title = f"{_percent(p)}" + (" *" if flip else "")
+        _show(fig, (0.06 + i * w, 0.5, w * 0.95, w * 0.95 * 8.27 / 11.69), frame, title)
+    legend = (
+        f"Under each step: the probability of {target}; * marks an answer that differs from "
+        "the original."
+    )
+    _text(fig, 0.06, 0.48, legend, 8)

@@ -10,6 +10,7 @@ from typing import Any
 
 from cfexplain.utils.markup import esc as e
 from cfexplain.utils.markup import fmt as _fmt
+from cfexplain.utils.markup import notes_html, page
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -50,10 +51,6 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]], raw: Sequence[i
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def notes_html(notes: Sequence[str]) -> str:
-    return "".join(f'<p class="note">{e(n)}</p>' for n in notes)
-
-
 @dataclass
 class Section:
     key: str  # anchor id: one of the `what` names
@@ -72,10 +69,5 @@ def page_html(
         f'<section id="{e(s.key)}"><h2>{e(s.title)}</h2>{notes_html(s.notes)}{s.body}</section>'
         for s in sections
     ]
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>\n"
-        f"<header><h1>{e(title)}</h1>{head}{notes_html(notes)}<nav>{nav}</nav></header>\n"
-        + "\n".join(parts)
-        + "\n</body></html>\n"
-    )
+    header_html = f"{head}{notes_html(notes)}<nav>{nav}</nav>"
+    return page(title, _CSS, title, header_html, "\n".join(parts) + "\n")

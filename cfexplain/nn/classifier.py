@@ -181,12 +181,13 @@ def load_external(
     kwargs: dict | None = None,
     weights: str | None = None,
     torchscript: str | None = None,
+    field: str = "classifier",
 ) -> tuple[nn.Module, str]:
     """The user's own classifier: a TorchScript file, or ``target(**kwargs)`` with ``weights``.
 
     Returns ``(model in eval mode, a one-line description)``. Weights are a safetensors file or
     a torch state dict (loaded with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper is
-    unwrapped).
+    unwrapped). Errors name the config fields under ``field`` (``classifier.weights``, ...).
     """
     from safetensors.torch import load_file
 
@@ -195,23 +196,21 @@ def load_external(
     if torchscript:
         path = Path(torchscript)
         if not path.is_file():
-            raise FileNotFoundError(f"classifier.torchscript: no such file {path}")
+            raise FileNotFoundError(f"{field}.torchscript: no such file {path}")
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as e:
-            raise ValueError(
-                f"classifier.torchscript: {path} is not a TorchScript file ({e})"
-            ) from e
+            raise ValueError(f"{field}.torchscript: {path} is not a TorchScript file ({e})") from e
         return model.eval(), f"TorchScript {path}"
     if not target:
         raise ValueError(
-            "classifier=external needs classifier.target=module.Class (or classifier.torchscript=file)"
+            f"{field}=external needs {field}.target=module.Class (or {field}.torchscript=file)"
         )
     model = import_target(target)(**(kwargs or {}))
     if weights:
         path = Path(weights)
         if not path.is_file():
-            raise FileNotFoundError(f"classifier.weights: no such file {path}")
+            raise FileNotFoundError(f"{field}.weights: no such file {path}")
         if path.suffix == ".safetensors":
             state = load_file(str(path))
         else:
@@ -219,17 +218,17 @@ def load_external(
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
                 raise ValueError(
-                    f"classifier.weights: cannot read {path} as a state dict ({e})"
+                    f"{field}.weights: cannot read {path} as a state dict ({e})"
                 ) from e
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
             raise ValueError(
-                f"classifier.weights: {path} holds a {type(state).__name__}, expected a state dict"
+                f"{field}.weights: {path} holds a {type(state).__name__}, expected a state dict"
             )
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"classifier.weights: {path} does not fit {target}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+                f"{field}.weights: {path} does not fit {target}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
             )
     return model.eval(), f"{target}({kwargs or {}}) weights={weights}"
 

@@ -17,168 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from cfexplain.runs import TrainedRun
+from cfexplain.sensitivity import plan as S
 from cfexplain.sensitivity.analysis import TASKS, SweepResult, result_rows, sweep
-from cfexplain.sensitivity.transforms import TRANSFORMS, get_transform
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
 from cfexplain.utils.cli import ConfigError, command_run, run_command
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
-
-STAGE_OF_TASK = {"classification": "classifier", "segmentation": "segmentation"}
-
-
-def _run_dir(cfg: DictConfig) -> Path | None:
-    return Path(str(cfg.run)).expanduser().resolve() if cfg.get("run") else None
-
-
-def _data_config(cfg: DictConfig, run_dir: Path | None) -> DictConfig:
-    """The data the images come from: the run's training config, else ``+dataset=`` sized here."""
-    if run_dir is not None:
-        for stage in ("classifier", "segmentation"):
-            f = run_dir / stage / "config.yaml"
-            if f.is_file():
-                return OmegaConf.load(f).data
-        raise ConfigError(
-            f"run={cfg.run}: no stage config (classifier/ or segmentation/ config.yaml)"
-        )
-    if cfg.get("data") is None or "name" not in cfg.data:
-        raise ConfigError(
-            "no images: set run=runs/<experiment>, or +dataset=NAME for a model given by model.target"
-        )
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    n = 64 if cfg.limit is None else int(cfg.limit)
-    data.setdefault("resolution", int(cfg.resolution))
-    data.setdefault(f"n_{cfg.split}", n)
-    return OmegaConf.create(data)
-
-
-def _external(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
-    from cfexplain.nn.classifier import load_external
-
-    m = cfg.model
-    kwargs = OmegaConf.to_container(m.kwargs, resolve=True) if m.get("kwargs") else {}
-    try:
-        return load_external(m.get("target"), kwargs, m.get("weights"), m.get("torchscript"))
-    except (ValueError, ImportError, FileNotFoundError, TypeError) as e:
-        # load_external speaks of the classifier stage's fields; here they live under model.
-        raise ConfigError(f"model: {str(e).replace('classifier.', 'model.')}") from e
-
-
-def _load_images(cfg: DictConfig, data_cfg: DictConfig):
-    from cfexplain.data import build_dataset, collate
-
-    ds = build_dataset(data_cfg, str(cfg.split))
-    if hasattr(ds, "cache"):
-        ds.cache = False  # each sample is read once
-    n = len(ds) if cfg.limit is None else min(int(cfg.limit), len(ds))
-    if n == 0:
-        raise ConfigError(f"split={cfg.split}: no images")
-    x, labels, metas = collate([ds[i] for i in range(n)])
-    return ds, x, metas, f"{n} images of {getattr(ds, 'source', cfg.split)}"
-
-
-def _model_and_outputs(
-    cfg: DictConfig, run_dir: Path | None, ds, x: torch.Tensor, metas, device: torch.device
-) -> tuple[torch.nn.Module, str, list[str], torch.Tensor | None, dict[str, Any]]:
-    """``(model, description, output names, masks or None, header facts)``."""
-    from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_classifier
-    from cfexplain.nn.segmentation import load_segmentation
-    from cfexplain.stages.segmentation import mask_names, stack_masks
-
-    task = str(cfg.task)
-    stage = STAGE_OF_TASK[task]
-    external = bool(cfg.model.get("target") or cfg.model.get("torchscript"))
-    art = None
-    if external:
-        model, source = _external(cfg)
-    else:
-        if run_dir is None or not (run_dir / stage / ARTIFACT_FILE).is_file():
-            where = run_dir / stage / ARTIFACT_FILE if run_dir else "no run= given"
-            hint = (
-                "python -m cfexplain.train +dataset=knee stages=[segmentation]"
-                if task == "segmentation"
-                else "python -m cfexplain.train +dataset=knee"
-            )
-            raise ConfigError(
-                f"task={task} needs a finished {stage} stage ({where}; {hint} trains one) "
-                "or your own model (model.target / model.torchscript)"
-            )
-        art = Artifact.load(run_dir / stage)
-        load = load_classifier if task == "classification" else load_segmentation
-        model, source = load(run_dir / stage, device), art.info.get("model", stage)
-    model = model.to(device).eval()
-    probe = x[:2].to(device)
-    if task == "classification":
-        classes = [str(c) for c in (art.info.get("classes") if art else None) or ds.class_names]
-        target = int(cfg.target)
-        if not 0 <= target < len(classes):
-            raise ConfigError(f"target={target}: the classes are {classes}")
-        if external:
-            try:
-                if check_classifier(model, probe, len(classes), source):
-                    model = BinaryLogitAdapter(model)
-            except ValueError as e:
-                raise ConfigError(str(e)) from e
-        return model, source, [f"p({classes[target]})"], None, {"target": classes[target]}
-    if cfg.classes is not None:
-        names = [str(c) for c in cfg.classes]
-    elif art is not None and art.info.get("classes"):
-        names = [str(c) for c in art.info["classes"]]
-    else:
-        try:
-            names = mask_names(ds)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    with torch.no_grad():
-        try:
-            out = model(probe)
-        except Exception as e:
-            raise ConfigError(
-                f"{source}: forward pass on images {tuple(probe.shape)} failed: {e}"
-            ) from e
-    expected = (len(probe), len(names), *probe.shape[-2:])
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(
-            f"{source}: images {tuple(probe.shape)} gave {shape}, expected logits {expected} "
-            f"(one channel per mask {names}; set classes=[...] to name them)"
-        )
-    masks = stack_masks(metas, names, x.shape[-2:])
-    return model, source, names, masks, {"masks": ", ".join(names)}
-
-
-def _plan(cfg: DictConfig) -> list[tuple[str, list[float] | None]]:
-    """``[(transform, params or None for its default range)]``, validated."""
-    names = [str(t) for t in cfg.transforms]
-    if not names:
-        raise ConfigError(f"transforms: empty; choose from {list(TRANSFORMS)}")
-    for n in names:
-        try:
-            get_transform(n)
-        except ValueError as e:
-            raise ConfigError(f"transforms: {e}") from e
-    params = OmegaConf.to_container(cfg.params, resolve=True) or {}
-    extra = sorted(set(params) - set(names))
-    if extra:
-        raise ConfigError(f"params: {extra} are not among transforms={names}")
-    plan = []
-    for n in names:
-        values = params.get(n)
-        if values is not None:
-            if not isinstance(values, list) or not values:
-                raise ConfigError(
-                    f"params.{n}: expected a non-empty list of numbers, got {values!r}"
-                )
-            values = [float(v) for v in values]
-        plan.append((n, values))
-    return plan
 
 
 def sensitivity(cfg: DictConfig) -> Path:
@@ -188,19 +38,19 @@ def sensitivity(cfg: DictConfig) -> Path:
     task = str(cfg.task)
     if task not in TASKS:
         raise ConfigError(f"task={task}: expected one of {list(TASKS)}")
-    plan = _plan(cfg)
-    run_dir = _run_dir(cfg)
-    if run_dir is not None and not run_dir.is_dir():
-        raise ConfigError(f"run={cfg.run}: no such folder {run_dir}")
+    plan = S.sweep_plan(cfg)
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device
-    data_cfg = _data_config(cfg, run_dir)
-    ds, x, metas, described = _load_images(cfg, data_cfg)
-    model, source, outputs, masks, facts = _model_and_outputs(cfg, run_dir, ds, x, metas, device)
+    # Without run=, the images come from +dataset= and the model from model.target.
+    trained = TrainedRun(str(cfg.run), device, require=None) if cfg.run else None
+    run_dir = trained.dir if trained is not None else None
+    data_cfg = S.data_config(cfg, trained)
+    ds, x, metas, described = S.load_images(cfg, data_cfg)
+    model, source, outputs, masks, facts = S.model_and_outputs(cfg, trained, ds, x, metas, device)
     if cfg.out:
         out = Path(str(cfg.out))
-    elif run_dir is not None:
-        out = run_dir / "sensitivity" / time.strftime("%Y%m%d-%H%M%S")
+    elif trained is not None:
+        out = trained.output_dir("sensitivity", stamped=True)
     else:
         raise ConfigError("set out=<folder> (there is no run= to write under)")
     out = out.expanduser().resolve()

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from cfexplain.sensitivity.analysis import SweepResult, result_rows
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import animated_gif, to_uint8, upscale
-from cfexplain.utils.markup import esc, fmt
+from cfexplain.utils.markup import esc, facts_table, fmt, notes_html, page
 
 # Mask colours (RGB), one per class in channel order, repeating past the end.
 PALETTE = ((230, 57, 70), (42, 157, 143), (244, 162, 97), (69, 123, 157), (155, 93, 229))
@@ -168,15 +168,14 @@ def page_html(
     notes: Sequence[str] = (),
 ) -> str:
     """The whole page: a header table, notes, then one section per transformation."""
-    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(fmt(v))}</td></tr>" for k, v in header.items())
-    note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     toc = " · ".join(f'<a href="#{esc(r.transform)}">{esc(r.transform)}</a>' for r in results)
     body = "".join(_section(r, files[r.transform]) for r in results)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>cfexplain sensitivity · {esc(header.get('run', ''))}</title><style>{_CSS}</style></head><body>\n"
-        f"<header><h1>cfexplain sensitivity analysis</h1><table>{table}</table>{note_html}"
-        f"<p>{toc}</p></header>\n<main>\n{body}</main>\n</body></html>\n"
+    return page(
+        f"cfexplain sensitivity · {header.get('run', '')}",
+        _CSS,
+        "cfexplain sensitivity analysis",
+        f"{facts_table(header)}{notes_html(notes)}<p>{toc}</p>",
+        f"<main>\n{body}</main>\n",
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset, collate
-from cfexplain.data.phantoms.knee import JSW_DEFINITE
+from cfexplain.data.masks import pathology_mask
 from cfexplain.nn import normative as nm
 from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
@@ -125,24 +124,6 @@ def healthy_subset(ds: Dataset, healthy: list[int]) -> tuple[Subset, dict[str, i
     labels = [int(ds[i]["label"]) for i in range(len(ds))]
     keep = [i for i, y in enumerate(labels) if y in healthy]
     return Subset(ds, keep), {"train_healthy": len(keep), "train_excluded": len(labels) - len(keep)}
-
-
-def pathology_mask(meta: Mapping[str, Any]) -> torch.Tensor | None:
-    """Ground-truth pathology ``bool [H, W]`` of a phantom sample, or None without masks.
-
-    Knee: osteophytes ∪ sclerosis ∪ the joint space when it is definitely narrowed (the
-    narrower compartment at or below the KL 'definite narrowing' width). Histology: the tumour.
-    """
-    masks = meta.get("masks") or {}
-    if "tumour" in masks:
-        return masks["tumour"].bool()
-    if "osteophyte" in masks and "sclerosis" in masks:
-        m = masks["osteophyte"].bool() | masks["sclerosis"].bool()
-        f = meta["factors"]
-        if min(f["jsw_medial"], f["jsw_lateral"]) <= JSW_DEFINITE:
-            m = m | masks["joint_space"].bool()
-        return m
-    return None
 
 
 # ----------------------------------------------------------------------------- training

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cfexplain.data.masks import mask_names, stack_masks
 from cfexplain.nn.segmentation import UNet, dice_scores, predict_masks, segmentation_loss
 from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
@@ -82,40 +83,6 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def mask_names(ds: Dataset, classes: Sequence[str] | None = None) -> list[str]:
-    """The mask names to segment: ``classes`` when given (each must exist), else the dataset's."""
-    available = list((ds[0].get("meta", {}).get("masks") or {}).keys())
-    if not available:
-        raise ValueError(
-            f"segmentation: {getattr(ds, 'source', 'the dataset')} has no masks "
-            "(meta['masks']); the built-in phantoms have them (+dataset=knee or histology)"
-        )
-    if classes is None:
-        return available
-    wanted = [str(c) for c in classes]
-    unknown = [c for c in wanted if c not in available]
-    if unknown or not wanted:
-        raise ValueError(
-            f"segmentation.classes={wanted}: expected a non-empty subset of {available}"
-        )
-    return wanted
-
-
-def stack_masks(metas: Sequence[Mapping[str, Any]], classes: Sequence[str], size) -> torch.Tensor:
-    """Bool ``[N, K, H, W]`` from each sample's ``meta['masks']``; a missing mask is empty.
-
-    (The shared collate keeps metas as dicts; masks are batched here.)
-    """
-    h, w = size
-    out = torch.zeros(len(metas), len(classes), h, w, dtype=torch.bool)
-    for i, meta in enumerate(metas):
-        masks = meta.get("masks") or {}
-        for k, name in enumerate(classes):
-            if name in masks:
-                out[i, k] = masks[name].bool()
-    return out
 
 
 def _collate(classes: Sequence[str]):

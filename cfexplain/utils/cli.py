@@ -39,24 +39,6 @@ def run_command(
     print(f"{label}: {path}")
 
 
-def trained_run(cfg: DictConfig) -> Path:
-    """The ``run=`` folder of a command's config, checked to hold a finished classifier stage."""
-    from omegaconf import OmegaConf
-
-    from cfexplain.utils.artifacts import ARTIFACT_FILE
-
-    if OmegaConf.is_missing(cfg, "run"):
-        raise ConfigError(
-            "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
-        )
-    run_dir = Path(str(cfg.run)).expanduser().resolve()
-    if not (run_dir / "classifier" / ARTIFACT_FILE).is_file():
-        raise ConfigError(
-            f"run={cfg.run}: no finished classifier stage ({run_dir / 'classifier' / ARTIFACT_FILE})"
-        )
-    return run_dir
-
-
 def command_run(command: str, out: Path, cfg: DictConfig, experiment: str):
     """The tracking :class:`~cfexplain.utils.tracking.Run` of a command writing into ``out``."""
     from omegaconf import OmegaConf

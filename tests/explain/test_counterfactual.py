@@ -151,3 +151,15 @@ def test_bad_arguments_are_named():
         engine(_planted_images(1), lambdas="wide")
     with pytest.raises(ValueError, match="direction must be"):
         CounterfactualEngine(LinearGenerator(), LinearEncoder(), PlantedClassifier(), torch.ones(5))
+
+
+def test_parse_lambdas_reads_a_grid_name_or_numbers():
+    from omegaconf import OmegaConf
+
+    from cfexplain.explain.counterfactual import parse_lambdas
+
+    assert parse_lambdas("auto") == "auto" and parse_lambdas("symmetric") == "symmetric"
+    assert parse_lambdas(OmegaConf.create([-1, 0, 2.5])) == [-1.0, 0.0, 2.5]
+    for bad in ("sym", ["a"], [], 3):
+        with pytest.raises(ValueError, match="lambdas"):
+            parse_lambdas(bad)

@@ -1,0 +1,311 @@
+"""What the evaluation computes, on a phantom split with ground truth: per-image scores of
+every map (localisation, deletion and insertion, marker exposure), the counterfactuals' factor
+changes, the cascading randomisation check, and the method × metric table.
+
+``python -m cfexplain.evaluate`` is the thin entry point over this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cfexplain.evaluate import heatmaps as hm
+from cfexplain.evaluate.shortcut import heatmap_exposure
+from cfexplain.explain.attribution import (
+    Counterfactual,
+    Method,
+    counterfactual_difference,
+    get_method,
+)
+from cfexplain.runs import TrainedRun
+from cfexplain.utils.cli import ConfigError
+
+LOCALISATION = ("pointing_game", "relevance_mass", "relevance_rank", "iou_at_area")
+# Maps whose sign is not "evidence for the target": scored by magnitude.
+MAGNITUDE = ("counterfactual", "normative")
+
+
+def relevance(name: str, maps: Tensor, signed: bool) -> Tensor:
+    """The non-negative relevance a map assigns to each pixel: the positive part (evidence for
+    the target) of signed attributions, the magnitude of a counterfactual difference or residual."""
+    if name in MAGNITUDE:
+        return maps.abs()
+    return maps.clamp_min(0) if signed else maps
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def ground_truth(ds, n: int, target: int) -> dict[str, Any]:
+    """Images, labels, masks and factors of the first ``n`` samples of a phantom split."""
+    from cfexplain.data.masks import pathology_mask
+
+    samples = [ds[i] for i in range(n)]
+    metas = [s["meta"] for s in samples]
+    if not all(m.get("masks") for m in metas):
+        raise ConfigError(
+            "evaluation needs ground-truth masks: train the run on a built-in phantom "
+            "(+dataset=knee or +dataset=histology), not on files"
+        )
+    x = torch.stack([s["image"] for s in samples])
+    res = x.shape[-1]
+    empty = torch.zeros(res, res, dtype=torch.bool)
+    marker = [m["masks"].get("marker", empty).bool() for m in metas]
+    return {
+        "x": x,
+        "labels": torch.tensor([int(s["label"]) for s in samples]),
+        "pathology": torch.stack([pathology_mask(m) for m in metas]),
+        "marker": torch.stack(marker),
+        "factors": [m.get("factors", {}) for m in metas],
+        "knee": "osteophyte" in metas[0]["masks"],
+    }
+
+
+# ----------------------------------------------------------------------------- randomisation
+
+
+def counterfactual_under(engine: Any, cfg: DictConfig, target: int) -> Callable:
+    """``model -> engine`` for the randomisation check: the counterfactual's maps depend on the
+    classifier through α, so α is refit for each randomised classifier (labels: its probability
+    above the median on a fixed set of G samples, the direction along which it rises)."""
+    from cfexplain.explain.counterfactual import CounterfactualEngine
+    from cfexplain.explain.directions import fit_linear_direction
+
+    n = int(cfg.randomisation.direction_samples)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    G = engine.G
+    with torch.no_grad():
+        z = torch.randn(n, G.z_dim, generator=gen).to(engine.device)
+        w = torch.cat([G.mapping(b) for b in z.split(engine.max_batch)])
+        images = torch.cat([G.synthesis(b, noise_mode="const") for b in w.split(engine.max_batch)])
+    w0 = w[:, 0].cpu().numpy()
+
+    def build(model: nn.Module) -> CounterfactualEngine:
+        with torch.no_grad():
+            p = torch.cat(
+                [torch.softmax(model(b), 1)[:, target] for b in images.split(engine.max_batch)]
+            )
+        y = (p > p.median()).cpu().numpy().astype(int)
+        fit = fit_linear_direction(w0, y, Cs=[1.0], cv=2, max_iter=300, holdout=0.2, seed=0)
+        alpha = torch.as_tensor(fit["direction"], dtype=torch.float32)
+        if target == 0:
+            alpha = -alpha  # a binary engine walks towards class 1 along +α
+        return CounterfactualEngine(
+            G,
+            engine.E,
+            model,
+            alpha,
+            lambda_range=engine.lambda_range,
+            num_frames=engine.num_frames,
+            target_probs=engine.target_probs,
+            bisect_steps=engine.bisect_steps,
+            max_batch=engine.max_batch,
+            perceptual=engine.perceptual,
+            device=engine.device,
+        )
+
+    return build
+
+
+def randomisation_checks(
+    cfg, model, methods, counterfactual, params, x, target
+) -> dict[str, hm.RandomisationResult]:
+    """The cascading randomisation check of every method on the images ``x``."""
+    results = {}
+    names = (["counterfactual"] if counterfactual is not None else []) + list(methods)
+    for name in tqdm(names, desc="randomisation", unit="method"):
+        signed = methods[name].signed if name in methods else True
+        if name == "counterfactual":
+            build = counterfactual_under(counterfactual.engine, cfg, target)
+
+            def attribute(m, build=build, lambdas=counterfactual.lambdas):
+                cf = build(m)(x, target=target, lambdas=lambdas)
+                return relevance("counterfactual", counterfactual_difference(cf), True)
+
+        elif name == "normative":
+            # The residual does not read the classifier at all: the check shows exactly that.
+            def attribute(m, method=methods[name]):
+                return relevance("normative", method.attribute(x, target), False)
+
+        else:
+
+            def attribute(m, name=name, signed=signed):
+                method = get_method(name)(m, **(params.get(name) or {}))
+                return relevance(name, method.attribute(x, target), signed)
+
+        layers = cfg.randomisation.layers
+        results[name] = hm.randomisation_check(
+            model,
+            attribute,
+            threshold=float(cfg.randomisation.threshold),
+            seed=int(cfg.seed),
+            layers=list(layers) if layers else None,
+        )
+    return results
+
+
+def per_image(cfg, model, methods, counterfactual, oracle, data, target, device) -> dict[str, Any]:
+    """Per-image scores of every method, and the counterfactuals' factor changes."""
+    from cfexplain.evaluate.factors import counterfactual_factors
+
+    x_all, labels = data["x"], data["labels"]
+    n, size = len(x_all), int(cfg.batch_size)
+    scores: dict[str, dict[str, list[Tensor]]] = {}
+    cf_parts: dict[str, list] = {}
+    bar = tqdm(total=n, desc="evaluate", unit="img")
+    for start in range(0, n, size):
+        sl = slice(start, min(n, start + size))
+        x = x_all[sl].to(device)
+        maps = {}
+        if counterfactual is not None:
+            cf = counterfactual.sequences(x, target)
+            maps["counterfactual"] = relevance(
+                "counterfactual", counterfactual_difference(cf), True
+            )
+            if oracle is not None:
+                part = counterfactual_factors(oracle, cf, threshold=float(cfg.mnac_threshold))
+                for k in ("changes", "flipped", "mnac", "marker_changed", "before", "after"):
+                    if k in part:
+                        cf_parts.setdefault(k, []).append(part[k].cpu())
+                cf_parts.setdefault("factor_names", [part["factors"]])
+            idx, flipped = cf.flip_frame()
+            cf_parts.setdefault("frames", []).append(cf.images[torch.arange(len(x)), idx].cpu())
+            cf_parts.setdefault("recon", []).append(cf.reconstruction.cpu())
+            cf_parts.setdefault("flip", []).append(flipped.cpu())
+        for name, m in methods.items():
+            maps[name] = relevance(name, m.attribute(x, target).float(), m.signed)
+        for name, a in maps.items():
+            a = a.float().cpu()
+            s = hm.localisation(a, data["pathology"][sl], tolerance=int(cfg.pointing_tolerance))
+            s |= hm.deletion_insertion(
+                model, x, a.to(device), target,
+                steps=int(cfg.deletion.steps), baseline=float(cfg.deletion.baseline),
+                batch_size=int(cfg.deletion.batch_size), seed=int(cfg.seed),
+            )  # fmt: skip
+            s["marker_exposure"] = heatmap_exposure(a, data["marker"][sl])
+            for k, v in s.items():
+                scores.setdefault(name, {}).setdefault(k, []).append(v.float().cpu())
+        bar.update(sl.stop - sl.start)
+    bar.close()
+    per = {name: {k: torch.cat(v) for k, v in d.items()} for name, d in scores.items()}
+    cf = {k: (v[0] if k == "factor_names" else torch.cat(v)) for k, v in cf_parts.items()}
+    # Localisation is asked of the images that show the target's pathology.
+    localised = (labels == target) & data["pathology"].flatten(1).any(1)
+    return {"maps": per, "cf": cf, "localised": localised}
+
+
+def nanmean(v: Tensor) -> float:
+    v = v[~v.isnan()]
+    return float(v.mean()) if len(v) else math.nan
+
+
+def summarise(cfg, per, sanity, names, data, target) -> dict[str, Any]:
+    """The method × metric table."""
+    table: dict[str, dict[str, Any]] = {}
+    keep = per["localised"]
+    has_marker = data["marker"].flatten(1).any(1)
+    for name in names:
+        s = per["maps"][name]
+        row = {k: nanmean(s[k][keep]) for k in LOCALISATION}
+        row["deletion_auc"] = nanmean(s["deletion"])
+        row["insertion_auc"] = nanmean(s["insertion"])
+        row["randomisation_cascade"] = sanity[name].cascade
+        row["randomisation_final"] = sanity[name].final
+        row["sanity"] = "pass" if sanity[name].passed else "FAIL"
+        row["marker_exposure"] = nanmean(s["marker_exposure"][has_marker])
+        table[name] = row
+    if "counterfactual" in table and "marker_changed" in per["cf"]:
+        # A counterfactual exposes the marker when the marker appears or vanishes along it.
+        changed = per["cf"]["marker_changed"].float()
+        table["counterfactual"]["marker_exposure"] = nanmean(changed[has_marker])
+    return {"table": table, "sanity": {k: v.to_dict() for k, v in sanity.items()}}
+
+
+def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
+    from cfexplain.evaluate.factors import causal_nuisance_ratio, mnac, realism_fd
+    from cfexplain.utils.quality import FeatureStats
+
+    cf = per["cf"]
+    flipped = cf["flip"]
+    out: dict[str, Any] = {"flip_rate": float(flipped.float().mean())}
+    features = FeatureStats(model, device)
+    real = data["x"]
+    out["realism_fd_flip_frames"] = realism_fd(features, cf["frames"], real)
+    out["realism_fd_reconstructions"] = realism_fd(features, cf["recon"], real)
+    half = len(real) // 2
+    out["realism_fd_real_halves"] = realism_fd(features, real[:half], real[half:])
+    if "changes" in cf:
+        names, changes = list(cf["factor_names"]), cf["changes"]
+        t = float(cfg.mnac_threshold)
+        out["factors"] = names
+        out["causal_nuisance_ratio"] = causal_nuisance_ratio(changes, names)
+        out["causal_nuisance_ratio_flipped"] = causal_nuisance_ratio(changes[flipped], names)
+        out["mnac"] = float(mnac(changes, t).float().mean())
+        out["mean_change"] = {f: float(changes[:, i].mean()) for i, f in enumerate(names)}
+        if "marker_changed" in cf:
+            out["marker_changed_share"] = float(cf["marker_changed"].float().mean())
+    return out
+
+
+def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    table = summary["table"]
+    metrics = list(next(iter(table.values())))
+    return ["method", *metrics], [[name, *row.values()] for name, row in table.items()]
+
+
+def flat(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"evaluation/{m}/{k}": v for m, row in table.items() for k, v in row.items()}
+
+
+def evaluate_run(
+    cfg: DictConfig,
+    run: TrainedRun,
+    counterfactual: Counterfactual | None,
+    methods: dict[str, Method],
+    data: dict[str, Any],
+    notes: list[str],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, hm.RandomisationResult]]:
+    """``(summary, per-image scores, randomisation checks)`` of every method on ``data``
+    (:func:`ground_truth`); the summary holds the table and, with a counterfactual, its
+    factor-by-factor changes read by the phantom's oracles (knee only: ``notes`` says so)."""
+    model, device, target = run.classifier, run.device, int(cfg.target)
+    oracle = oracle_info = None
+    if counterfactual is not None and data["knee"]:
+        from cfexplain.evaluate.oracles import fit_or_load
+
+        res = int(run.config.data.resolution)
+        # The oracles know the phantom, not the run: one cache beside the runs serves all.
+        oracle, oracle_info = fit_or_load(
+            run.beside("oracles") / f"knee_{res}px",
+            resolution=res,
+            device=device,
+            seed=int(cfg.seed),
+            **OmegaConf.to_container(cfg.oracle, resolve=True),
+        )
+    elif counterfactual is not None:
+        notes.append("No factor oracles: they read the knee phantom's factors.")
+    per = per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
+    params = OmegaConf.to_container(cfg.params, resolve=True) or {}
+    x = data["x"][: int(cfg.randomisation.images)].to(device)
+    checks = randomisation_checks(cfg, model, methods, counterfactual, params, x, target)
+    names = (["counterfactual"] if counterfactual is not None else []) + list(methods)
+    summary = summarise(cfg, per, checks, names, data, target)
+    if counterfactual is not None:
+        summary["counterfactual"] = counterfactual_summary(cfg, per, model, data, device)
+    if oracle_info is not None:
+        summary["oracle"] = {k: oracle_info[k] for k in ("factors", "metrics") if k in oracle_info}
+        from cfexplain.evaluate.factors import true_counterfactual_ratios
+
+        # What the ratio and MNAC read on true one-factor edits: the scale for the goal.
+        summary["oracle_calibration"] = {
+            edit: {k: r[k] for k in ("kind", "ratio", "mnac_mean")}
+            for edit, r in true_counterfactual_ratios(oracle, seed=int(cfg.seed)).items()
+        }
+    return summary, per, checks

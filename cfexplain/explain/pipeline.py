@@ -1,0 +1,389 @@
+"""From a trained run to explained images: the methods of a config, the images, one batch's
+rows (probabilities, counterfactual sequence, maps, metrics), the gallery and the reports.
+
+``python -m cfexplain.explain`` and ``python -m cfexplain.evaluate`` are thin entry points over
+this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cfexplain.explain.attribution import (
+    Counterfactual,
+    Method,
+    MethodUnavailable,
+    counterfactual_difference,
+    get_method,
+)
+from cfexplain.explain.gallery import GalleryWriter, Row
+from cfexplain.runs import TrainedRun
+from cfexplain.utils.cli import ConfigError
+
+log = logging.getLogger("cfexplain")
+
+# What the reports' provenance lists, in this order.
+REPORT_STAGES = ("classifier", "generator", "encoder", "direction", "normative")
+
+Batches = Iterator[tuple[torch.Tensor, list[str], list[str | None]]]
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def method_params(cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{method: (config field, keyword arguments)}``: ``params.<method>``, and for the
+    counterfactual the engine's ``counterfactual`` block with ``lambdas`` and ``refine_steps``."""
+    params = OmegaConf.to_container(cfg.params, resolve=True) or {}
+    out = {name: (f"params.{name}", kwargs or {}) for name, kwargs in params.items()}
+    engine = OmegaConf.to_container(cfg.counterfactual, resolve=True) or {}
+    engine |= {"lambdas": cfg.lambdas, "refine_steps": int(cfg.refine_steps)}
+    out[Counterfactual.name] = ("counterfactual", engine)
+    return out
+
+
+def build_methods(cfg: DictConfig, run: TrainedRun, notes: list[str]) -> dict[str, Method]:
+    """The attribution objects of ``cfg.methods``, each built from the run by its registry
+    entry; a method the run cannot give leaves a note in ``notes`` instead."""
+    names = [str(n) for n in cfg.methods]
+    for name in names:
+        try:
+            get_method(name)  # unknown names fail before anything is loaded
+        except ValueError as e:
+            raise ConfigError(f"methods: {e}") from e
+    params = method_params(cfg)
+    methods: dict[str, Method] = {}
+    for name in names:
+        field, kwargs = params.get(name, (f"params.{name}", {}))
+        try:
+            methods[name] = get_method(name).from_run(run, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{field}: {e}") from e
+        except MethodUnavailable as e:
+            notes.append(str(e))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            # e.g. grad-CAM on a user's model without `cam_layer`: the other maps still run.
+            notes.append(f"No {name} map: {e}")
+    return methods
+
+
+def split_counterfactual(
+    methods: dict[str, Method],
+) -> tuple[Counterfactual | None, dict[str, Method]]:
+    """The counterfactual (whose whole sequences are shown and scored, not only its map) and
+    the other methods, in their order."""
+    cf = methods.get(Counterfactual.name)
+    rest = {k: m for k, m in methods.items() if k != Counterfactual.name}
+    return (cf if isinstance(cf, Counterfactual) else None), rest
+
+
+def method_notes(methods: dict[str, Method], classes: list[str]) -> list[str]:
+    """What the page says about the methods beyond their maps (the dominant-class colours)."""
+    if "dominant_class" not in methods:
+        return []
+    from cfexplain.explain.dominant import class_colours
+
+    swatches = [
+        f"{c} #{r:02x}{g:02x}{b:02x}" for c, (r, g, b) in zip(classes, class_colours(len(classes)))
+    ]
+    return [
+        "dominant_class colours (brightness: the winning class's level): " + ", ".join(swatches)
+    ]
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def image_batches(
+    cfg: DictConfig, run: TrainedRun, skipped: list[tuple[str, str]]
+) -> tuple[Batches, str, int]:
+    """``(iterator of (images [B, C, R, R], names, true labels), description, count)``: the
+    user's ``images=`` (unreadable files go to ``skipped``), else the run's ``split``."""
+    limit = None if cfg.limit is None else int(cfg.limit)
+    if cfg.images:
+        return _user_batches(cfg, run, skipped, limit)
+    ds = run.dataset(str(cfg.split))
+    n = len(ds) if limit is None else min(limit, len(ds))
+    names = list(getattr(ds, "class_names", run.classes))
+    size = int(cfg.batch_size)
+
+    def split() -> Batches:
+        for start in range(0, n, size):
+            samples = [ds[i] for i in range(start, min(n, start + size))]
+            x = torch.stack([s["image"] for s in samples])
+            labels = [names[int(s["label"])] for s in samples]
+            yield x, [f"{cfg.split} #{start + i}" for i in range(len(samples))], labels
+
+    return split(), f"{n} images of {getattr(ds, 'source', cfg.split)}", n
+
+
+def _user_batches(
+    cfg: DictConfig, run: TrainedRun, skipped: list[tuple[str, str]], limit: int | None
+) -> tuple[Batches, str, int]:
+    from cfexplain.explain.inputs import iter_user_images, list_images
+
+    data = run.config.data
+    items = list_images(str(cfg.images), run.classes)[:limit]
+    source = iter_user_images(
+        items, resolution=int(data.resolution), channels=int(data.channels), skipped=skipped
+    )
+    size = int(cfg.batch_size)
+
+    def user() -> Batches:
+        chunk = []
+        for item in source:
+            log.info(f"[explain] {item.note}")
+            chunk.append(item)
+            if len(chunk) == size:
+                yield _stack(chunk)
+                chunk = []
+        if chunk:
+            yield _stack(chunk)
+
+    return user(), f"{len(items)} files from images={cfg.images}", len(items)
+
+
+def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None]]:
+    return (
+        torch.stack([it.image for it in items]),
+        [str(it.path.name) for it in items],
+        [it.label for it in items],
+    )
+
+
+# ----------------------------------------------------------------------------- one batch
+
+
+def counterfactual_metrics(cf: Any, engine: Any) -> dict[str, torch.Tensor]:
+    """Per-image ``[N]`` metrics of counterfactual sequences: flipped, λ of the flip,
+    monotonicity, reconstruction error, proximity of the flipping frame."""
+    from cfexplain.explain.metrics import monotonicity, proximity
+
+    flip = cf.flip_index().cpu()
+    metrics = {
+        "flipped": (flip >= 0).float(),
+        "flip_lambda": torch.where(
+            flip >= 0,
+            cf.lambdas.cpu().gather(1, flip.clamp_min(0)[:, None])[:, 0],
+            torch.full((len(flip),), math.nan),
+        ),
+        "monotonicity": monotonicity(cf).cpu(),
+        "recon_error": cf.recon_error.float().cpu(),
+    }
+    for k, v in proximity(cf, engine.perceptual).items():
+        metrics[f"proximity_{k}"] = v
+    return metrics
+
+
+def explain_batch(
+    run: TrainedRun,
+    methods: dict[str, Method],
+    x: torch.Tensor,
+    names: list[str],
+    labels: list[str | None],
+    target: int,
+) -> list[Row]:
+    """Probabilities, counterfactuals, maps and per-image metrics of one batch ``x [B, C, H, W]``."""
+    classes = run.classes
+    with torch.no_grad():
+        probs = torch.softmax(run.classifier(x).float(), dim=1).cpu()
+    cf_method, maps_of = split_counterfactual(methods)
+    cf = flip = diff = None
+    metrics: dict[str, torch.Tensor] = {}
+    if cf_method is not None:
+        cf = cf_method.sequences(x, target)
+        flip, diff = cf.flip_index().cpu(), counterfactual_difference(cf).cpu()
+        metrics = counterfactual_metrics(cf, cf_method.engine)
+    maps = {name: m.attribute(x, target).float().cpu() for name, m in maps_of.items()}
+    drawn: dict[str, list] = {}
+    if "dominant_class" in maps_of:
+        from cfexplain.explain.dominant import draw_dominant
+
+        dominant = maps_of["dominant_class"].classes(x).cpu()  # cached: no second pass
+        level = maps["dominant_class"]
+        drawn["dominant_class"] = [
+            draw_dominant(dominant[i], level[i], classes)[0] for i in range(len(x))
+        ]
+    rows = []
+    for i in range(len(x)):
+        row = Row(
+            name=names[i],
+            image=x[i].cpu(),
+            prob=float(probs[i, target]),
+            pred=classes[int(probs[i].argmax())],
+            true=labels[i],
+            maps={name: (a[i], maps_of[name].signed) for name, a in maps.items()},
+            metrics={k: float(v[i]) for k, v in metrics.items()},
+            drawn={name: pics[i] for name, pics in drawn.items()},
+        )
+        if cf is not None:
+            _add_sequence(row, cf, i, int(flip[i]), diff[i])
+        rows.append(row)
+    return rows
+
+
+def _add_sequence(row: Row, cf: Any, i: int, flip: int, difference: torch.Tensor) -> None:
+    """Image ``i``'s counterfactual sequence, flip index and difference map on its row."""
+    row.reconstruction = cf.reconstruction[i].cpu()
+    row.frames = cf.images[i].cpu()
+    row.lambdas = [float(v) for v in cf.lambdas[i]]
+    row.frame_probs = [float(v) for v in cf.probs[i]]
+    row.flip = flip
+    if cf.recon_probs is not None:
+        row.recon_prob = float(cf.recon_probs[i])
+    row.difference = difference
+
+
+# ----------------------------------------------------------------------------- the gallery
+
+
+def means(totals: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of every per-image metric over the images so far (NaN entries left out)."""
+    out = {}
+    for k, vals in totals.items():
+        finite = [v for v in vals if not math.isnan(v)]
+        # the mean of the 0/1 "flipped" column is the flip rate
+        name = "flip_rate" if k == "flipped" else f"mean_{k}"
+        out[name] = sum(finite) / len(finite) if finite else math.nan
+    return out
+
+
+def skip_notes(skipped: list[tuple[str, str]]) -> list[str]:
+    return [f"Skipped {Path(p).name}: {r}" for p, r in skipped]
+
+
+def gallery_header(run: TrainedRun, described: str, target: int, methods: dict) -> dict[str, Any]:
+    """The facts at the top of a gallery (the metric means join them batch by batch)."""
+    art = run.artifact("classifier")
+    return {
+        "run": str(run.dir),
+        "classifier": art.info.get("model", ""),
+        "classifier test AUC": art.metrics.get("test/auc", math.nan),
+        "images": described,
+        "target": run.classes[target],
+        "methods": ", ".join(
+            [Counterfactual.name] * (Counterfactual.name in methods)
+            + [k for k in methods if k != Counterfactual.name]
+        ),
+    }
+
+
+def write_gallery(
+    cfg: DictConfig,
+    run: TrainedRun,
+    methods: dict[str, Method],
+    out: Path,
+    notes: list[str],
+    facts: dict[str, Any],
+) -> tuple[GalleryWriter, dict[str, Any]]:
+    """Explain every image of ``cfg`` batch by batch into a gallery in ``out``; return the
+    writer (closed) and the summary (ending in ``facts``)."""
+    target = int(cfg.target)
+    skipped: list[tuple[str, str]] = []
+    batches, described, count = image_batches(cfg, run, skipped)
+    header = gallery_header(run, described, target, methods)
+    evaluation = run.output_dir("evaluation") / "index.html"
+    links = (
+        {"evaluation of this run": os.path.relpath(evaluation, out)} if evaluation.is_file() else {}
+    )
+    writer = GalleryWriter(out, run.classes[target], size=int(cfg.image_px), links=links)
+    reports = {int(i) for i in cfg.reports}
+    totals: dict[str, list[float]] = {}
+    start = time.time()
+    bar = tqdm(total=count, desc="explain", unit="img")
+    for x, names, labels in batches:
+        x = x.to(run.device)
+        rows = explain_batch(run, methods, x, names, labels, target)
+        wanted = [i for i in range(len(rows)) if writer.count + i in reports]
+        if wanted:
+            write_reports(cfg, run, methods, rows, x, wanted, out)
+        for r in rows:
+            for k, v in r.metrics.items():
+                totals.setdefault(k, []).append(float(v))
+        header.update(means(totals))
+        writer.add_batch(rows, header, notes + skip_notes(skipped))
+        bar.update(len(rows))
+    bar.close()
+    if writer.count == 0:
+        raise ConfigError(f"no image could be explained ({described}; {len(skipped)} skipped)")
+    seconds = time.time() - start
+    summary = {
+        "run": str(run.dir),
+        "out": str(out),
+        "classifier": run.artifact("classifier").info.get("model", ""),
+        "classes": run.classes,
+        "target": run.classes[target],
+        "methods": [k for k in methods if k != Counterfactual.name],
+        "counterfactual": Counterfactual.name in methods,
+        "notes": notes,
+        "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        "metrics": means(totals),
+        "seconds": round(seconds, 2),
+        "images_per_second": writer.count / max(seconds, 1e-9),
+        **facts,
+    }
+    writer.close(header, summary, notes + skip_notes(skipped))
+    return writer, summary
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def write_reports(
+    cfg: DictConfig,
+    run: TrainedRun,
+    methods: dict[str, Method],
+    rows: list[Row],
+    x: torch.Tensor,
+    wanted: list[int],
+    out: Path,
+) -> None:
+    """Per-image reports (``reports=[i, ...]``) for a non-technical reader: one HTML (and PDF)
+    per image under ``out/reports/``, with guided grad-CAM for the predicted class."""
+    from cfexplain.explain.report import write_report
+
+    model, classes = run.classifier, run.classes
+    guided = get_method("guided_gradcam")(model)
+    provenance: dict[str, Any] = {"run": str(run.dir), **run.provenance(REPORT_STAGES)}
+    provenance["explain config"] = f"target={cfg.target} lambdas={cfg.lambdas} seed={cfg.seed}"
+    for i in wanted:
+        row = rows[i]
+        pred = classes.index(row.pred)
+        with torch.no_grad():
+            p_pred = float(torch.softmax(model(x[i : i + 1]).float(), 1)[0, pred])
+        normative = methods.get("normative")
+        path = write_report(
+            out / "reports" / f"{writer_safe(row.name)}.html",
+            name=row.name,
+            image=row.image,
+            prediction=pred,
+            probability=p_pred,
+            class_names=classes,
+            guided_gradcam=guided.attribute(x[i : i + 1], pred)[0].cpu(),
+            counterfactual_frames=row.frames,
+            frame_probs=row.frame_probs,
+            frame_target=int(cfg.target) if row.frames is not None else None,
+            normative_residual=normative.attribute(x[i : i + 1], 0)[0].cpu() if normative else None,
+            provenance=provenance,
+        )
+        log.info(f"[explain] report: {path}")
+
+
+def writer_safe(name: str) -> str:
+    """A file name for a display name (``test #3`` -> ``test_3``; user file names keep their stem)."""
+    stem = Path(name).stem if "." in name else name
+    safe = re.sub(r"[^A-Za-z0-9-]+", "_", stem).strip("_")
+    return safe or "image"
