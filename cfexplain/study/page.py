@@ -23,8 +23,8 @@ header { display: flex; justify-content: space-between; padding: 8px 16px; color
 main { padding: 12px 16px; text-align: center; }
 .view { display: flex; gap: 16px; justify-content: center; align-items: flex-start; }
 .view figure { margin: 0; }
-.view img { height: min(72vh, 900px); width: auto; max-width: 45vw; background: #000; }
-#stage img.single { max-width: 90vw; }
+.view img { height: min(52vh, 700px); width: auto; max-width: 45vw; background: #000; }
+.view img.single { height: min(72vh, 900px); max-width: 90vw; }
 figcaption { color: #aaa; font-size: 16px; }
 .strip { display: flex; gap: 6px; justify-content: center; margin: 8px 0; flex-wrap: wrap; }
 .strip button { background: none; border: 2px solid #333; padding: 2px; color: #bbb;
