@@ -156,11 +156,13 @@ def analyse(
     present = [
         r["reader"] for r in key["readers"] if any(a["reader"] == r["reader"] for a in answers)
     ]
+    totals = {r["reader"]: len(r["turing"]) for r in key["readers"]}
     readers = [
-        _reader_row(key, name, [a for a in turing if a["reader"] == name]) for name in present
+        _reader_row(name, [a for a in turing if a["reader"] == name], totals[name])
+        for name in present
     ]
     k, n = sum(a["correct"] for a in turing), len(turing)
-    pooled = proportion(k, n)
+    pooled = _reader_row("pooled", turing, sum(totals[name] for name in present))
     pooled["p_chance"] = (
         float(binomtest(k, n, 0.5, alternative="greater").pvalue) if n else math.nan
     )
@@ -186,11 +188,11 @@ def analyse(
     }
 
 
-def _reader_row(key: dict[str, Any], name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy (with CI), sensitivity for generated images, specificity of one reader."""
+def _reader_row(name: str, rows: list[dict[str, Any]], total: int) -> dict[str, Any]:
+    """Accuracy (with CI), sensitivity for generated images, specificity of one reader's
+    answers ``rows`` (or of all readers' together) out of ``total`` items shown."""
     gen = [a for a in rows if a["key"]["truth"] == "generated"]
     real = [a for a in rows if a["key"]["truth"] == "real"]
-    total = len(next(r for r in key["readers"] if r["reader"] == name)["turing"])
     conf = [float(a["confidence"]) for a in rows if a.get("confidence")]
     return {
         "reader": name,
@@ -297,12 +299,9 @@ def write_report(out: Path, results: dict[str, Any], run: Any) -> Path:
     """``out/index.html``, one CSV per table, ``summary.json``; W&B tables through ``run``
     (a :class:`cfexplain.utils.tracking.Run`). Returns the HTML's path."""
     out = Path(out)
-    pooled = {
-        "reader": "pooled",
-        **{k: results["pooled"][k] for k in ("n", "correct", "accuracy", "ci_low", "ci_high")},
-    }
+    pooled = {k: results["pooled"][k] for k in results["readers"][0]} if results["readers"] else {}
     tables = {name: results[name] for name in _TABLES}
-    tables["readers"] = results["readers"] + [pooled]
+    tables["readers"] = results["readers"] + [pooled] * bool(pooled)
     for name, rows in tables.items():
         write_text(out / f"{name}.csv", _csv(rows))
     summary = {k: v for k, v in results.items() if k != "answers"}

@@ -46,7 +46,9 @@ def simulated_answers(key: dict, reader: int, right: int) -> dict[str, Any]:
     for i, e in enumerate(plan["turing"]):
         truth = key["items"][e["item"]]["truth"]
         said = truth if i < right else flip[truth]
-        turing.append({"order": i + 1, "item": e["token"], "answer": said, "confidence": 3, "ms": 900})
+        turing.append(
+            {"order": i + 1, "item": e["token"], "answer": said, "confidence": 3, "ms": 900}
+        )
     cf = [
         {"order": i + 1, "item": e["token"], "plausible": 4, "explains": 2, "identity": 5,
          "comment": "", "ms": 2000}
