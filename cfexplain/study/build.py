@@ -196,8 +196,18 @@ class Material:
     realism: dict[str, Any]  # how the realism scores were computed
 
 
-def _material(r: StudyRun, *, n_real: int, n_fake: int, n_cf: int, seed: int, target: int,
-              lambdas: Any, realism_reference: int, batch_size: int) -> Material:  # fmt: skip
+def _material(
+    r: StudyRun,
+    *,
+    n_real: int,
+    n_fake: int,
+    n_cf: int,
+    seed: int,
+    target: int,
+    lambdas: Any,
+    realism_reference: int,
+    batch_size: int,
+) -> Material:
     """Pick the test images (disjoint: Turing reals, counterfactual inputs, realism reference),
     sample G, score realism and render the counterfactual sequences."""
     from cfexplain.data import build_dataset
@@ -223,12 +233,22 @@ def _material(r: StudyRun, *, n_real: int, n_fake: int, n_cf: int, seed: int, ta
             f"{tuple(real.shape[1:])}; readers would tell them apart by size"
         )
     turing = [
-        {"truth": "real", "source": {"test_index": i}, "class": names[int(load[i]["label"])],
-         "class_from": "label"} for i in real_idx
+        {
+            "truth": "real",
+            "source": {"test_index": i},
+            "class": names[int(load[i]["label"])],
+            "class_from": "label",
+        }
+        for i in real_idx
     ] + [
-        {"truth": "generated", "source": {"z_seed": s, "psi": 1.0}, "class": r.classes[c],
-         "class_from": "classifier"} for s, c in zip(z_seeds, fake_cls)
-    ]  # fmt: skip
+        {
+            "truth": "generated",
+            "source": {"z_seed": s, "psi": 1.0},
+            "class": r.classes[c],
+            "class_from": "classifier",
+        }
+        for s, c in zip(z_seeds, fake_cls)
+    ]
     turing = [{"item": n, **entry, "realism": None} for n, entry in enumerate(turing)]
     images = torch.cat([real, fake])
     realism: dict[str, Any] = {"reference_images": len(ref_idx), "k": _REALISM_K}
@@ -238,14 +258,21 @@ def _material(r: StudyRun, *, n_real: int, n_fake: int, n_cf: int, seed: int, ta
         scores = realism_scores(feats[: len(ref)], feats[len(ref) :])
         for item, s in zip(turing, scores.tolist()):
             item["realism"] = round(float(s), 6)
-    cf, cf_png = _counterfactuals(r, [load[i] for i in cf_idx], cf_idx, names, target, lambdas,
-                                  batch_size)  # fmt: skip
+    cf, cf_png = _counterfactuals(
+        r, [load[i] for i in cf_idx], cf_idx, names, target, lambdas, batch_size
+    )
     return Material(turing, [png_bytes(x) for x in images], cf, cf_png, realism)
 
 
-def _counterfactuals(r: StudyRun, samples: list[dict], indices: list[int], names: list[str],
-                     target: int, lambdas: Any, batch_size: int
-                     ) -> tuple[list[dict[str, Any]], list[list[bytes]]]:  # fmt: skip
+def _counterfactuals(
+    r: StudyRun,
+    samples: list[dict],
+    indices: list[int],
+    names: list[str],
+    target: int,
+    lambdas: Any,
+    batch_size: int,
+) -> tuple[list[dict[str, Any]], list[list[bytes]]]:
     """Key entries and PNGs (input, frames...) of the counterfactual items."""
     entries: list[dict[str, Any]] = []
     pngs: list[list[bytes]] = []
@@ -254,14 +281,16 @@ def _counterfactuals(r: StudyRun, samples: list[dict], indices: list[int], names
         x = torch.stack([s["image"] for s in chunk])
         cf = r.engine(x, target=target, lambdas=lambdas)
         for i, s in enumerate(chunk):
-            entries.append({
-                "item": len(entries),
-                "source": {"test_index": indices[start + i]},
-                "class": names[int(s["label"])],
-                "input_prob": round(float(cf.input_probs[i]), 6),
-                "lambdas": [round(float(v), 6) for v in cf.lambdas[i]],
-                "probs": [round(float(v), 6) for v in cf.probs[i]],
-            })  # fmt: skip
+            entries.append(
+                {
+                    "item": len(entries),
+                    "source": {"test_index": indices[start + i]},
+                    "class": names[int(s["label"])],
+                    "input_prob": round(float(cf.input_probs[i]), 6),
+                    "lambdas": [round(float(v), 6) for v in cf.lambdas[i]],
+                    "probs": [round(float(v), 6) for v in cf.probs[i]],
+                }
+            )
             pngs.append([png_bytes(x[i])] + [png_bytes(f) for f in cf.images[i].cpu()])
     return entries, pngs
 
@@ -285,8 +314,12 @@ def reader_plan(seed: int, reader: int, m: Material) -> dict[str, Any]:
     turing = [int(i) for i in rng.permutation(len(m.turing))]
     cf = [int(i) for i in rng.permutation(len(m.counterfactuals))]
     frames = [len(m.cf_png[j]) - 1 for j in cf]
-    names = iter(_tokens(np.random.default_rng(derived_seed(seed, _NAMES, reader)),
-                         len(turing) + len(cf) + sum(frames)))  # fmt: skip
+    names = iter(
+        _tokens(
+            np.random.default_rng(derived_seed(seed, _NAMES, reader)),
+            len(turing) + len(cf) + sum(frames),
+        )
+    )
     return {
         "reader": f"reader-{reader + 1}",
         "turing": [{"token": next(names), "item": i} for i in turing],
@@ -297,8 +330,9 @@ def reader_plan(seed: int, reader: int, m: Material) -> dict[str, Any]:
     }
 
 
-def _write_reader(folder: Path, plan: dict[str, Any], m: Material, key: dict[str, Any],
-                  time_limit_s: float) -> None:  # fmt: skip
+def _write_reader(
+    folder: Path, plan: dict[str, Any], m: Material, key: dict[str, Any], time_limit_s: float
+) -> None:
     """``folder/index.html`` and ``folder/images/<token>.png``, written in display order."""
     from cfexplain.study.page import render_page
 
@@ -312,12 +346,14 @@ def _write_reader(folder: Path, plan: dict[str, Any], m: Material, key: dict[str
         pngs, info = m.cf_png[entry["item"]], key["counterfactuals"][entry["item"]]
         for token, data in zip([entry["token"], *entry["frames"]], pngs):
             write_bytes(folder / src(token), data)
-        cf_spec.append({
-            "id": entry["token"],
-            "input": src(entry["token"]),
-            "input_p": info["input_prob"],
-            "frames": [{"src": src(t), "p": p} for t, p in zip(entry["frames"], info["probs"])],
-        })  # fmt: skip
+        cf_spec.append(
+            {
+                "id": entry["token"],
+                "input": src(entry["token"]),
+                "input_p": info["input_prob"],
+                "frames": [{"src": src(t), "p": p} for t, p in zip(entry["frames"], info["probs"])],
+            }
+        )
     spec = {
         "study": key["study_id"],
         "reader": plan["reader"],
@@ -355,8 +391,12 @@ def build_study(
     It is built in a hidden sibling folder and renamed into place at the end: a killed build
     leaves no half study. An existing ``out`` is never overwritten.
     """
-    for name, value, least in (("readers", readers, 1), ("n_real", n_real, 1),
-                               ("n_fake", n_fake, 1), ("n_cf", n_cf, 0)):  # fmt: skip
+    for name, value, least in (
+        ("readers", readers, 1),
+        ("n_real", n_real, 1),
+        ("n_fake", n_fake, 1),
+        ("n_cf", n_cf, 0),
+    ):
         if int(value) < least:
             raise ConfigError(f"{name}={value}: must be at least {least}")
     out = Path(str(out)).expanduser().resolve()
@@ -365,9 +405,17 @@ def build_study(
     r = _open_run(run, device, dict(counterfactual or {}) if n_cf else None)
     if not 0 <= int(target) < len(r.classes):
         raise ConfigError(f"target={target}: the classifier's classes are {r.classes}")
-    m = _material(r, n_real=int(n_real), n_fake=int(n_fake), n_cf=int(n_cf), seed=int(seed),
-                  target=int(target), lambdas=lambdas, realism_reference=int(realism_reference),
-                  batch_size=int(batch_size))  # fmt: skip
+    m = _material(
+        r,
+        n_real=int(n_real),
+        n_fake=int(n_fake),
+        n_cf=int(n_cf),
+        seed=int(seed),
+        target=int(target),
+        lambdas=lambdas,
+        realism_reference=int(realism_reference),
+        batch_size=int(batch_size),
+    )
     key: dict[str, Any] = {
         "format": KEY_FORMAT,
         "seed": int(seed),
@@ -380,7 +428,7 @@ def build_study(
             "n_real": int(n_real),
             "n_fake": int(n_fake),
             "n_cf": int(n_cf),
-        },  # fmt: skip
+        },
         "time_limit_s": float(time_limit_s),
         "questions": [{"id": q, "text": text} for q, text in QUESTIONS],
         "realism": m.realism,
@@ -389,12 +437,17 @@ def build_study(
         "readers": [reader_plan(int(seed), i, m) for i in range(int(readers))],
     }
     key = {"study_id": fingerprint(key), **key}
+    return _write_study(out, key, m, float(time_limit_s))
+
+
+def _write_study(out: Path, key: dict[str, Any], m: Material, time_limit_s: float) -> Path:
+    """Write the reader folders and the key into a hidden sibling of ``out``, then rename it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the study is shared like any folder
         for plan in key["readers"]:
-            _write_reader(tmp / plan["reader"], plan, m, key, float(time_limit_s))
+            _write_reader(tmp / plan["reader"], plan, m, key, time_limit_s)
         write_json(tmp / KEY_FILE, key)
         os.rename(tmp, out)
     except BaseException:

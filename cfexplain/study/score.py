@@ -136,8 +136,16 @@ def _join(path: Path, data: dict, plan: dict, key: dict) -> list[dict[str, Any]]
             entry = key["items" if part == "turing" else "counterfactuals"][found[1]]
             if part == "turing" and a.get("answer") not in ("real", "generated"):
                 raise ConfigError(f"{path}: item {a['item']}: answer {a.get('answer')!r}")
-            rows.append({**a, "token": a["item"], "reader": plan["reader"], "part": part,
-                         "item": found[1], "key": entry})  # fmt: skip
+            rows.append(
+                {
+                    **a,
+                    "token": a["item"],
+                    "reader": plan["reader"],
+                    "part": part,
+                    "item": found[1],
+                    "key": entry,
+                }
+            )
     return rows
 
 
@@ -234,8 +242,16 @@ def _by_realism(turing: list[dict[str, Any]], bins: int) -> list[dict[str, Any]]
             if int(np.searchsorted(edges[1:-1], a["key"]["realism"], "right")) == b
         ]
         gen = sum(a["key"]["truth"] == "generated" for a in g)
-        out.append({"bin": b + 1, "realism_low": lo, "realism_high": hi, "generated": gen,
-                    "real": len(g) - gen, **proportion(sum(a["correct"] for a in g), len(g))})  # fmt: skip
+        out.append(
+            {
+                "bin": b + 1,
+                "realism_low": lo,
+                "realism_high": hi,
+                "generated": gen,
+                "real": len(g) - gen,
+                **proportion(sum(a["correct"] for a in g), len(g)),
+            }
+        )
     return out
 
 
@@ -244,13 +260,15 @@ def _likert(key: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, A
     out = []
     for q in key["questions"]:
         values = [int(a[q["id"]]) for a in rows if a.get(q["id"]) in LIKERT]
-        out.append({
-            "question": q["text"],
-            **{str(v): values.count(v) for v in LIKERT},
-            "n": len(values),
-            "mean": float(np.mean(values)) if values else math.nan,
-            "median": float(np.median(values)) if values else math.nan,
-        })  # fmt: skip
+        out.append(
+            {
+                "question": q["text"],
+                **{str(v): values.count(v) for v in LIKERT},
+                "n": len(values),
+                "mean": float(np.mean(values)) if values else math.nan,
+                "median": float(np.median(values)) if values else math.nan,
+            }
+        )
     return out
 
 
@@ -312,11 +330,13 @@ def write_report(out: Path, results: dict[str, Any], run: Any) -> Path:
                 f"study/{name}", list(tables[name][0]), [list(r.values()) for r in tables[name]]
             )
     p = results["pooled"]
-    run.summary({
-        "study/accuracy": p["accuracy"],
-        "study/p_chance": p["p_chance"],
-        "study/fleiss_kappa": results["agreement"]["fleiss_kappa"],
-    })  # fmt: skip
+    run.summary(
+        {
+            "study/accuracy": p["accuracy"],
+            "study/p_chance": p["p_chance"],
+            "study/fleiss_kappa": results["agreement"]["fleiss_kappa"],
+        }
+    )
     return write_text(out / "index.html", _html(results, tables))
 
 

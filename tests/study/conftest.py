@@ -50,9 +50,22 @@ def simulated_answers(key: dict, reader: int, right: int) -> dict[str, Any]:
             {"order": i + 1, "item": e["token"], "answer": said, "confidence": 3, "ms": 900}
         )
     cf = [
-        {"order": i + 1, "item": e["token"], "plausible": 4, "explains": 2, "identity": 5,
-         "comment": "", "ms": 2000}
+        {
+            "order": i + 1,
+            "item": e["token"],
+            "plausible": 4,
+            "explains": 2,
+            "identity": 5,
+            "comment": "",
+            "ms": 2000,
+        }
         for i, e in enumerate(plan["counterfactual"])
-    ]  # fmt: skip
-    return {"format": ANSWERS_FORMAT, "study": key["study_id"], "reader": plan["reader"],
-            "finished": True, "turing": turing, "counterfactual": cf}  # fmt: skip
+    ]
+    return {
+        "format": ANSWERS_FORMAT,
+        "study": key["study_id"],
+        "reader": plan["reader"],
+        "finished": True,
+        "turing": turing,
+        "counterfactual": cf,
+    }

@@ -90,15 +90,28 @@ def test_subcommand_words_become_overrides():
         "readers=2",
     ]
     assert hydra_argv(["score", "st", "a.json", "b's.json", "logger=none"]) == [
-        "command=score", "study='st'", "answers=['a.json','b\\'s.json']", "logger=none"
-    ]  # fmt: skip
+        "command=score",
+        "study='st'",
+        "answers=['a.json','b\\'s.json']",
+        "logger=none",
+    ]
     assert hydra_argv(["command=score", "study=x"]) == ["command=score", "study=x"]
 
 
 def test_make_and_score_commands(study_run, tmp_path):
     out = tmp_path / "study"
-    r = run_cli("cfexplain.study", "make", f"run={study_run}", "readers=2", "n_real=3", "n_fake=3",
-                "n_cf=0", f"out={out}", "device=cpu", "logger=none")  # fmt: skip
+    r = run_cli(
+        "cfexplain.study",
+        "make",
+        f"run={study_run}",
+        "readers=2",
+        "n_real=3",
+        "n_fake=3",
+        "n_cf=0",
+        f"out={out}",
+        "device=cpu",
+        "logger=none",
+    )
     assert r.returncode == 0, r.stderr
     assert f"study: {out}" in r.stdout
     key = json.loads((out / KEY_FILE).read_text())
@@ -117,8 +130,9 @@ def test_make_and_score_commands(study_run, tmp_path):
     bad = simulated_answers(key, 0, 1)
     bad["study"] = "feedfacefeedface"
     (answers / "other.json").write_text(json.dumps(bad))
-    r = run_cli("cfexplain.study", "score", f"study={out}", f"answers={answers}/other.json",
-                "logger=none")  # fmt: skip
+    r = run_cli(
+        "cfexplain.study", "score", f"study={out}", f"answers={answers}/other.json", "logger=none"
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("cfexplain.study: ") and "other.json" in lines[-1], r.stderr

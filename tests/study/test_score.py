@@ -73,8 +73,10 @@ def _write(tmp_path, answers: dict, name: str):
 
 def test_planted_accuracies_kappa_and_likert(small_study, tmp_path):
     key = load_key(small_study)
-    files = [_write(tmp_path, simulated_answers(key, r, right), f"r{r}.json")
-             for r, right in enumerate((5, 8, 2))]  # fmt: skip
+    files = [
+        _write(tmp_path, simulated_answers(key, r, right), f"r{r}.json")
+        for r, right in enumerate((5, 8, 2))
+    ]
     res = analyse(key, load_answers(files, key), published=0.58, bins=2)
     assert [r["accuracy"] for r in res["readers"]] == [5 / 8, 8 / 8, 2 / 8]
     assert (res["pooled"]["correct"], res["pooled"]["n"]) == (15, 24)
