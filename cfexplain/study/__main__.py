@@ -90,6 +90,8 @@ def hydra_argv(argv: list[str]) -> list[str]:
         return argv
     command, rest = argv[0], argv[1:]
     positional = [a for a in rest if "=" not in a and not a.startswith("-")]
+    if command == "make":
+        positional = positional[:1]  # any further word goes to Hydra, which names it
     out = [f"command={command}"]
     if positional and command == "make":
         out.append(f"run={_quote(positional[0])}")
