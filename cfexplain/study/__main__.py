@@ -9,6 +9,7 @@ and a W&B table (offline by default). The first word picks the subcommand (``com
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
+
+log = logging.getLogger("cfexplain")
 
 COMMANDS = ("make", "score")
 USAGE = (
@@ -27,11 +30,11 @@ USAGE = (
 
 def make(cfg: DictConfig) -> Path:
     """Build the study that ``cfg`` describes; return its folder."""
-    from cfexplain.study.build import build_study
+    from cfexplain.study.build import KEY_FILE, build_study
 
     run_dir = trained_run(cfg)
     out = Path(str(cfg.out)) if cfg.out else run_dir / "study" / time.strftime("%Y%m%d-%H%M%S")
-    return build_study(
+    folder = build_study(
         run_dir,
         out,
         readers=int(cfg.readers),
@@ -47,6 +50,12 @@ def make(cfg: DictConfig) -> Path:
         device=str(cfg.device),
         counterfactual=OmegaConf.to_container(cfg.counterfactual, resolve=True),
     )
+    log.info(
+        f"[study] {cfg.readers} readers, each {cfg.n_real} real + {cfg.n_fake} generated images "
+        f"and {cfg.n_cf} counterfactuals: give each reader one folder {folder}/reader-<k>/; "
+        f"keep {folder / KEY_FILE} (the key) to yourself"
+    )
+    return folder
 
 
 def score(cfg: DictConfig) -> Path:
@@ -68,6 +77,13 @@ def score(cfg: DictConfig) -> Path:
         run.finish(exit_code=1)
         raise
     run.finish()
+    p = results["pooled"]
+    log.info(
+        f"[study] {len(results['readers'])} readers, pooled accuracy {p['accuracy']:.3f} "
+        f"(95% CI {p['ci_low']:.3f}-{p['ci_high']:.3f}; published {p['published']}), "
+        f"p(no better than chance) {p['p_chance']:.3g}, "
+        f"Fleiss' kappa {results['agreement']['fleiss_kappa']:.3f}"
+    )
     return index
 
 

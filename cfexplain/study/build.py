@@ -430,6 +430,9 @@ def build_study(
             "n_cf": int(n_cf),
         },
         "time_limit_s": float(time_limit_s),
+        # how each generated item is made again from its z_seed
+        "generated": "G(torch.randn(z_dim, generator=torch.Generator().manual_seed(z_seed)), "
+        "psi=1, noise_mode='const')",
         "questions": [{"id": q, "text": text} for q, text in QUESTIONS],
         "realism": m.realism,
         "items": m.turing,

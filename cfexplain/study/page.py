@@ -61,6 +61,9 @@ S.counterfactual.forEach((it, i) => steps.push({kind: "cf", item: it, n: i}));
 steps.push({kind: "done"});
 let st = load();
 let frame = 0, question = 0, tick = null;
+// The <img> nodes of the current item, kept across re-renders: a key press must not reload
+// (and flicker) the image the reader is looking at.
+const pics = new Map();
 const $ = (id) => document.getElementById(id);
 
 function load() {
@@ -98,6 +101,14 @@ function choice(label, on, act, key) {
   b.addEventListener("click", () => { act(); render(); });
   return b;
 }
+function pic(src, alt, role) {
+  const id = role + " " + src;
+  if (!pics.has(id)) pics.set(id, el("img", {src}));
+  const img = pics.get(id);
+  img.setAttribute("alt", alt);
+  img.className = role === "single" ? "single" : "";
+  return img;
+}
 function keys(html) { const p = el("p", {class: "keys"}); p.innerHTML = html; return p; }
 
 function render() {
@@ -119,7 +130,7 @@ function intro(m) {
   m.append(el("h1", {}, "Reader study"));
   const p = el("div", {class: "note"});
   p.append(el("p", {}, `Part 1: ${S.turing.length} images, one at a time. Some are real ` +
-    "radiographs, some were made by a generative model. Say which you think each is, and how " +
+    "images of patients, some were made by a generative model. Say which you think each is, and how " +
     "sure you are (1: guessing, 5: certain)."));
   if (S.time_limit_s > 0) p.append(el("p", {}, `Each image is shown for ${S.time_limit_s} s; ` +
     "answer after it is hidden if you need to."));
@@ -127,7 +138,15 @@ function intro(m) {
     "images with the changes that move a classifier's decision; rate three statements."));
   p.append(el("p", {}, "Your answers stay in this browser until you download them; a reload " +
     "continues where you were."));
-  m.append(p, keys("<kbd>Enter</kbd> start"));
+  m.append(p, startRow(), keys("<kbd>Enter</kbd> start"));
+}
+
+function startRow() {
+  const r = el("div", {class: "answers"});
+  const b = el("button", {type: "button", class: "choice", id: "next"}, "Start (Enter)");
+  b.addEventListener("click", next);
+  r.append(b);
+  return r;
 }
 
 function cfIntro(m) {
@@ -135,13 +154,13 @@ function cfIntro(m) {
   m.append(el("p", {class: "note"}, "Left: the image. Right: the same image changed step by " +
     `step until the classifier's probability of "${S.target}" (under each step) changes. ` +
     "Rate each statement from 1 (disagree) to 5 (agree)."));
-  m.append(keys("<kbd>Enter</kbd> start"));
+  m.append(startRow(), keys("<kbd>Enter</kbd> start"));
 }
 
 function turing(m, s) {
   const a = answer();
   const v = el("div", {class: "view"});
-  const img = el("img", {src: s.item.src, alt: "image " + (s.n + 1), class: "single"});
+  const img = pic(s.item.src, "image " + (s.n + 1), "single");
   v.append(expired(s) ? hiddenNote() : img);
   m.append(v, el("div", {id: "timer"}));
   const row = el("div", {class: "answers"});
@@ -160,16 +179,16 @@ function counterfactual(m, s) {
   frame = Math.min(frame, f.length - 1);
   const v = el("div", {class: "view"});
   const left = el("figure");
-  left.append(el("img", {src: s.item.input, alt: "input image"}),
+  left.append(pic(s.item.input, "input image", "input"),
               el("figcaption", {}, `image · p(${S.target}) = ${s.item.input_p.toFixed(2)}`));
   const right = el("figure");
-  right.append(el("img", {src: f[frame].src, alt: "changed image, step " + (frame + 1)}),
+  right.append(pic(f[frame].src, "changed image, step " + (frame + 1), "frame"),
     el("figcaption", {}, `step ${frame + 1} of ${f.length} · p(${S.target}) = ${f[frame].p.toFixed(2)}`));
   v.append(left, expired(s) ? hiddenNote() : right);
   const strip = el("div", {class: "strip"});
   f.forEach((fr, k) => {
     const b = el("button", {type: "button", class: k === frame ? "on" : ""});
-    b.append(el("img", {src: fr.src, alt: "step " + (k + 1)}), el("span", {}, fr.p.toFixed(2)));
+    b.append(pic(fr.src, "step " + (k + 1), "thumb"), el("span", {}, fr.p.toFixed(2)));
     b.addEventListener("click", () => { frame = k; render(); });
     strip.append(b);
   });
@@ -255,6 +274,7 @@ function next() {
   st.pos = Math.min(st.pos + 1, steps.length - 1);
   frame = 0;
   question = 0;
+  pics.clear();
   save();
   render();
   window.scrollTo(0, 0);

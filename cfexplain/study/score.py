@@ -353,12 +353,17 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _html(results: dict[str, Any], tables: dict[str, list[dict[str, Any]]]) -> str:
     """The report page."""
     p, agree, s = results["pooled"], results["agreement"], results["study"]
+    c = s["counts"]
+    counts = (
+        f"{c['readers']} readers, each {c['n_real']} real + {c['n_fake']} generated images "
+        f"and {c['n_cf']} counterfactuals"
+    )
     pct = lambda v: "–" if math.isnan(v) else f"{100 * v:.1f}%"  # noqa: E731
     verdict = (
         f"Pooled accuracy {pct(p['accuracy'])} (95% CI {pct(p['ci_low'])}–{pct(p['ci_high'])}, "
         f"{p['correct']} of {p['n']} answers). No better than chance (50%)? one-sided binomial "
         f"test p = {fmt(p['p_chance'], '.3g')}. Schutte et al. 2021 report {pct(p['published'])} "
-        f"for radiologists on StyleGAN knee radiographs: it lies "
+        f"for radiologists on StyleGAN knee radiographs: {pct(p['published'])} lies "
         f"{'inside' if p['published_in_ci'] else 'outside'} this interval "
         f"(two-sided binomial test against it p = {fmt(p['p_published'], '.3g')})."
     )
@@ -375,7 +380,7 @@ th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 th {{ background: #f2f2f2; }}
 </style></head><body>
 <h1>Reader study {esc(results["study_id"])}</h1>
-<p>Run {esc(s["run"])} · seed {esc(s["seed"])} · {esc(s["counts"])}</p>
+<p>Run {esc(s["run"])} · seed {esc(s["seed"])} · {esc(counts)}</p>
 <h2>Real or generated?</h2>
 <p>{esc(verdict)}</p>
 <p>{esc(kappa)}</p>

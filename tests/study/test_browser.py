@@ -41,9 +41,9 @@ def neutral_dom(page) -> str:
 
 
 def decoded(page) -> None:
-    """Wait until the shown image is decoded (the page's CSP forbids wait_for_function's eval)."""
+    """Wait until the page's images are decoded (its CSP forbids wait_for_function's eval)."""
     for _ in range(100):
-        if page.evaluate("document.querySelector('#stage img').naturalWidth") > 0:
+        if page.evaluate("Array.from(document.images).every(i => i.naturalWidth > 0)"):
             return
         page.wait_for_timeout(50)
     raise AssertionError("the image was not decoded")
@@ -67,20 +67,25 @@ def read_through(page, key: dict, plan: dict, right: int, reload_at: int | None)
         decoded(page)
         doms.add(neutral_dom(page))
         truth = key["items"][entry["item"]]["truth"]
+        page.evaluate("window.shown = document.querySelector('#stage img')")
         page.keyboard.press("r" if (truth if i < right else FLIP[truth]) == "real" else "g")
         page.keyboard.press(str(1 + i % 5))
+        # answering re-draws the buttons, not the image: it is neither reloaded nor flickers
+        assert page.evaluate("document.querySelector('#stage img') === window.shown")
         page.keyboard.press("Enter")
     page.keyboard.press("Enter")  # past the counterfactual instructions
     for entry in plan["counterfactual"]:
         assert (
             page.locator(".view img").first.get_attribute("src") == f"images/{entry['token']}.png"
         )
+        decoded(page)
         page.keyboard.press("ArrowRight")
         for v in "425":
             page.keyboard.press(v)
         page.keyboard.press("c")
         page.keyboard.type("edges moved, 3 > 2")
         page.keyboard.press("Escape")
+        decoded(page)
         page.keyboard.press("Enter")
     assert page.locator("h1").inner_text() == "Thank you"
     return doms
