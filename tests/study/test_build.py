@@ -3,11 +3,15 @@ folder names a truth; a failed build leaves nothing; the command line of make an
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image, PngImagePlugin
 
 from cfexplain.study import build
 from cfexplain.study.__main__ import hydra_argv
@@ -139,3 +143,33 @@ def test_make_and_score_commands(study_run, tmp_path):
     assert "Traceback" not in r.stderr
     r = run_cli("cfexplain.study", "logger=none")
     assert r.returncode == 2 and "make run=" in r.stderr
+
+
+def test_strip_png_drops_text_and_keeps_pixels():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("label", "generated")
+    info.add_itxt("Comment", "real, test #3")
+    buf = io.BytesIO()
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    Image.fromarray(pixels).save(buf, format="PNG", pnginfo=info, dpi=(72, 72))
+    assert b"generated" in buf.getvalue()
+    stripped = build.strip_png(buf.getvalue())
+    assert [t for t, _ in png_chunks(stripped)] == [b"IHDR", b"IDAT", b"IEND"]
+    assert b"generated" not in stripped and b"real" not in stripped
+    assert (np.array(Image.open(io.BytesIO(stripped))) == pixels).all()
+    # what the study writes has no metadata to begin with, and decodes to the image
+    x = torch.linspace(-1, 1, 64).view(1, 8, 8)
+    png = build.png_bytes(x)
+    assert [t for t, _ in png_chunks(png)] == [b"IHDR", b"IDAT", b"IEND"]
+    assert np.array(Image.open(io.BytesIO(png))).shape == (8, 8)
+
+
+def test_realism_score_inside_and_outside_the_real_manifold():
+    ref = torch.tensor([[float(i), 0.0] for i in range(10)], dtype=torch.float64)
+    # radii (3rd neighbour): 3 at the ends, 2 inside; a point near a reference point scores
+    # far above 1, one at distance 10 from the nearest scores 3/10 at best
+    scores = build.realism_scores(
+        ref, torch.tensor([[4.0, 0.1], [-10.0, 0.0]], dtype=torch.float64)
+    )
+    assert scores[0] > 1 and scores[0] == pytest.approx(2 / 0.1)
+    assert scores[1] == pytest.approx(3 / 10)
