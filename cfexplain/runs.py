@@ -22,7 +22,15 @@ from torch.utils.data import Dataset
 from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
 from cfexplain.utils.cli import ConfigError
 
-STAGES = ("classifier", "generator", "encoder", "direction", "normative", "segmentation")
+STAGES = (
+    "classifier",
+    "generator",
+    "encoder",
+    "direction",
+    "normative",
+    "guard",
+    "segmentation",
+)
 # The stages whose config.yaml is the run's training config, in order of preference.
 CONFIG_STAGES = ("classifier", "segmentation")
 
@@ -192,6 +200,39 @@ class TrainedRun:
         from cfexplain.nn.segmentation import load_segmentation
 
         return load_segmentation(self.stage_dir("segmentation"), self.device)
+
+    @cached_property
+    def perceptual(self) -> nn.Module:
+        """The LPIPS distance the encoder stage trained with (its kind, rebuilt offline)."""
+        from cfexplain.nn.perceptual import build_perceptual
+
+        kind = str(self.artifact("encoder").info.get("perceptual", "auto"))
+        return build_perceptual(kind, self.device)
+
+    @cached_property
+    def guard(self) -> Any:
+        """The guard stage's :class:`~cfexplain.explain.guard.Calibration`, or None when the
+        run has no guard stage (its images then go unchecked, and the pages say so)."""
+        if not self.has("guard"):
+            return None
+        from cfexplain.explain.guard import Calibration
+
+        return Calibration.load(self.artifact("guard").path("guard"))
+
+    def guard_models(self, batch: int = 64) -> Any:
+        """The :class:`~cfexplain.explain.guard.Models` the guard's signals read."""
+        from cfexplain.explain.guard import Models
+
+        kind = self.guard.normative if self.guard is not None else None
+        return Models(
+            classifier=self.classifier,
+            generator=self.generator,
+            encoder=self.encoder,
+            perceptual=self.perceptual,
+            normative=self.normative[kind] if kind else None,
+            device=self.device,
+            batch=batch,
+        )
 
     def provenance(self, stages: tuple[str, ...] = STAGES) -> dict[str, Any]:
         """``{"<stage> stage": "fingerprint …, written …"}`` of the finished ``stages``."""

@@ -111,6 +111,22 @@ def _load_input(stage: Stage, name: str, exp_dir: Path) -> Artifact:
     return art
 
 
+def _optional_inputs(stage: Stage, exp_dir: Path, done: dict[str, Artifact]) -> dict[str, Artifact]:
+    """The optional inputs of ``stage`` that the run has finished (with intact files)."""
+    found = {}
+    for name in stage.optional:
+        if name in done:
+            found[name] = done[name]
+            continue
+        try:
+            art = Artifact.load(exp_dir / name)
+            art.verify()
+        except ArtifactError:
+            continue
+        found[name] = art
+    return found
+
+
 def _recover_commits(exp_dir: Path) -> None:
     """Finish or roll back each stage's commit that a kill interrupted between its renames."""
     for stage in CHAIN:
@@ -156,6 +172,7 @@ def run_chain(cfg: DictConfig) -> dict[str, Artifact]:
                 log.info(f"[{stage.name}] not part of this version yet: passed over")
                 continue
             inputs = {n: done.get(n) or _load_input(stage, n, exp_dir) for n in stage.inputs}
+            inputs |= _optional_inputs(stage, exp_dir, done)
             fp = stage_fingerprint(cfg, stage, inputs)
             final = exp_dir / stage.name
             art, wrong = (None, None) if cfg.force else _finished(final, fp)

@@ -25,7 +25,6 @@ import io
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from cfexplain.evaluate import pipeline as E
 from cfexplain.evaluate.shortcut import marker_reliance
 from cfexplain.explain.pipeline import build_methods, split_counterfactual
 from cfexplain.runs import TrainedRun
+from cfexplain.utils.artifacts import staged_dir
 from cfexplain.utils.cli import ConfigError, command_run, run_command
 
 log = logging.getLogger("cfexplain")
@@ -62,31 +62,30 @@ def evaluate(cfg: DictConfig) -> Path:
         )
     out = Path(cfg.out) if cfg.out else run.output_dir("evaluation")
     out = out.expanduser().resolve()
-    work = out.with_name(out.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    tracking = command_run("evaluate", work, cfg, run.name)
     start = time.time()
-    try:
-        summary, per, sanity = E.evaluate_run(cfg, run, counterfactual, methods, data, notes)
-        if data["knee"]:
-            summary["marker_reliance"] = marker_reliance(run.classifier, ds, list(range(n)))
-        summary |= _facts(run, per, n, int(cfg.target)) | {
-            "notes": notes,
-            "seconds": round(time.time() - start, 1),
-            "wandb_dir": str(tracking.wandb_dir) if tracking.wandb_dir else None,
-        }
-        from cfexplain.evaluate.report import write_report
+    # Built beside the old evaluation and swapped in whole: a failed or killed evaluation
+    # leaves the previous one as it was.
+    with staged_dir(out) as work:
+        tracking = command_run("evaluate", work, cfg, run.name)
+        try:
+            summary, per, sanity = E.evaluate_run(cfg, run, counterfactual, methods, data, notes)
+            if data["knee"]:
+                summary["marker_reliance"] = marker_reliance(run.classifier, ds, list(range(n)))
+            summary |= _facts(run, per, n, int(cfg.target)) | {
+                "notes": notes,
+                "seconds": round(time.time() - start, 1),
+                "wandb_dir": str(tracking.wandb_dir) if tracking.wandb_dir else None,
+            }
+            from cfexplain.evaluate.report import write_report
 
-        write_report(work, summary, per, sanity, gallery=_latest_gallery(run, out))
-        columns, rows = E.table_rows(summary)
-        tracking.log_table("evaluation/table", columns, rows)
-        tracking.summary(E.flat(summary["table"]))
-    except BaseException:
-        tracking.finish(exit_code=1)
-        raise
-    tracking.finish()
-    _swap(work, out)
+            write_report(work, summary, per, sanity, gallery=latest_gallery(run, out))
+            columns, rows = E.table_rows(summary)
+            tracking.log_table("evaluation/table", columns, rows)
+            tracking.summary(E.flat(summary["table"]))
+        except BaseException:
+            tracking.finish(exit_code=1)
+            raise
+        tracking.finish()
     log.info(f"[evaluate] {n} images, {len(names)} methods, {time.time() - start:.0f} s → {out}")
     _print_table(summary)
     return out / "index.html"
@@ -106,21 +105,16 @@ def _facts(run: TrainedRun, per: dict[str, Any], n: int, target: int) -> dict[st
     }
 
 
-def _latest_gallery(run: TrainedRun, out: Path) -> str | None:
-    """Relative link from the evaluation page to the newest gallery of the run, if any."""
-    pages = run.output_dir("explain").glob("*/index.html")
+def latest_gallery(run: TrainedRun, out: Path) -> str | None:
+    """Relative link from the evaluation page to the newest complete gallery of the run (one
+    with its ``summary.json``; a gallery being written lives in a hidden partial folder)."""
+    pages = [
+        p.parent / "index.html"
+        for p in run.output_dir("explain").glob("*/summary.json")
+        if not p.parent.name.startswith(".") and (p.parent / "index.html").is_file()
+    ]
     pages = sorted(pages, key=lambda p: p.stat().st_mtime)
     return os.path.relpath(pages[-1], out) if pages else None
-
-
-def _swap(work: Path, out: Path) -> None:
-    """Replace ``out`` by ``work``: the old folder goes only once the new one is in place."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _print_table(summary: dict[str, Any]) -> None:

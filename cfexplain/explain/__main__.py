@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from cfexplain.explain.pipeline import build_methods, method_notes, write_gallery
 from cfexplain.runs import TrainedRun
+from cfexplain.utils.artifacts import staged_dir
 from cfexplain.utils.cli import ConfigError, command_run, run_command
 
 __all__ = ["ConfigError", "explain", "main"]
@@ -35,17 +36,20 @@ def explain(cfg: DictConfig) -> Path:
         log.info(f"[explain] {n}")
     out = Path(cfg.out) if cfg.out else run.output_dir("explain", stamped=True)
     out = out.expanduser().resolve()
-    tracking = command_run("explain", out, cfg, run.name)
-    try:
-        wandb_dir = str(tracking.wandb_dir) if tracking.wandb_dir else None
-        writer, summary = write_gallery(cfg, run, methods, out, notes, {"wandb_dir": wandb_dir})
-        tracking.log_table("explain/gallery", *writer.table())
-        tracking.summary({f"explain/{k}": v for k, v in summary["metrics"].items()})
-        tracking.log_artifact(out, name=f"{run.name}-explain", type="gallery")
-    except BaseException:
-        tracking.finish(exit_code=1)
-        raise
-    tracking.finish()
+    # Written into a hidden partial folder and swapped in whole: a killed run leaves no
+    # half gallery, and a rerun into the same out= replaces the old gallery entirely.
+    with staged_dir(out) as work:
+        tracking = command_run("explain", work, cfg, run.name)
+        try:
+            facts = {"out": str(out), "wandb_dir": str(tracking.wandb_dir or "") or None}
+            writer, summary = write_gallery(cfg, run, methods, work, notes, facts)
+            tracking.log_table("explain/gallery", *writer.table())
+            tracking.summary({f"explain/{k}": v for k, v in summary["metrics"].items()})
+            tracking.log_artifact(work, name=f"{run.name}-explain", type="gallery")
+        except BaseException:
+            tracking.finish(exit_code=1)
+            raise
+        tracking.finish()
     skipped, seconds = len(summary["skipped"]), summary["seconds"]
     index = out / "index.html"
     log.info(f"[explain] {writer.count} images, {skipped} skipped, {seconds:.1f} s → {index}")

@@ -498,9 +498,13 @@ class Normative(Method):
         self.normative, self.kind = normative, kind
 
     @classmethod
-    def from_run(cls, run: Any, kind: str = "vae") -> Normative:
+    def from_run(cls, run: Any, **params: Any) -> Normative:
         """The residual of the run's normative model ``kind`` (loaded once by the run)."""
         from cfexplain.utils.cli import ConfigError
+
+        kind = str(params.pop("kind", "vae"))
+        if params:
+            raise TypeError(f"unexpected keyword arguments {sorted(params)}")
 
         if not run.has("normative"):
             raise MethodUnavailable(f"No normative map: {run.dir} has no normative stage.")

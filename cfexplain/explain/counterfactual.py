@@ -145,7 +145,6 @@ class CounterfactualEngine:
         """The engine of a trained run: the run's own classifier (no second copy), generator,
         encoder and direction. ``run`` is a :class:`~cfexplain.runs.TrainedRun`, or its folder
         opened here on ``device`` (default: auto)."""
-        from cfexplain.nn.perceptual import build_perceptual
         from cfexplain.runs import TrainedRun
         from cfexplain.utils.distributed import resolve_device
 
@@ -154,8 +153,7 @@ class CounterfactualEngine:
         saved = run.directions
         direction = saved["direction"] if "direction" in saved else saved["directions"]
         if "perceptual" not in params:
-            kind = run.artifact("encoder").info.get("perceptual", "auto")
-            params["perceptual"] = build_perceptual(kind, run.device)
+            params["perceptual"] = run.perceptual
         params.setdefault("lambda_range", saved["lambda_range"])
         G, E = run.generator, run.encoder
         return cls(G, E, run.classifier, direction, device=run.device, **params)

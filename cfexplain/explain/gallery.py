@@ -27,7 +27,15 @@ from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import animated_gif, to_uint8, upscale
 from cfexplain.utils.markup import esc, facts_table, fmt, notes_html, page
 
-ROWS_FILE = "rows.html.part"  # the HTML rows so far, one per image, appended batch by batch
+ROWS_FILE = "rows.html.part"
+UNCHECKED = "unchecked"
+# What a flagged row says, in plain words, above everything else it shows.
+WARNINGS = {
+    "unlike the training data": "This image does not look like the images the model was "
+    "trained on; its explanation should not be trusted.",
+    "reconstruction read differently": "The model reads the generator's redrawing of this "
+    "image differently from the image itself: the counterfactual explains another image.",
+}  # the HTML rows so far, one per image, appended batch by batch
 
 
 # ----------------------------------------------------------------------------- colours
@@ -112,6 +120,13 @@ class Row:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Maps that draw themselves (the dominant-class map's colours): uint8 RGB [H, W, 3].
     drawn: dict[str, np.ndarray] = field(default_factory=dict)
+    # The guard's verdict (cfexplain.explain.guard.Verdict); None when the image went unchecked.
+    guard: Any = None
+
+    @property
+    def status(self) -> str:
+        """The guard's status, ``"unchecked"`` without a guard."""
+        return self.guard.status if self.guard is not None else UNCHECKED
 
     @property
     def has_counterfactual(self) -> bool:
@@ -235,6 +250,7 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         "data-pred": row.pred,
         "data-flip": flip,
         "data-prob": f"{row.prob:.6f}",
+        "data-guard": row.status,
     }
     head = " ".join(f'{k}="{esc(v)}"' for k, v in attrs.items())
     cells = [_figure(files["input"], f"input · p={row.prob:.2f}", "input")]
@@ -252,12 +268,26 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         cells.append(_figure(files["plot"], "p vs λ", "plot"))
         cells.append(_figure(files["gif"], "sequence", "gif"))
     facts = [f"true: {esc(attrs['data-true'])}", f"pred: {esc(row.pred)}", f"flip: {flip}"]
+    facts += [f"guard: {esc(row.status)}"]
     facts += [f"{esc(k)}: {esc(fmt(v))}" for k, v in row.metrics.items()]
+    flagged = row.guard is not None and row.guard.flagged
     return (
-        f'<section class="row" {head}>\n'
+        f'<section class="row{" flagged" if flagged else ""}" {head}>\n'
+        f"{guard_banner(row)}"
         f'<h3>{esc(row.name)}</h3><p class="facts">{" · ".join(facts)}'
         f' · <a href="{esc(files["strip"])}">strip</a></p>\n'
         f'<div class="cells">{"".join(cells)}</div>\n</section>\n'
+    )
+
+
+def guard_banner(row: Row) -> str:
+    """The warning at the top of a flagged row: the status in plain words and its reasons."""
+    if row.guard is None or not row.guard.flagged:
+        return ""
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in row.guard.reasons)
+    return (
+        f'<div class="guard-banner" role="alert"><b>⚠ {esc(row.guard.status.capitalize())}.</b> '
+        f"{esc(WARNINGS[row.guard.status])}<ul>{reasons}</ul></div>\n"
     )
 
 
@@ -274,12 +304,15 @@ figure img{display:block;width:96px;height:auto;image-rendering:pixelated}
 figure.plot img{width:auto;height:96px;image-rendering:auto}
 figcaption{font-size:11px;color:#444;max-width:110px}.frame figcaption{font-variant-numeric:tabular-nums}
 .note{color:#8a5300}
+.row.flagged{border:2px solid #c0392b}.guard-banner{background:#fdecea;color:#7b1f14;
+border-left:6px solid #c0392b;padding:.4em .6em;margin:.2em 0 .4em;font-size:14px}
+.guard-banner ul{margin:.2em 0 0 1.2em;padding:0;font-size:12px}
 """
 
 _SCRIPT = """
 (function(){
   var rows=Array.prototype.slice.call(document.querySelectorAll('section.row'));
-  var active={true:'all',pred:'all',flip:'all'};
+  var active={true:'all',pred:'all',flip:'all',guard:'all'};
   var list=document.getElementById('rows'), count=document.getElementById('count');
   function apply(){
     var shown=0;
@@ -337,7 +370,12 @@ def page_html(
     )
     controls = "<br>".join(
         _buttons(k, lbl, facets.get(k, []))
-        for k, lbl in (("true", "true label"), ("pred", "predicted"), ("flip", "flip"))
+        for k, lbl in (
+            ("guard", "guard"),
+            ("true", "true label"),
+            ("pred", "predicted"),
+            ("flip", "flip"),
+        )
     )
     body = (
         f'<div class="controls">{controls}<br><label>sort by <select id="sort">'
@@ -349,6 +387,14 @@ def page_html(
     )
     title = f"cfexplain · {header.get('run', '')}"
     return page(title, _CSS, "cfexplain gallery", facts_table(header) + note_html, body)
+
+
+def csv_safe(value: Any) -> Any:
+    """A CSV cell a spreadsheet will not run: text starting with ``= + - @`` (a formula to
+    Excel or LibreOffice) gets a leading apostrophe. Numbers are left alone."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value
+    return value
 
 
 # ----------------------------------------------------------------------------- streaming writer
@@ -369,7 +415,12 @@ class GalleryWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.target, self.size = target, size
         self.count = 0
-        self.facets: dict[str, set[str]] = {"true": set(), "pred": set(), "flip": set()}
+        self.facets: dict[str, set[str]] = {
+            "true": set(),
+            "pred": set(),
+            "flip": set(),
+            "guard": set(),
+        }
         self.metric_columns: list[str] | None = None
         (self.out / ROWS_FILE).write_text("", encoding="utf-8")
         self.table_rows: list[dict[str, Any]] = []  # small: names, numbers and file paths
@@ -395,6 +446,7 @@ class GalleryWriter:
             self._csv(row, files)
             self.facets["true"].add(row.true if row.true is not None else "unknown")
             self.facets["pred"].add(row.pred)
+            self.facets["guard"].add(row.status)
             self.facets["flip"].add(
                 "n/a" if not row.has_counterfactual else ("yes" if row.flip >= 0 else "no")
             )
@@ -415,6 +467,8 @@ class GalleryWriter:
             "flip_lambda": row.lambdas[row.flip]
             if row.has_counterfactual and row.flip >= 0
             else "",
+            "guard_status": row.status,
+            "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
         values = {**base, **row.metrics, "strip": files["strip"]}
         path = self.out / "metrics.csv"
@@ -423,7 +477,7 @@ class GalleryWriter:
             with open(path, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerow(self.metric_columns)
         with open(path, "a", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerow([values.get(c, "") for c in self.metric_columns])
+            csv.writer(f).writerow([csv_safe(values.get(c, "")) for c in self.metric_columns])
 
     def _table_row(self, row: Row, files: Mapping[str, Any]) -> dict[str, Any]:
         """One W&B table row by column: Paths of PNGs (shown as images there), numbers, strings."""
@@ -435,6 +489,8 @@ class GalleryWriter:
             "prob": row.prob,
             "input": out / files["input"],
             "strip": out / files["strip"],
+            "guard_status": row.status,
+            "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
         if row.has_counterfactual:
             cells["reconstruction"] = out / files["reconstruction"]

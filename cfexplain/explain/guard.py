@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 IN_DISTRIBUTION = "in distribution"
 UNLIKE_TRAINING = "unlike the training data"
@@ -77,21 +77,20 @@ class Calibration:
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     quantile: float = 0.995
     margin: float = 1.0
+    normative: str | None = None  # the normative model whose score is a signal
 
     def save(self, path: str | Path) -> Path:
-        from cfexplain.utils.artifacts import atomic_write
+        from cfexplain.utils.artifacts import save_tensors
 
         meta = {
             "thresholds": json.dumps(self.thresholds),
             "stats": json.dumps(self.stats),
             "quantile": str(self.quantile),
             "margin": str(self.margin),
+            "normative": self.normative or "",
         }
         tensors = {"feature_mean": self.feature_mean, "feature_precision": self.feature_precision}
-        from safetensors.torch import save
-
-        data = save({k: v.contiguous().float() for k, v in tensors.items()}, metadata=meta)
-        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        return save_tensors(path, {k: v.float() for k, v in tensors.items()}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -107,6 +106,7 @@ class Calibration:
             stats=json.loads(meta["stats"]),
             quantile=float(meta["quantile"]),
             margin=float(meta["margin"]),
+            normative=meta.get("normative") or None,
         )
 
 
@@ -160,6 +160,48 @@ def prob_gap(classifier: Any, x: Tensor, rec: Tensor, batch: int = 64) -> Tensor
     return torch.cat(gaps)
 
 
+@dataclass
+class Models:
+    """What the signals read: f, G, E, the LPIPS of the encoder stage, a normative model."""
+
+    classifier: nn.Module
+    generator: nn.Module
+    encoder: nn.Module
+    perceptual: nn.Module | None
+    normative: nn.Module | None
+    device: torch.device
+    batch: int = 64
+
+    def __post_init__(self) -> None:
+        from cfexplain.utils.quality import FeatureStats
+
+        self.features = FeatureStats(self.classifier, self.device, self.batch)
+
+
+def image_signals(models: Models, x: Tensor, mean: Tensor, precision: Tensor) -> dict[str, Tensor]:
+    """Every guard signal ``[N]`` of images ``x [N, C, H, W]`` (the normative score only with
+    a normative model)."""
+    x = x.to(models.device)
+    rec, err = reconstruct(models.generator, models.encoder, x, models.perceptual, models.batch)
+    signals = {
+        "recon_error": err,
+        "feature_distance": mahalanobis(models.features.features(x), mean, precision),
+        "recon_prob_gap": prob_gap(models.classifier, x, rec, models.batch),
+    }
+    if models.normative is not None:
+        with torch.no_grad():
+            signals["normative_score"] = torch.cat(
+                [models.normative.anomaly(b)[2].float().cpu() for b in x.split(models.batch)]
+            )
+    return signals
+
+
+def judge(models: Models, x: Tensor, calibration: Calibration) -> list[Verdict]:
+    """The verdict on each image of ``x [N, C, H, W]``."""
+    signals = image_signals(models, x, calibration.feature_mean, calibration.feature_precision)
+    return assess(signals, calibration)
+
+
 # ----------------------------------------------------------------------------- calibration
 
 
@@ -176,6 +218,7 @@ def calibrate(
     feature_precision: Tensor,
     quantile: float = 0.995,
     margin: float = 1.0,
+    normative: str | None = None,
 ) -> Calibration:
     """Thresholds from the validation split's signals (``[N]`` each; absent signals skipped)."""
     thresholds, stats = {}, {}
@@ -191,7 +234,9 @@ def calibrate(
             "max": float(v.max()),
             "threshold": thresholds[name],
         }
-    return Calibration(thresholds, feature_mean, feature_precision, stats, quantile, margin)
+    return Calibration(
+        thresholds, feature_mean, feature_precision, stats, quantile, margin, normative
+    )
 
 
 def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verdict]:

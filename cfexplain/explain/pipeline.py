@@ -27,7 +27,7 @@ from cfexplain.explain.attribution import (
     counterfactual_difference,
     get_method,
 )
-from cfexplain.explain.gallery import GalleryWriter, Row
+from cfexplain.explain.gallery import UNCHECKED, GalleryWriter, Row
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.cli import ConfigError
 
@@ -45,8 +45,8 @@ Batches = Iterator[tuple[torch.Tensor, list[str], list[str | None]]]
 def method_params(cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{method: (config field, keyword arguments)}``: ``params.<method>``, and for the
     counterfactual the engine's ``counterfactual`` block with ``lambdas`` and ``refine_steps``."""
-    params = OmegaConf.to_container(cfg.params, resolve=True) or {}
-    out = {name: (f"params.{name}", kwargs or {}) for name, kwargs in params.items()}
+    params: dict[str, Any] = OmegaConf.to_container(cfg.params, resolve=True) or {}  # type: ignore[assignment]
+    out = {str(name): (f"params.{name!s}", kwargs or {}) for name, kwargs in params.items()}
     engine = OmegaConf.to_container(cfg.counterfactual, resolve=True) or {}
     engine |= {"lambdas": cfg.lambdas, "refine_steps": int(cfg.refine_steps)}
     out[Counterfactual.name] = ("counterfactual", engine)
@@ -188,6 +188,16 @@ def counterfactual_metrics(cf: Any, engine: Any) -> dict[str, torch.Tensor]:
     return metrics
 
 
+def judge_batch(run: TrainedRun, x: torch.Tensor, mode: str) -> list[Any] | None:
+    """The guard's :class:`~cfexplain.explain.guard.Verdict` per image of ``x``, or None when
+    the guard is off or the run has none (the page then says the images went unchecked)."""
+    if mode == "off" or run.guard is None:
+        return None
+    from cfexplain.explain.guard import judge
+
+    return judge(run.guard_models(), x, run.guard)
+
+
 def explain_batch(
     run: TrainedRun,
     methods: dict[str, Method],
@@ -195,28 +205,25 @@ def explain_batch(
     names: list[str],
     labels: list[str | None],
     target: int,
+    guard: str = "warn",
 ) -> list[Row]:
-    """Probabilities, counterfactuals, maps and per-image metrics of one batch ``x [B, C, H, W]``."""
+    """Probabilities, guard verdicts, counterfactuals, maps and per-image metrics of one batch
+    ``x [B, C, H, W]``. With ``guard="skip"`` flagged images get no counterfactual."""
     classes = run.classes
     with torch.no_grad():
         probs = torch.softmax(run.classifier(x).float(), dim=1).cpu()
+    verdicts = judge_batch(run, x, guard)
     cf_method, maps_of = split_counterfactual(methods)
+    keep = [i for i in range(len(x)) if guard != "skip" or not (verdicts and verdicts[i].flagged)]
+    at = {i: j for j, i in enumerate(keep)}  # image index -> position among the kept
     cf = flip = diff = None
     metrics: dict[str, torch.Tensor] = {}
-    if cf_method is not None:
-        cf = cf_method.sequences(x, target)
+    if cf_method is not None and keep:
+        cf = cf_method.sequences(x[keep], target)
         flip, diff = cf.flip_index().cpu(), counterfactual_difference(cf).cpu()
         metrics = counterfactual_metrics(cf, cf_method.engine)
     maps = {name: m.attribute(x, target).float().cpu() for name, m in maps_of.items()}
-    drawn: dict[str, list] = {}
-    if "dominant_class" in maps_of:
-        from cfexplain.explain.dominant import draw_dominant
-
-        dominant = maps_of["dominant_class"].classes(x).cpu()  # cached: no second pass
-        level = maps["dominant_class"]
-        drawn["dominant_class"] = [
-            draw_dominant(dominant[i], level[i], classes)[0] for i in range(len(x))
-        ]
+    drawn = _drawn(maps_of, maps, x, classes)
     rows = []
     for i in range(len(x)):
         row = Row(
@@ -226,13 +233,30 @@ def explain_batch(
             pred=classes[int(probs[i].argmax())],
             true=labels[i],
             maps={name: (a[i], maps_of[name].signed) for name, a in maps.items()},
-            metrics={k: float(v[i]) for k, v in metrics.items()},
             drawn={name: pics[i] for name, pics in drawn.items()},
+            guard=verdicts[i] if verdicts is not None else None,
         )
-        if cf is not None:
-            _add_sequence(row, cf, i, int(flip[i]), diff[i])
+        if cf is not None and i in at:
+            j = at[i]
+            row.metrics = {k: float(v[j]) for k, v in metrics.items()}
+            _add_sequence(row, cf, j, int(flip[j]), diff[j])
         rows.append(row)
     return rows
+
+
+def _drawn(
+    maps_of: dict[str, Method], maps: dict[str, torch.Tensor], x: torch.Tensor, classes: list[str]
+) -> dict[str, list]:
+    """Maps that draw themselves (the dominant-class map's colours), per image."""
+    if "dominant_class" not in maps_of:
+        return {}
+    from cfexplain.explain.dominant import draw_dominant
+
+    dominant = maps_of["dominant_class"].classes(x).cpu()  # cached: no second pass
+    level = maps["dominant_class"]
+    return {
+        "dominant_class": [draw_dominant(dominant[i], level[i], classes)[0] for i in range(len(x))]
+    }
 
 
 def _add_sequence(row: Row, cf: Any, i: int, flip: int, difference: torch.Tensor) -> None:
@@ -281,6 +305,55 @@ def gallery_header(run: TrainedRun, described: str, target: int, methods: dict) 
     }
 
 
+def guard_mode(cfg: DictConfig, run: TrainedRun, notes: list[str]) -> str:
+    """``cfg.guard`` checked; a note when the images go unchecked (guard off, or no guard stage)."""
+    from cfexplain.explain.guard import MODES
+
+    mode = str(cfg.guard)
+    if mode not in MODES:
+        raise ConfigError(f"guard={mode}: choose one of {', '.join(MODES)}")
+    if mode == "off":
+        notes.append("guard=off: no image was checked against the training data.")
+    elif run.guard is None:
+        notes.append(
+            f"Images NOT checked against the training data: {run.dir} has no guard stage "
+            "(python -m cfexplain.train ... stages=[guard] calibrates it)."
+        )
+    return mode
+
+
+class Tally:
+    """Per-image metrics summed apart for in-distribution (or unchecked) and flagged images:
+    flip rate and monotonicity describe only images the models can represent."""
+
+    def __init__(self) -> None:
+        self.kept: dict[str, list[float]] = {}
+        self.flagged: dict[str, list[float]] = {}
+        self.statuses: dict[str, int] = {}
+
+    def add(self, row: Row) -> None:
+        self.statuses[row.status] = self.statuses.get(row.status, 0) + 1
+        into = self.flagged if row.guard is not None and row.guard.flagged else self.kept
+        for k, v in row.metrics.items():
+            into.setdefault(k, []).append(float(v))
+
+    @property
+    def n_flagged(self) -> int:
+        from cfexplain.explain.guard import IN_DISTRIBUTION
+
+        return sum(n for s, n in self.statuses.items() if s not in (IN_DISTRIBUTION, UNCHECKED))
+
+    def header(self) -> dict[str, Any]:
+        """The gallery header's numbers: the means over the images kept, the guard's counts and
+        the flagged images' means apart."""
+        total = sum(self.statuses.values())
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
+        out: dict[str, Any] = {"guard": f"{self.n_flagged} of {total} images flagged ({counts})"}
+        out |= means(self.kept)
+        out |= {f"flagged: {k}": v for k, v in means(self.flagged).items()}
+        return out
+
+
 def write_gallery(
     cfg: DictConfig,
     run: TrainedRun,
@@ -291,7 +364,7 @@ def write_gallery(
 ) -> tuple[GalleryWriter, dict[str, Any]]:
     """Explain every image of ``cfg`` batch by batch into a gallery in ``out``; return the
     writer (closed) and the summary (ending in ``facts``)."""
-    target = int(cfg.target)
+    target, mode = int(cfg.target), guard_mode(cfg, run, notes)
     skipped: list[tuple[str, str]] = []
     batches, described, count = image_batches(cfg, run, skipped)
     header = gallery_header(run, described, target, methods)
@@ -301,19 +374,18 @@ def write_gallery(
     )
     writer = GalleryWriter(out, run.classes[target], size=int(cfg.image_px), links=links)
     reports = {int(i) for i in cfg.reports}
-    totals: dict[str, list[float]] = {}
+    tally = Tally()
     start = time.time()
     bar = tqdm(total=count, desc="explain", unit="img")
     for x, names, labels in batches:
         x = x.to(run.device)
-        rows = explain_batch(run, methods, x, names, labels, target)
+        rows = explain_batch(run, methods, x, names, labels, target, mode)
         wanted = [i for i in range(len(rows)) if writer.count + i in reports]
         if wanted:
             write_reports(cfg, run, methods, rows, x, wanted, out)
         for r in rows:
-            for k, v in r.metrics.items():
-                totals.setdefault(k, []).append(float(v))
-        header.update(means(totals))
+            tally.add(r)
+        header.update(tally.header())
         writer.add_batch(rows, header, notes + skip_notes(skipped))
         bar.update(len(rows))
     bar.close()
@@ -330,7 +402,13 @@ def write_gallery(
         "counterfactual": Counterfactual.name in methods,
         "notes": notes,
         "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        "metrics": means(totals),
+        "metrics": means(tally.kept),
+        "guard": {
+            "mode": mode,
+            "statuses": tally.statuses,
+            "flagged": tally.n_flagged,
+            "flagged_metrics": means(tally.flagged),
+        },
         "seconds": round(seconds, 2),
         "images_per_second": writer.count / max(seconds, 1e-9),
         **facts,
@@ -378,6 +456,9 @@ def write_reports(
             frame_target=int(cfg.target) if row.frames is not None else None,
             normative_residual=normative.attribute(x[i : i + 1], 0)[0].cpu() if normative else None,
             provenance=provenance,
+            reference_prob=row.recon_prob,
+            target_prob=row.prob,
+            guard=row.guard,
         )
         log.info(f"[explain] report: {path}")
 

@@ -49,6 +49,8 @@ figcaption{font-size:.85rem;color:#444;max-width:14rem}
 table{border-collapse:collapse;font-size:.9rem} td,th{border:1px solid #ddd;padding:.25rem .5rem;
 text-align:left;vertical-align:top} th{background:#f5f5f7}
 .bar{display:inline-block;height:.8rem;background:#1f77b4;vertical-align:middle}
+.guard-banner{background:#fdecea;color:#7b1f14;border-left:8px solid #c0392b;padding:.6rem 1rem;
+margin:1rem 0;font-size:1.05rem}
 @media print{body{margin:0}}
 """
 
@@ -100,6 +102,9 @@ def write_report(
     normative_residual: Tensor | None = None,
     provenance: Mapping[str, Any],
     pdf: str = "auto",
+    reference_prob: float | None = None,
+    target_prob: float | None = None,
+    guard: Any = None,
 ) -> Path:
     """Write the report of one image to ``path`` (HTML, atomically); returns ``path``.
 
@@ -116,6 +121,13 @@ def write_report(
         provenance: run facts (run folder, checkpoints, config, versions); shown escaped.
         pdf: ``"auto"`` (chromium when installed, else matplotlib), ``"chromium"``,
             ``"matplotlib"`` or ``"none"``; the PDF is ``path`` with the suffix ``.pdf``.
+        reference_prob: the probability of ``frame_target`` for the generator's redrawing of
+            the image, G(E(x)), where the frames start: a frame "changes the answer" when it
+            falls on the other side of 0.5 from it (the gallery's and the evaluation's flip).
+            None: frames are compared with the model's answer for the image itself.
+        target_prob: the probability of ``frame_target`` for the image itself, shown beside.
+        guard: the guard's :class:`~cfexplain.explain.guard.Verdict` (None: unchecked); a
+            flagged image's page opens with a warning in plain words.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
@@ -151,6 +163,9 @@ def write_report(
         residual=residual,
         provenance=dict(provenance),
         written=time.strftime("%Y-%m-%d %H:%M"),
+        reference_prob=None if reference_prob is None else float(reference_prob),
+        target_prob=None if target_prob is None else float(target_prob),
+        guard=guard,
     )
     write_text(path, report_html(content))
     if pdf != "none":
@@ -187,12 +202,40 @@ class _Content:
         return self.class_names[self.prediction]
 
     def flips(self) -> list[bool]:
-        """Per frame: is the model's answer about ``frame_target`` the opposite of the original?"""
+        """Per frame: is the model's answer about ``frame_target`` the opposite of its answer
+        for the starting picture (the redrawing G(E(x)); the image itself when unknown)?"""
+        if self.reference_prob is not None:
+            return [(p > 0.5) != (self.reference_prob > 0.5) for p in self.probs]
         yes = self.frame_target == self.prediction
         return [(p >= 0.5) != yes for p in self.probs]
 
+    def warning(self) -> str | None:
+        """The flagged image's warning in plain words (None when it passed or went unchecked)."""
+        if self.guard is None or not self.guard.flagged:
+            return None
+        from cfexplain.explain.gallery import WARNINGS
+
+        return WARNINGS[self.guard.status]
+
 
 # ----------------------------------------------------------------------------- HTML
+
+
+def _section_warning(c: _Content) -> str:
+    if c.guard is None:
+        return (
+            '<p class="note">This image was not checked against the images the model was '
+            "trained on (the run has no guard).</p>"
+        )
+    warning = c.warning()
+    if warning is None:
+        return ""
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in c.guard.reasons)
+    return (
+        f'<div class="guard-banner" role="alert"><b>⚠ Warning.</b> {esc(warning)} '
+        "Everything below is shown only so that the problem can be examined."
+        f'<ul class="note">{reasons}</ul></div>'
+    )
 
 
 def _section_said(c: _Content) -> str:
@@ -239,13 +282,19 @@ def _section_change(c: _Content) -> str:
         cap = f"step {i + 1}: {_percent(p)} {target}"
         figs.append(_img(_uri(np.asarray(upscale(frame, 96))), cap, "flip" if flip else "", 96))
     gif = "data:image/gif;base64," + base64.b64encode(gif_bytes(c.frames, 160)).decode("ascii")
+    start = ""
+    if c.reference_prob is not None:
+        start = f" The model gives the redrawing {_percent(c.reference_prob)} “{esc(target)}”"
+        if c.target_prob is not None:
+            start += f", and the image itself {_percent(c.target_prob)}"
+        start += "."
     return (
         head
-        + '<p class="note">A generative model changed this image a little at a time, keeping it '
-        "realistic, and the model was asked again at every step. Under each picture: the model's "
-        f"probability of “{esc(target)}”. A red frame marks the steps where its answer would "
-        "no longer be the original one; what differs between the image and those steps is what "
-        "the decision rests on.</p>"
+        + '<p class="note">A generative model redrew this image and then changed its redrawing '
+        "a little at a time, keeping it realistic, and the model was asked again at every step."
+        f"{start} Under each picture: the model's probability of “{esc(target)}”. A red frame "
+        "marks the steps where its answer differs from its answer for the redrawing; what "
+        "differs between the redrawing and those steps is what the decision rests on.</p>"
         f'<div class="figs strip">{"".join(figs)}</div>'
         f'<div class="figs" style="margin-top:1rem">{_img(gif, "The steps as an animation", size=160)}</div>'
     )
@@ -290,6 +339,7 @@ def _section_provenance(c: _Content) -> str:
 def report_html(c: _Content) -> str:
     """The whole page as one string (inline CSS, data URIs, no script)."""
     sections = (
+        _section_warning(c),
         _section_said(c),
         _section_looked(c),
         _section_change(c),
@@ -366,6 +416,7 @@ def _matplotlib_pdf(c: _Content, out: Path) -> None:
     from cfexplain.explain.gallery import gray_rgb, overlay
 
     fig = Figure(figsize=(8.27, 11.69))
+    _text(fig, 0.06, 0.99, f"WARNING: {c.warning()}" if c.warning() else "", 9, color="#c0392b")
     _text(fig, 0.06, 0.965, f"Report: {c.name}", 15, weight="bold")
     said = f"What the model said: {c.answer}, with a probability of {_percent(c.probability)}."
     _text(fig, 0.06, 0.935, said, 11)
@@ -407,6 +458,6 @@ def _pdf_change(fig: Any, c: _Content) -> None:
         _show(fig, (0.06 + i * w, 0.5, w * 0.95, w * 0.95 * 8.27 / 11.69), frame, title)
     legend = (
         f"Under each step: the probability of {target}; * marks an answer that differs from "
-        "the original."
+        "the model's answer for the redrawn starting picture."
     )
     _text(fig, 0.06, 0.48, legend, 8)

@@ -18,6 +18,8 @@ class Stage:
     name: str
     keys: tuple[str, ...]
     inputs: tuple[str, ...] = ()
+    # Read when the run has them finished; their fingerprints join the stage's when present.
+    optional: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
@@ -41,6 +43,12 @@ CHAIN: tuple[Stage, ...] = (
         "direction",
         keys=("data", "direction", "seed"),
         inputs=("classifier", "generator", "encoder"),
+    ),
+    Stage(
+        "guard",
+        keys=("data", "guard", "seed"),
+        inputs=("classifier", "generator", "encoder"),
+        optional=("normative",),
     ),
     # Not in the default `stages`: the built-in segmentation model for sensitivity analysis.
     Stage("segmentation", keys=("data", "segmentation", "seed")),

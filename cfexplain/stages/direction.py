@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from safetensors.torch import save_file
 from sklearn.linear_model import RidgeCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
@@ -35,7 +34,7 @@ from cfexplain.nn.encoder import load_encoder, load_generator
 from cfexplain.nn.perceptual import build_perceptual
 from cfexplain.stages._shared import Checkpoint, sample_images, write_artifact
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import Artifact, atomic_write
+from cfexplain.utils.artifacts import Artifact, save_tensors
 from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
@@ -100,7 +99,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         info |= more
         E = load_encoder(run.inputs["encoder"].dir, d.device)
         metrics |= _evaluate_real(cfg, run, G, E, f, tensors, d.device)
-        atomic_write(run.dir / DIRECTIONS_FILE, lambda tmp: save_file(tensors, tmp))
+        save_tensors(run.dir / DIRECTIONS_FILE, tensors)
         run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         run.summary(metrics)
         log.info(

@@ -25,7 +25,6 @@ from cfexplain.nn.perceptual import build_perceptual
 from cfexplain.stages._shared import sample_images, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact
-from cfexplain.utils.quality import FeatureStats
 from cfexplain.utils.seeding import Stream
 from cfexplain.utils.tracking import Run
 
@@ -38,70 +37,51 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     c, seed = cfg.guard, int(cfg.seed)
     models = _models(cfg, run, d.device)
     train_ds = build_dataset(cfg.data, "train")
-    train_x = sample_images(
-        train_ds, min(int(c.feature_images), len(train_ds)), seed, Stream.GUARD_FEATURES
-    )
-    mean, precision = guard.feature_model(models["features"].features(train_x))
+    n_train = min(int(c.feature_images), len(train_ds))
+    train_x = sample_images(train_ds, n_train, seed, Stream.GUARD_FEATURES)
+    mean, precision = guard.feature_model(models.features.features(train_x))
+    val = guard.image_signals(models, _images(cfg, "val"), mean, precision)
+    kind = str(c.normative) if models.normative is not None else None
+    calibration = guard.calibrate(val, mean, precision, float(c.quantile), float(c.margin), kind)
     metrics: dict[str, Any] = {}
-    calibration = None
-    for split in ("val", "test"):
-        ds = build_dataset(cfg.data, split)
-        n = min(int(c.images), len(ds))
-        x = collate([ds[i] for i in range(n)])[0]
-        signals = image_signals(models, x, mean, precision, int(c.batch_size))
-        if split == "val":
-            calibration = guard.calibrate(
-                signals, mean, precision, float(c.quantile), float(c.margin)
-            )
-        assert calibration is not None
+    for split, signals in (("val", val), ("test", None)):
+        if signals is None:
+            signals = guard.image_signals(models, _images(cfg, split), mean, precision)
         verdicts = guard.assess(signals, calibration)
-        metrics[f"{split}/flagged_share"] = sum(v.flagged for v in verdicts) / max(1, n)
-        metrics[f"{split}/images"] = n
-    assert calibration is not None
+        metrics[f"{split}/flagged_share"] = sum(v.flagged for v in verdicts) / len(verdicts)
+        metrics[f"{split}/images"] = len(verdicts)
     for name, stats in calibration.stats.items():
         metrics |= {f"{name}/{k}": v for k, v in stats.items()}
     if run.is_main:
         calibration.save(run.dir / guard.GUARD_FILE)
         run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         run.summary(metrics)
-    info = {"signals": sorted(calibration.thresholds), "normative": models["normative"] is not None}
+        log.info(f"[guard] thresholds {calibration.thresholds}")
+    info = {"signals": sorted(calibration.thresholds), "normative": kind, "feature_images": n_train}
     artifact = write_artifact(run, metrics, {"guard": guard.GUARD_FILE}, info)
     d.barrier()
     return artifact
 
 
-def _models(cfg: DictConfig, run: Run, device: torch.device) -> dict[str, Any]:
-    """The trained models the signals read: f (and its features), G, E, LPIPS, normative."""
-    f = load_classifier(run.inputs["classifier"].dir, device)
+def _images(cfg: DictConfig, split: str) -> torch.Tensor:
+    """The first ``guard.images`` images ``[N, C, R, R]`` of ``split``."""
+    ds = build_dataset(cfg.data, split)
+    n = min(int(cfg.guard.images), len(ds))
+    return collate([ds[i] for i in range(n)])[0]
+
+
+def _models(cfg: DictConfig, run: Run, device: torch.device) -> guard.Models:
+    """The trained models the signals read: f, G, E, the encoder's LPIPS, a normative model."""
     encoder = run.inputs["encoder"]
     normative = None
     if cfg.guard.normative and "normative" in run.inputs:  # an optional input of the stage
         normative = load_normative(run.inputs["normative"].dir, device)[str(cfg.guard.normative)]
-    return {
-        "f": f,
-        "features": FeatureStats(f, device),
-        "G": load_generator(run.inputs["generator"].dir, device),
-        "E": load_encoder(encoder.dir, device),
-        "perceptual": build_perceptual(str(encoder.info.get("perceptual", "auto")), device),
-        "normative": normative,
-        "device": device,
-    }
-
-
-def image_signals(
-    models: dict[str, Any], x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor, batch: int
-) -> dict[str, torch.Tensor]:
-    """Every guard signal ``[N]`` of images ``x [N, C, H, W]``."""
-    x = x.to(models["device"])
-    rec, err = guard.reconstruct(models["G"], models["E"], x, models["perceptual"], batch)
-    signals = {
-        "recon_error": err,
-        "feature_distance": guard.mahalanobis(models["features"].features(x), mean, precision),
-        "recon_prob_gap": guard.prob_gap(models["f"], x, rec, batch),
-    }
-    if models["normative"] is not None:
-        with torch.no_grad():
-            signals["normative_score"] = torch.cat(
-                [models["normative"].anomaly(b)[2].float().cpu() for b in x.split(batch)]
-            )
-    return signals
+    return guard.Models(
+        classifier=load_classifier(run.inputs["classifier"].dir, device),
+        generator=load_generator(run.inputs["generator"].dir, device),
+        encoder=load_encoder(encoder.dir, device),
+        perceptual=build_perceptual(str(encoder.info.get("perceptual", "auto")), device),
+        normative=normative,
+        device=device,
+        batch=int(cfg.guard.batch_size),
+    )

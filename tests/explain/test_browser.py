@@ -127,3 +127,43 @@ def test_counterfactual_rows_gifs_and_escaped_names_in_chromium(browser, tmp_pat
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_flagged_rows_banner_header_counts_and_guard_filter_in_chromium(browser, tmp_path):
+    from cfexplain.explain.guard import IN_DISTRIBUTION, READ_DIFFERENTLY, UNLIKE_TRAINING, Verdict
+    from cfexplain.explain.pipeline import Tally
+
+    rows = [make_row(f"{i}.png") for i in range(4)]
+    verdicts = [
+        Verdict(IN_DISTRIBUTION, {"recon_error": 0.03}),
+        Verdict(UNLIKE_TRAINING, {"recon_error": 0.5}, ["recon_error 0.5 > 0.07 (…)"]),
+        Verdict(READ_DIFFERENTLY, {"recon_prob_gap": 0.9}, ["recon_prob_gap 0.9 > 0.2 (…)"]),
+        Verdict(IN_DISTRIBUTION, {"recon_error": 0.04}),
+    ]
+    tally = Tally()
+    for row, v in zip(rows, verdicts):
+        row.guard = v
+        row.metrics = {"flipped": 1.0 if v.flagged else 0.0}
+        tally.add(row)
+    header = {"run": "r", **tally.header()}
+    w = GalleryWriter(tmp_path / "g", target="sick", size=32)
+    w.add_batch(rows, header)
+    index = w.close(header, {})
+    page, errors = open_page(browser, index)
+    try:
+        banners = page.locator(".guard-banner")
+        assert banners.count() == 2 and banners.first.is_visible()
+        assert (
+            "does not look like the images the model was trained on" in banners.first.inner_text()
+        )
+        text = page.locator("header").inner_text()
+        assert "2 of 4 images flagged" in text
+        # The flip rate counts the in-distribution images alone (0 of 2), the flagged apart (2 of 2).
+        assert header["flip_rate"] == 0.0 and header["flagged: flip_rate"] == 1.0
+        page.locator(f'button[data-filter="guard"][data-value="{UNLIKE_TRAINING}"]').click()
+        assert visible_rows(page) == 1
+        page.locator(f'button[data-filter="guard"][data-value="{IN_DISTRIBUTION}"]').click()
+        assert visible_rows(page) == 2
+        assert not errors, errors
+    finally:
+        page.close()

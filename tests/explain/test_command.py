@@ -261,7 +261,9 @@ def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, 
     explain(explain_cfg(f"run={classifier_run}", f"out={out}", "limit=3", FAST))
     summary = json.loads((out / "summary.json").read_text())
     wandb_dir = Path(summary["wandb_dir"])
-    assert wandb_dir.parent == classifier_run / "wandb"
+    # Beside the gallery: out= keeps explain from writing into the run folder.
+    assert wandb_dir.parent == out.parent / "wandb"
+    assert not (classifier_run / "wandb").exists()
     records = finished_run_records(wandb_dir)
     ref = {}  # the table's reference, logged as one history item per field
     for r in records:

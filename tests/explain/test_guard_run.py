@@ -1,0 +1,126 @@
+"""The guard on a trained smoke run: images unlike the knees are flagged, the test split is not,
+and every page a person reads says so (gallery banner, header counts, CSV, report, guard=skip)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cfexplain.data import build_dataset
+from cfexplain.explain.__main__ import explain
+from cfexplain.explain.guard import IN_DISTRIBUTION, UNLIKE_TRAINING, judge
+from cfexplain.runs import TrainedRun
+from cfexplain.train import run_chain
+from tests.conftest import compose_config
+from tests.explain.test_command import explain_cfg
+
+FAST = "methods=[counterfactual,gradcam]"
+
+
+@pytest.fixture(scope="module")
+def guarded_run(tmp_path_factory) -> Path:
+    """The whole default chain (guard included) on the knee smoke preset."""
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = compose_config(
+        "+dataset=knee", "preset=smoke", "logger=none", f"runs_dir={runs}", "device=cpu"
+    )
+    done = run_chain(cfg)
+    assert "guard" in done
+    return runs / "knee"
+
+
+def _unlike(run: TrainedRun) -> dict[str, torch.Tensor]:
+    """Images no knee run was trained on, made here: histology tiles, rotated and inverted
+    knees, noise, a constant image (8 each, ``[8, 1, R, R]``)."""
+    ds = run.dataset("test")
+    knees = torch.stack([ds[i]["image"] for i in range(8)])
+    histology_cfg = compose_config("+dataset=histology", "preset=smoke")
+    histology_ds = build_dataset(histology_cfg.data, "test")
+    tiles = torch.stack([histology_ds[i]["image"] for i in range(8)]).mean(1, keepdim=True)
+    g = torch.Generator().manual_seed(0)
+    return {
+        "histology": tiles,
+        "rotated": knees.rot90(1, (2, 3)),
+        "inverted": -knees,
+        "noise": torch.rand(knees.shape, generator=g) * 2 - 1,
+        "constant": torch.zeros_like(knees),
+    }
+
+
+def test_unlike_images_are_flagged_and_the_test_split_is_not(guarded_run):
+    run = TrainedRun(guarded_run)
+    assert run.artifact("guard").metrics["test/flagged_share"] <= 0.01
+    ds = run.dataset("test")
+    test = torch.stack([ds[i]["image"] for i in range(len(ds))])
+    verdicts = judge(run.guard_models(), test, run.guard)
+    assert sum(v.flagged for v in verdicts) <= 0.01 * len(verdicts)
+    for kind, x in _unlike(run).items():
+        verdicts = judge(run.guard_models(), x, run.guard)
+        assert all(v.status == UNLIKE_TRAINING for v in verdicts), (kind, verdicts[0])
+        assert all(v.reasons for v in verdicts), kind
+
+
+def _write_pngs(folder: Path, images: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True)
+    for name, x in images.items():
+        arr = ((x[0, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()  # the first image
+        Image.fromarray(arr).save(folder / f"{name}.png")
+
+
+def test_gallery_and_report_warn_and_skip(guarded_run, tmp_path):
+    run = TrainedRun(guarded_run)
+    unlike = _unlike(run)
+    ds = run.dataset("test")
+    _write_pngs(
+        tmp_path / "in",
+        {"knee": ds[0]["image"][None], "noise": unlike["noise"][:1], "rotated": unlike["rotated"]},
+    )
+    out = tmp_path / "warn"
+    base = [f"run={guarded_run}", f"images={tmp_path / 'in'}", FAST, "logger=none"]
+    explain(explain_cfg(*base, f"out={out}", "reports=[0,1,2]"))
+    summary = json.loads((out / "summary.json").read_text())
+    statuses = summary["guard"]["statuses"]
+    assert summary["guard"]["flagged"] == 2 and statuses.get(IN_DISTRIBUTION) == 1, statuses
+    with open(out / "metrics.csv", newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert rows["knee.png"]["guard_status"] == IN_DISTRIBUTION
+    assert rows["noise.png"]["guard_status"] == UNLIKE_TRAINING
+    assert "feature_distance" in rows["rotated.png"]["guard_reasons"]
+    html = (out / "index.html").read_text()
+    assert html.count('class="guard-banner"') == 2
+    assert "2 of 3 images flagged" in html
+    assert 'data-filter="guard"' in html
+    # The header's flip rate is the in-distribution image's alone; the flagged are apart.
+    assert summary["metrics"]["flip_rate"] == float(rows["knee.png"]["flipped"])
+    assert "flip_rate" in summary["guard"]["flagged_metrics"]
+    report = (out / "reports" / "noise.html").read_text()
+    assert "does not look like the images the model was trained on" in report
+    assert "does not look like" not in (out / "reports" / "knee.html").read_text()
+
+    skip = tmp_path / "skip"
+    explain(explain_cfg(*base, f"out={skip}", "guard=skip"))
+    with open(skip / "metrics.csv", newline="") as f:
+        rows = {r["name"]: r for r in csv.DictReader(f)}
+    assert rows["knee.png"]["flip_index"] != ""  # explained in full
+    assert rows["noise.png"]["flip_index"] == "" and rows["rotated.png"]["flip_index"] == ""
+    assert not (skip / "images" / "00001" / "sequence.gif").exists()
+
+
+def test_guard_modes_and_unguarded_runs_are_named(guarded_run, tmp_path):
+    from cfexplain.utils.cli import ConfigError
+
+    with pytest.raises(ConfigError, match="guard=loud: choose one of off, warn, skip"):
+        explain(explain_cfg(f"run={guarded_run}", "guard=loud", "limit=1", FAST, "logger=none"))
+    out = tmp_path / "off"
+    explain(
+        explain_cfg(f"run={guarded_run}", "guard=off", "limit=2", f"out={out}", FAST, "logger=none")
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["guard"]["statuses"] == {"unchecked": 2}
+    assert any("guard=off" in n for n in summary["notes"])
+    assert summary["guard"]["flagged"] == 0
