@@ -226,7 +226,25 @@ def save_tensors(
             f.write(head)
             f.write(memoryview(blob)[8 + n :])
 
-    return atomic_write(Path(path), write)
+    path = atomic_write(Path(path), write)
+    _keep_record_true(path)
+    return path
+
+
+def _keep_record_true(path: Path) -> None:
+    """When the ``artifact.json`` beside ``path`` records its checksum, record the new one: a
+    file replaced through this module is not a damaged file."""
+    record = path.parent / ARTIFACT_FILE
+    if not record.is_file():
+        return
+    try:
+        d = json.loads(record.read_text(encoding="utf-8"))
+    except ValueError:
+        return  # an unreadable record is reported where it is read
+    checksums = d.get("checksums") if isinstance(d, dict) else None
+    if isinstance(checksums, dict) and path.name in checksums:
+        checksums[path.name] = file_checksum(path)
+        write_json(record, d)
 
 
 def read_model_meta(path: str | Path) -> tuple[str, dict[str, Any]]:

@@ -216,6 +216,18 @@ def test_a_flipped_byte_is_a_one_line_error_naming_the_file(tmp_path):
         Artifact.load(tmp_path).verify()
 
 
+def test_weights_replaced_through_save_model_keep_their_record_true(tmp_path):
+    path = _stage_with_weights(tmp_path)
+    other = ResNetClassifier(in_channels=1, num_classes=2, width=8, blocks=[1])
+    kwargs = {"in_channels": 1, "num_classes": 2, "width": 8, "blocks": [1]}
+    save_model(path, other, "cfexplain.nn.classifier.ResNetClassifier", kwargs)
+    Artifact.load(tmp_path).verify()
+    assert load_model(path).stem[0].out_channels == 8
+    _flip_byte(path, path.stat().st_size - 3)  # by hand, not through save_model: caught
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_model(path)
+
+
 def test_weights_without_a_record_load_as_before(tmp_path):
     m = ResNetClassifier(in_channels=1, num_classes=2, width=4, blocks=[1])
     path = save_model(
