@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, smoke_train
 
 GOLDEN = Path(__file__).resolve().parent / "fixtures" / "smoke_golden.json"
-STAGES = ("classifier", "generator", "encoder", "normative", "direction", "segmentation")
+STAGES = ("classifier", "generator", "encoder", "normative", "direction", "guard", "segmentation")
 # Metrics that measure the machine, not the result.
 THREADS = 2
 TIMING = ("seconds", "s_per_kimg", "s_per_step", "img_per_s", "minutes")

@@ -121,13 +121,10 @@ def write_report(
         provenance: run facts (run folder, checkpoints, config, versions); shown escaped.
         pdf: ``"auto"`` (chromium when installed, else matplotlib), ``"chromium"``,
             ``"matplotlib"`` or ``"none"``; the PDF is ``path`` with the suffix ``.pdf``.
-        reference_prob: the probability of ``frame_target`` for the generator's redrawing of
-            the image, G(E(x)), where the frames start: a frame "changes the answer" when it
-            falls on the other side of 0.5 from it (the gallery's and the evaluation's flip).
-            None: frames are compared with the model's answer for the image itself.
-        target_prob: the probability of ``frame_target`` for the image itself, shown beside.
-        guard: the guard's :class:`~cfexplain.explain.guard.Verdict` (None: unchecked); a
-            flagged image's page opens with a warning in plain words.
+        reference_prob: p(``frame_target``) of the redrawing G(E(x)) the frames start from: a
+            frame flips when it is on the other side of 0.5 (the gallery's flip).
+        target_prob: p(``frame_target``) of the image itself, shown beside it.
+        guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
@@ -137,12 +134,7 @@ def write_report(
         raise ValueError(f"write_report: image must be [1|3, H, W], got {tuple(image.shape)}")
     hw = tuple(image.shape[-2:])
     names = [str(c) for c in class_names]
-    if not 0 <= int(prediction) < len(names):
-        raise ValueError(
-            f"write_report: prediction {prediction} is not an index into class_names {names}"
-        )
-    if not 0.0 <= float(probability) <= 1.0:
-        raise ValueError(f"write_report: probability must be in [0, 1], got {probability}")
+    _check_answer(int(prediction), float(probability), names)
     gg = _as_map(guided_gradcam, "guided_gradcam", hw)
     residual = _as_map(normative_residual, "normative_residual", hw)
     frames, probs = _frames(counterfactual_frames, frame_probs, image.shape[0])
@@ -171,6 +163,15 @@ def write_report(
     if pdf != "none":
         write_pdf(path, content, mode=pdf)
     return path
+
+
+def _check_answer(prediction: int, probability: float, names: list[str]) -> None:
+    if not 0 <= prediction < len(names):
+        raise ValueError(
+            f"write_report: prediction {prediction} is not an index into class_names {names}"
+        )
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"write_report: probability must be in [0, 1], got {probability}")
 
 
 def _frames(frames: Tensor | None, probs: Any, channels: int) -> tuple[Tensor | None, list[float]]:
