@@ -444,7 +444,7 @@ def write_reports(
             p_pred = float(torch.softmax(model(x[i : i + 1]).float(), 1)[0, pred])
         normative = methods.get("normative")
         path = write_report(
-            out / "reports" / f"{writer_safe(row.name)}.html",
+            report_path(out / "reports", row.name),
             name=row.name,
             image=row.image,
             prediction=pred,
@@ -463,8 +463,24 @@ def write_reports(
         log.info(f"[explain] report: {path}")
 
 
+# File names stay far below the 255 bytes a file system allows, suffix and counter included.
+MAX_STEM = 100
+
+
 def writer_safe(name: str) -> str:
-    """A file name for a display name (``test #3`` -> ``test_3``; user file names keep their stem)."""
+    """A file name for a display name (``test #3`` -> ``test_3``; user file names keep their
+    stem), ASCII and at most ``MAX_STEM`` characters."""
     stem = Path(name).stem if "." in name else name
-    safe = re.sub(r"[^A-Za-z0-9-]+", "_", stem).strip("_")
+    safe = re.sub(r"[^A-Za-z0-9-]+", "_", stem).strip("_")[:MAX_STEM].strip("_")
     return safe or "image"
+
+
+def report_path(folder: Path, name: str) -> Path:
+    """``folder/<safe name>.html``, numbered (``_2``, ``_3``...) when an image of the same
+    name (``scan.png`` in two folders) already has its report there."""
+    stem = writer_safe(name)
+    path, n = folder / f"{stem}.html", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}_{n}.html"
+    return path

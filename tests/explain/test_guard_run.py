@@ -66,7 +66,7 @@ def test_unlike_images_are_flagged_and_the_test_split_is_not(guarded_run):
 
 
 def _write_pngs(folder: Path, images: dict[str, torch.Tensor]) -> None:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, x in images.items():
         arr = ((x[0, 0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()  # the first image
         Image.fromarray(arr).save(folder / f"{name}.png")
@@ -124,3 +124,19 @@ def test_guard_modes_and_unguarded_runs_are_named(guarded_run, tmp_path):
     assert summary["guard"]["statuses"] == {"unchecked": 2}
     assert any("guard=off" in n for n in summary["notes"])
     assert summary["guard"]["flagged"] == 0
+
+
+def test_long_and_repeated_names_get_their_own_reports(guarded_run, tmp_path):
+    """A legal 244-byte file name, and scan.png in two folders: one report each, none lost."""
+    run = TrainedRun(guarded_run)
+    knee = run.dataset("test")[0]["image"][None]
+    long_name = "é" * 118 + "x.png"  # 241 bytes of UTF-8 + ".png": legal on Linux
+    assert len(long_name.encode()) <= 255
+    _write_pngs(tmp_path / "in" / "a", {"scan": knee, long_name.removesuffix(".png"): knee})
+    _write_pngs(tmp_path / "in" / "b", {"scan": knee})
+    out = tmp_path / "g"
+    overrides = [f"run={guarded_run}", f"images={tmp_path / 'in'}/**/*.png", f"out={out}"]
+    explain(explain_cfg(*overrides, FAST, "logger=none", "reports=[0,1,2]"))
+    reports = sorted(p.name for p in (out / "reports").glob("*.html"))
+    assert len(reports) == 3 and "scan.html" in reports and "scan_2.html" in reports
+    assert all(len(p.encode()) < 200 for p in reports)
