@@ -17,7 +17,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cfexplain.utils.cli import ConfigError, command_run, run_command, trained_run
+from cfexplain.runs import TrainedRun
+from cfexplain.utils.cli import ConfigError, command_run, run_command
 
 log = logging.getLogger("cfexplain")
 
@@ -32,7 +33,11 @@ def make(cfg: DictConfig) -> Path:
     """Build the study that ``cfg`` describes; return its folder."""
     from cfexplain.study.build import KEY_FILE, build_study
 
-    run_dir = trained_run(cfg)
+    if OmegaConf.is_missing(cfg, "run"):
+        raise ConfigError(
+            "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
+        )
+    run_dir = TrainedRun(str(cfg.run)).dir  # checks the folder holds a finished classifier
     out = Path(str(cfg.out)) if cfg.out else run_dir / "study" / time.strftime("%Y%m%d-%H%M%S")
     folder = build_study(
         run_dir,

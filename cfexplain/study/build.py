@@ -26,8 +26,6 @@ import torch
 from torch import Tensor, nn
 
 from cfexplain.utils.artifacts import (
-    ARTIFACT_FILE,
-    Artifact,
     fingerprint,
     write_bytes,
     write_json,
@@ -67,41 +65,34 @@ class StudyRun:
 
 
 def _open_run(run: str | Path, device: str, counterfactual: dict[str, Any] | None) -> StudyRun:
-    """Load ``run``'s classifier, generator and (for ``counterfactual`` parameters) its engine.
-
-    The one function that knows the run folder's layout here.
-    """
-    from omegaconf import OmegaConf
-
-    from cfexplain.nn.classifier import load_classifier
-    from cfexplain.nn.encoder import load_generator
+    """``run``'s classifier, generator and (for ``counterfactual`` parameters) its engine,
+    opened through :class:`~cfexplain.runs.TrainedRun`."""
+    from cfexplain.runs import TrainedRun
     from cfexplain.utils.distributed import resolve_device
 
-    run_dir = Path(str(run)).expanduser().resolve()
+    trained = TrainedRun(run, resolve_device(device))
     stages = ["classifier", "generator"]
     stages += ["encoder", "direction"] if counterfactual is not None else []
     for stage in stages:
-        if not (run_dir / stage / ARTIFACT_FILE).is_file():
+        if not trained.has(stage):
             raise ConfigError(
-                f"run={run}: no finished {stage} stage ({run_dir / stage / ARTIFACT_FILE}); "
+                f"run={run}: no finished {stage} stage ({trained.artifact_file(stage)}); "
                 f"the study needs {', '.join(stages)} (python -m cfexplain.train trains them)"
             )
-    dev = resolve_device(device)
-    art = Artifact.load(run_dir / "classifier")
     engine = None
     if counterfactual is not None:
         from cfexplain.explain.counterfactual import CounterfactualEngine
 
-        engine = CounterfactualEngine.from_run(run_dir, device=dev, **counterfactual)
+        engine = CounterfactualEngine.from_run(trained, **counterfactual)
     return StudyRun(
-        dir=run_dir,
-        device=dev,
-        classes=[str(c) for c in art.info.get("classes") or []],
-        data=OmegaConf.load(run_dir / "classifier" / "config.yaml").data,
-        classifier=load_classifier(run_dir / "classifier", dev),
-        generator=load_generator(run_dir / "generator", dev).eval(),
+        dir=trained.dir,
+        device=trained.device,
+        classes=trained.classes,
+        data=trained.config.data,
+        classifier=trained.classifier,
+        generator=trained.generator.eval(),
         engine=engine,
-        fingerprints={s: Artifact.load(run_dir / s).fingerprint for s in stages},
+        fingerprints={s: trained.artifact(s).fingerprint for s in stages},
     )
 
 

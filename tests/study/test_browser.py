@@ -26,7 +26,12 @@ def open_reader(browser, page_file: Path):  # noqa: F811
     urls: list[str] = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.on("requestfailed", lambda r: errors.append(f"failed {r.url}"))
+    # A load the page itself abandons (a reload, the next image replacing this one) is aborted,
+    # not failed: only a request that could not be served is an error.
+    page.on(
+        "requestfailed",
+        lambda r: None if "ERR_ABORTED" in (r.failure or "") else errors.append(f"failed {r.url}"),
+    )
     page.on("request", lambda r: urls.append(r.url))
     page.goto(page_file.as_uri())
     page.wait_for_load_state("load")
