@@ -37,7 +37,7 @@ from cfexplain.evaluate.shortcut import marker_reliance
 from cfexplain.explain.pipeline import build_methods, split_counterfactual
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
-from cfexplain.utils.cli import ConfigError, command_run, run_command
+from cfexplain.utils.cli import ConfigError, run_command, tracked
 
 log = logging.getLogger("cfexplain")
 
@@ -66,8 +66,7 @@ def evaluate(cfg: DictConfig) -> Path:
     # Built beside the old evaluation and swapped in whole: a failed or killed evaluation
     # leaves the previous one as it was.
     with staged_dir(out) as work:
-        tracking = command_run("evaluate", work, cfg, run.name)
-        try:
+        with tracked("evaluate", work, cfg, run.name) as tracking:
             summary, per, sanity = E.evaluate_run(cfg, run, counterfactual, methods, data, notes)
             if data["knee"]:
                 summary["marker_reliance"] = marker_reliance(run.classifier, ds, list(range(n)))
@@ -82,10 +81,6 @@ def evaluate(cfg: DictConfig) -> Path:
             columns, rows = E.table_rows(summary)
             tracking.log_table("evaluation/table", columns, rows)
             tracking.summary(E.flat(summary["table"]))
-        except BaseException:
-            tracking.finish(exit_code=1)
-            raise
-        tracking.finish()
     log.info(f"[evaluate] {n} images, {len(names)} methods, {time.time() - start:.0f} s → {out}")
     _print_table(summary)
     return out / "index.html"

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from cfexplain.explain.pipeline import build_methods, method_notes, write_gallery
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
-from cfexplain.utils.cli import ConfigError, command_run, run_command
+from cfexplain.utils.cli import ConfigError, run_command, tracked
 
 __all__ = ["ConfigError", "explain", "main"]
 
@@ -39,17 +39,12 @@ def explain(cfg: DictConfig) -> Path:
     # Written into a hidden partial folder and swapped in whole: a killed run leaves no
     # half gallery, and a rerun into the same out= replaces the old gallery entirely.
     with staged_dir(out) as work:
-        tracking = command_run("explain", work, cfg, run.name)
-        try:
+        with tracked("explain", work, cfg, run.name) as tracking:
             facts = {"out": str(out), "wandb_dir": str(tracking.wandb_dir or "") or None}
             writer, summary = write_gallery(cfg, run, methods, work, notes, facts)
             tracking.log_table("explain/gallery", *writer.table())
             tracking.summary({f"explain/{k}": v for k, v in summary["metrics"].items()})
             tracking.log_artifact(work, name=f"{run.name}-explain", type="gallery")
-        except BaseException:
-            tracking.finish(exit_code=1)
-            raise
-        tracking.finish()
     skipped, seconds = len(summary["skipped"]), summary["seconds"]
     index = out / "index.html"
     log.info(f"[explain] {writer.count} images, {skipped} skipped, {seconds:.1f} s → {index}")

@@ -23,7 +23,7 @@ from cfexplain.inspect.page import fmt, page_html
 from cfexplain.inspect.sections import SECTIONS, WHAT, Context
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import write_json, write_text
-from cfexplain.utils.cli import ConfigError, command_run, run_command
+from cfexplain.utils.cli import ConfigError, run_command, tracked
 
 __all__ = ["ConfigError", "inspect", "main"]
 
@@ -45,9 +45,8 @@ def inspect(cfg: DictConfig) -> Path:
     out = out.expanduser().resolve()
     for sub in ("maps", "embeddings", "class_max", "units"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    run = command_run("inspect", out, cfg, run_dir.name)
     start = time.time()
-    try:
+    with tracked("inspect", out, cfg, run_dir.name) as run:
         ctx = Context(cfg, trained, out, run)
         header: dict[str, Any] = {
             "run": str(run_dir),
@@ -68,10 +67,6 @@ def inspect(cfg: DictConfig) -> Path:
         summary["wandb_dir"] = str(run.wandb_dir) if run.wandb_dir else None
         write_json(out / "summary.json", summary)
         run.log_artifact(out, name=f"{run_dir.name}-inspect", type="inspect")
-    except BaseException:
-        run.finish(exit_code=1)
-        raise
-    run.finish()
     log.info(f"[inspect] {', '.join(what)} in {summary['seconds']:.1f} s → {index}")
     return index
 

@@ -24,7 +24,7 @@ from cfexplain.runs import TrainedRun
 from cfexplain.sensitivity import plan as S
 from cfexplain.sensitivity.analysis import TASKS, SweepResult, result_rows, sweep
 from cfexplain.utils import distributed
-from cfexplain.utils.cli import ConfigError, command_run, run_command
+from cfexplain.utils.cli import ConfigError, run_command, tracked
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
@@ -62,9 +62,8 @@ def sensitivity(cfg: DictConfig) -> Path:
         **facts,
         "transforms": ", ".join(n for n, _ in plan),
     }
-    run = command_run("sensitivity", out, cfg, run_dir.name if run_dir else "sensitivity")
     start = time.time()
-    try:
+    with tracked("sensitivity", out, cfg, run_dir.name if run_dir else "sensitivity") as run:
         results: list[SweepResult] = []
         for name, values in tqdm(plan, desc="sensitivity", unit="transform"):
             results.append(
@@ -103,10 +102,6 @@ def sensitivity(cfg: DictConfig) -> Path:
         run.log_artifact(
             out, name=f"{run_dir.name if run_dir else 'model'}-sensitivity", type="report"
         )
-    except BaseException:
-        run.finish(exit_code=1)
-        raise
-    run.finish()
     log.info(
         f"[sensitivity] {len(results)} transforms × {len(x)} images, {seconds:.1f} s → {index}"
     )

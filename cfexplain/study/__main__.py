@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.runs import TrainedRun
-from cfexplain.utils.cli import ConfigError, command_run, run_command
+from cfexplain.utils.cli import ConfigError, run_command, tracked
 
 log = logging.getLogger("cfexplain")
 
@@ -75,13 +75,8 @@ def score(cfg: DictConfig) -> Path:
     answers = load_answers(answer_files(cfg.answers), key)
     results = analyse(key, answers, float(cfg.published_accuracy), int(cfg.realism_bins))
     out = Path(str(cfg.out)).expanduser().resolve() if cfg.out else study / "report"
-    run = command_run("study", out, cfg, study.name)
-    try:
+    with tracked("study", out, cfg, study.name) as run:
         index = write_report(out, results, run)
-    except BaseException:
-        run.finish(exit_code=1)
-        raise
-    run.finish()
     p = results["pooled"]
     log.info(
         f"[study] {len(results['readers'])} readers, pooled accuracy {p['accuracy']:.3f} "

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -39,16 +40,24 @@ def run_command(
     print(f"{label}: {path}")
 
 
-def command_run(command: str, out: Path, cfg: DictConfig, experiment: str):
-    """The tracking :class:`~cfexplain.utils.tracking.Run` of a command writing into ``out``."""
+@contextmanager
+def tracked(command: str, out: Path, cfg: DictConfig, experiment: str) -> Iterator[Any]:
+    """The tracking :class:`~cfexplain.utils.tracking.Run` of a command writing into ``out``,
+    finished when the block ends (with exit code 1 when it raised)."""
     from omegaconf import OmegaConf
 
     from cfexplain.utils.tracking import Run
 
-    return Run(
+    run = Run(
         command,
         out,
         logger=OmegaConf.to_container(cfg.logger, resolve=True),
         config=OmegaConf.to_container(cfg, resolve=True),
         experiment=experiment,
     )
+    try:
+        yield run
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()

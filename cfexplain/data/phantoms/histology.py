@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from cfexplain.data import ImageDataset
 from cfexplain.data.phantoms.knee import (
+    CachedPhantom,
     area_down,
     band_noise,
     check_common,
     check_index,
-    copy_sample,
     coverage_mask,
     pixel_grid,
     resample,
@@ -235,7 +234,7 @@ def render_histology(
     return np.clip(np.moveaxis(rgb, 0, -1), 0.0, 1.0).astype(np.float32), masks
 
 
-class HistologyPhantom(ImageDataset):
+class HistologyPhantom(CachedPhantom):
     """H&E tiles, normal (0) or tumour (1), generated on the fly.
 
     ``ds[i]`` is ``{"image": float32 [3, R, R] in [-1, 1], "label": int, "meta": {...}}`` with
@@ -307,20 +306,3 @@ class HistologyPhantom(ImageDataset):
             "split": self.split,
         }
         return {"image": to_tensor_image(img), "label": int(factors["tumour"] >= 0.5), "meta": meta}
-
-    def __getitem__(self, i: int) -> dict:
-        i = check_index(i, self.n)
-        if self.cache and i in self._cache:
-            return copy_sample(self._cache[i])
-        sample = self._sample(i, *self.params(i))
-        if self.cache:
-            self._cache[i] = sample
-            return copy_sample(sample)
-        return sample
-
-    def materialise(self) -> HistologyPhantom:
-        """Fill the cache with every tile (do it before forking DataLoader workers)."""
-        self.cache = True
-        for i in range(self.n):
-            self[i]
-        return self

@@ -219,6 +219,38 @@ def copy_sample(sample: Any) -> Any:
     return sample
 
 
+class CachedPhantom(ImageDataset):
+    """A phantom whose samples are rendered from ``params(i)`` by ``_sample(i, *params)`` and,
+    with ``cache`` on, kept (callers get copies, so a cached sample never changes)."""
+
+    n: int
+    cache: bool
+    _cache: dict[int, dict]
+
+    def params(self, i: int) -> tuple:
+        raise NotImplementedError
+
+    def _sample(self, i: int, *params: Any) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict:
+        i = check_index(i, self.n)
+        if self.cache and i in self._cache:
+            return copy_sample(self._cache[i])
+        sample = self._sample(i, *self.params(i))
+        if self.cache:
+            self._cache[i] = sample
+            return copy_sample(sample)
+        return sample
+
+    def materialise(self) -> CachedPhantom:
+        """Fill the cache with every sample (do it before forking DataLoader workers)."""
+        self.cache = True
+        for i in range(self.n):
+            self[i]
+        return self
+
+
 def to_tensor_image(img: np.ndarray) -> torch.Tensor:
     """[H, W] or [H, W, C] float in [0, 1] -> float32 [C, H, W] in [-1, 1]."""
     arr = np.clip(img, 0.0, 1.0) * 2.0 - 1.0
@@ -853,7 +885,7 @@ def _draw_marker(
 # ----------------------------------------------------------------------------------------------
 
 
-class KneePhantom(ImageDataset):
+class KneePhantom(CachedPhantom):
     """AP knee radiographs with KL ground truth, generated on the fly.
 
     ``ds[i]`` is ``{"image": float32 [1, R, R] in [-1, 1], "label": int, "meta": {...}}`` with
@@ -939,21 +971,3 @@ class KneePhantom(ImageDataset):
             "split": self.split,
         }
         return {"image": to_tensor_image(img), "label": label, "meta": meta}
-
-    def __getitem__(self, i: int) -> dict:
-        i = check_index(i, self.n)
-        if self.cache and i in self._cache:
-            return copy_sample(self._cache[i])
-        factors, anatomy = self.params(i)
-        sample = self._sample(i, factors, anatomy)
-        if self.cache:
-            self._cache[i] = sample
-            return copy_sample(sample)
-        return sample
-
-    def materialise(self) -> KneePhantom:
-        """Fill the cache with every sample (do it before forking DataLoader workers)."""
-        self.cache = True
-        for i in range(self.n):
-            self[i]
-        return self
