@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -235,6 +236,7 @@ def test_a_flipped_byte_in_finished_weights_is_caught_and_retrained(tmp_path, ca
     with pytest.raises(ConfigError, match=f"needs the 'classifier' stage first.*{WEIGHTS}"):
         run_chain(_config(runs, "stages=[generator]"))
     assert not (runs / "knee" / ".generator.partial").exists()
+    time.sleep(1.1)  # `created` has one-second resolution: a retrained record must differ
     with caplog.at_level("INFO", logger="cfexplain"):
         art = run_chain(_config(runs, CLASSIFIER))["classifier"]
     assert "damaged files" in caplog.text and WEIGHTS in caplog.text

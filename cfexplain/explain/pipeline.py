@@ -305,21 +305,22 @@ def gallery_header(run: TrainedRun, described: str, target: int, methods: dict) 
     }
 
 
-def guard_mode(cfg: DictConfig, run: TrainedRun, notes: list[str]) -> str:
-    """``cfg.guard`` checked; a note when the images go unchecked (guard off, or no guard stage)."""
+def guard_mode(cfg: DictConfig, run: TrainedRun) -> tuple[str, str | None]:
+    """``cfg.guard`` checked, and what the page says when the images go unchecked (guard off,
+    or a run without a guard stage)."""
     from cfexplain.explain.guard import MODES
 
     mode = str(cfg.guard)
     if mode not in MODES:
         raise ConfigError(f"guard={mode}: choose one of {', '.join(MODES)}")
     if mode == "off":
-        notes.append("guard=off: no image was checked against the training data.")
-    elif run.guard is None:
-        notes.append(
-            f"Images NOT checked against the training data: {run.dir} has no guard stage "
-            "(python -m cfexplain.train ... stages=[guard] calibrates it)."
+        return mode, "guard=off: no image was checked against the training data"
+    if run.guard is None:
+        return mode, (
+            f"images NOT checked against the training data: {run.dir} has no guard stage "
+            "(python -m cfexplain.train ... stages=[guard] calibrates it)"
         )
-    return mode
+    return mode, None
 
 
 class Tally:
@@ -343,12 +344,13 @@ class Tally:
 
         return sum(n for s, n in self.statuses.items() if s not in (IN_DISTRIBUTION, UNCHECKED))
 
-    def header(self) -> dict[str, Any]:
-        """The gallery header's numbers: the means over the images kept, the guard's counts and
-        the flagged images' means apart."""
+    def header(self, unchecked: str | None = None) -> dict[str, Any]:
+        """The gallery header's numbers: the means over the images kept, the guard's counts (or
+        why the images went ``unchecked``) and the flagged images' means apart."""
         total = sum(self.statuses.values())
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
-        out: dict[str, Any] = {"guard": f"{self.n_flagged} of {total} images flagged ({counts})"}
+        line = f"{self.n_flagged} of {total} images flagged ({counts})"
+        out: dict[str, Any] = {"guard": f"{unchecked}" if unchecked else line}
         out |= means(self.kept)
         out |= {f"flagged: {k}": v for k, v in means(self.flagged).items()}
         return out
@@ -364,7 +366,8 @@ def write_gallery(
 ) -> tuple[GalleryWriter, dict[str, Any]]:
     """Explain every image of ``cfg`` batch by batch into a gallery in ``out``; return the
     writer (closed) and the summary (ending in ``facts``)."""
-    target, mode = int(cfg.target), guard_mode(cfg, run, notes)
+    target = int(cfg.target)
+    mode, unchecked = guard_mode(cfg, run)
     skipped: list[tuple[str, str]] = []
     batches, described, count = image_batches(cfg, run, skipped)
     header = gallery_header(run, described, target, methods)
@@ -385,7 +388,7 @@ def write_gallery(
             write_reports(cfg, run, methods, rows, x, wanted, out)
         for r in rows:
             tally.add(r)
-        header.update(tally.header())
+        header.update(tally.header(unchecked))
         writer.add_batch(rows, header, notes + skip_notes(skipped))
         bar.update(len(rows))
     bar.close()
@@ -405,6 +408,7 @@ def write_gallery(
         "metrics": means(tally.kept),
         "guard": {
             "mode": mode,
+            "unchecked": unchecked,
             "statuses": tally.statuses,
             "flagged": tally.n_flagged,
             "flagged_metrics": means(tally.flagged),

@@ -122,7 +122,8 @@ def test_guard_modes_and_unguarded_runs_are_named(guarded_run, tmp_path):
     )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["guard"]["statuses"] == {"unchecked": 2}
-    assert any("guard=off" in n for n in summary["notes"])
+    assert "guard=off" in summary["guard"]["unchecked"]
+    assert "guard=off: no image was checked" in (out / "index.html").read_text()
     assert summary["guard"]["flagged"] == 0
 
 
