@@ -118,6 +118,27 @@ def open_dataset(
     return _PCamDataset(root, split, classes, **fit)
 
 
+def class_counts(
+    root: str | Path, split: str, *, format: str = "auto", classes: list[str] | None = None
+) -> tuple[dict[str, int], str] | None:
+    """Files per class of a folder, DICOM or CSV dataset's ``split``, listed but not decoded,
+    and where they were found; None for the formats held in one file (medmnist, pcam)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset root {root} does not exist (data.root)")
+    kind = _detect_format(root) if format == "auto" else format
+    if kind in ("folder", "dicom"):
+        items, names, _ = _folder_items(root, split, classes, dicom_only=kind == "dicom")
+        where = " or ".join(str(root / name) for name in _SPLIT_DIRS[split])
+    elif kind == "csv":
+        items, names, _ = _manifest_items(root, split, classes)
+        where = f"{root} (split {split})"
+    else:
+        return None
+    labels = np.bincount([label for _, label in items], minlength=len(names))
+    return {name: int(n) for name, n in zip(names, labels)}, where
+
+
 def load_image(path: str | Path, *, resolution: int, channels: int) -> torch.Tensor:
     """One PNG/JPEG/DICOM file as float32 [channels, R, R] in [-1, 1] (e.g. a user's own image)."""
     _check_geometry(resolution, channels)
