@@ -54,14 +54,18 @@ class BadFile(DataError):
     """One image file that cannot be used; ``on_bad_file="skip"`` may pass over it.
 
     ``corrupt`` is True when the file cannot be decoded at all, False when it decodes into
-    something without a rule to become an image [C, R, R] (a volume, 4 channels, ...).
+    something without a rule to become an image [C, R, R] (a volume, 4 channels, ...);
+    ``volume`` is True for a multi-frame file (a series, not one image: skipped in explain).
     """
 
-    def __init__(self, path: str | Path, reason: str, *, corrupt: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, reason: str, *, corrupt: bool = False, volume: bool = False
+    ) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
         self.corrupt = corrupt
+        self.volume = volume
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +520,7 @@ def _decode_dicom(path: Path) -> np.ndarray:
 
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
-        raise BadFile(path, f"a volume of {frames} frames; expected one 2D frame")
+        raise BadFile(path, f"a volume of {frames} frames; expected one 2D frame", volume=True)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if samples not in (1, 3):
         raise BadFile(path, f"wrong channel count {samples} (SamplesPerPixel); expected 1 or 3")
