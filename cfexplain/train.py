@@ -54,7 +54,7 @@ def dataset_choices() -> list[str]:
 @dataclass(frozen=True)
 class Number:
     """A numeric config value a stage parses: its kind (``int`` or ``float``), bounds, and
-    whether null (or one of ``words``) may stand in for it."""
+    whether null may stand in for it."""
 
     path: str
     kind: type = float
@@ -62,7 +62,6 @@ class Number:
     high: float | None = None
     above: bool = False  # low is exclusive
     null: bool = False
-    words: tuple[str, ...] = ()
 
 
 def _numbers(section: str, *fields: Number) -> tuple[Number, ...]:
@@ -181,10 +180,13 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
 }
 
 
+_ABSENT = object()
+
+
 def check_number(cfg: DictConfig, field: Number) -> None:
     """``ConfigError`` naming ``field.path`` when its value is not a number of its kind and range."""
     value = OmegaConf.select(cfg, field.path, default=_ABSENT)
-    if value is _ABSENT or value is None and field.null or value in field.words:
+    if value is _ABSENT or value is None and field.null:
         return
     kind = "an integer" if field.kind is int else "a number"
     ok = not isinstance(value, bool) and isinstance(
@@ -200,9 +202,6 @@ def check_number(cfg: DictConfig, field: Number) -> None:
         raise ConfigError(f"{field.path}={value!r}: expected {kind} {sign} {field.low:g}")
     if field.high is not None and value > field.high:
         raise ConfigError(f"{field.path}={value!r}: expected {kind} <= {field.high:g}")
-
-
-_ABSENT = object()
 
 
 def validate(cfg: DictConfig) -> list[Stage]:

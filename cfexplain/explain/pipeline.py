@@ -390,10 +390,10 @@ def write_gallery(
         bar.update(len(rows))
     bar.close()
     if writer.count == 0:
-        why = "; ".join(f"{p}: {r}" for p, r in skipped[:10])
+        why = "".join(f"; {p}: {r}" for p, r in skipped[:10])
         more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
         raise ConfigError(
-            f"no image could be explained ({described}; {len(skipped)} skipped: {why}{more})"
+            f"no image could be explained ({described}; {len(skipped)} skipped{why}{more})"
         )
     seconds = time.time() - start
     summary = {
