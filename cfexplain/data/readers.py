@@ -8,6 +8,11 @@ and carries ``num_classes``, ``class_names``, ``channels``, ``resolution``, ``la
 Images are fitted the same way everywhere: centre square crop, antialiased resize to R x R,
 then gray <-> RGB to the configured channel count. ``load_image`` reads one file;
 ``decode_image`` and ``fit_image`` are its two steps, for callers that want the file's own size.
+
+Rules that decide values (no silent guesses): transparency is composited on black
+(:func:`composite_alpha`); 16-bit gray is scaled by its own sample depth (:func:`sample_bits`);
+an image less than half the resolution on its shorter side is read with a warning
+(:func:`far_smaller`); an empty class folder, or a label outside ``classes``, is an error.
 """
 
 from __future__ import annotations
