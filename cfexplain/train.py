@@ -233,29 +233,32 @@ def validate(cfg: DictConfig) -> list[Stage]:
 
 def _check_resolution(cfg: DictConfig, stages: list[str]) -> None:
     """The sizes the models are built for: StyleGAN2 and the encoder grow from 4 px by doubling
-    (a power of two >= 8, within channel_base); the U-Nets halve ``levels`` times."""
+    (a power of two >= 8, within channel_base); the U-Nets halve ``levels`` times; the
+    classifier's stem and stages halve it too (>= 8). A missing section is its stage's to name."""
     r = int(cfg.data.resolution)
     needs = []
-    if {"generator", "encoder", "direction", "guard"} & set(stages):
-        if r < 8 or r & (r - 1):
-            needs.append("a power of two >= 8 (generator, encoder)")
-        elif r > int(cfg.generator.G.channel_base) or r > int(cfg.generator.D.channel_base):
-            raise ConfigError(
-                f"data.resolution={r} exceeds generator.G/D.channel_base "
-                f"({cfg.generator.G.channel_base}/{cfg.generator.D.channel_base}): raise them"
-            )
-    for stage in ("normative", "segmentation"):
-        if stage in stages and "levels" in cfg[stage].get(_NET[stage], {}):
-            levels = int(cfg[stage][_NET[stage]].levels)
-            if r % 2**levels or r < 2**levels:
-                needs.append(f"divisible by 2**{stage}.{_NET[stage]}.levels = {2**levels}")
-    if r < 8:
+    if {"generator", "encoder", "direction", "guard"} & set(stages) and (r < 8 or r & (r - 1)):
+        needs.append("a power of two >= 8 (generator, encoder)")
+    elif r < 8:
         needs.append(">= 8 (the classifier's stem and stages halve it)")
+    for stage, net in (("normative", "net"), ("segmentation", "model")):
+        levels = OmegaConf.select(cfg, f"{stage}.{net}.levels")
+        if (
+            stage in stages
+            and levels is not None
+            and (r % 2 ** int(levels) or r < 2 ** int(levels))
+        ):
+            needs.append(f"divisible by 2**{stage}.{net}.levels = {2 ** int(levels)}")
     if needs:
-        raise ConfigError(f"data.resolution={r}: must be " + " and ".join(dict.fromkeys(needs)))
-
-
-_NET = {"normative": "net", "segmentation": "model"}
+        raise ConfigError(f"data.resolution={r}: must be " + " and ".join(needs))
+    if "generator" in stages:
+        for net in ("G", "D"):
+            base = OmegaConf.select(cfg, f"generator.{net}.channel_base")
+            if base is not None and r > int(base):
+                raise ConfigError(
+                    f"data.resolution={r} exceeds generator.{net}.channel_base={base} (the "
+                    "channels at the full resolution would be 0): raise it"
+                )
 
 
 def _check_class_sizes(cfg: DictConfig) -> None:

@@ -112,3 +112,20 @@ def test_cli_fails_at_once_on_a_bad_number(tmp_path):
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("cfexplain.train: generator.kimg='abc'")
     assert not (tmp_path / "knee" / "classifier").exists()  # nothing trained first
+
+
+def test_a_generator_too_narrow_for_the_resolution_is_named():
+    cfg = compose_config("+dataset=knee", "preset=smoke", "generator.D.channel_base=16")
+    with pytest.raises(
+        ConfigError, match=r"data\.resolution=32 exceeds generator\.D\.channel_base"
+    ):
+        validate(cfg)
+
+
+def test_a_missing_stage_section_is_left_to_its_stage():
+    from omegaconf import open_dict
+
+    cfg = compose_config("+dataset=knee", "preset=smoke", "stages=[segmentation]")
+    with open_dict(cfg):
+        del cfg["segmentation"]
+    validate(cfg)
