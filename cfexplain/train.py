@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,165 @@ def dataset_choices() -> list[str]:
     )
 
 
+@dataclass(frozen=True)
+class Number:
+    """A numeric config value a stage parses: its kind (``int`` or ``float``), bounds, and
+    whether null may stand in for it."""
+
+    path: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # low is exclusive
+    null: bool = False
+
+
+def _numbers(section: str, *fields: Number) -> tuple[Number, ...]:
+    return tuple(replace(f, path=f"{section}.{f.path}") for f in fields)
+
+
+_POSITIVE_INT = {"kind": int, "low": 1}
+_SHARE = {"low": 0.0, "high": 1.0}
+
+# Every numeric value that a stage reads, checked before the first stage starts. A path absent
+# from the composed config (e.g. ``classifier=external`` has no ``epochs``) is not checked.
+NUMBERS: dict[str, tuple[Number, ...]] = {
+    "data": _numbers(
+        "data",
+        Number("resolution", **_POSITIVE_INT),
+        Number("channels", int, 1, 3),
+        Number("seed", int, 0),
+        Number("num_workers", int, 0),
+        *(Number(f"n_{split}", **_POSITIVE_INT) for split in ("train", "val", "test")),
+        Number("shortcut_rate", **_SHARE),
+        Number("positive_from", int, 1, null=True),
+    ),
+    "classifier": _numbers(
+        "classifier",
+        *(Number(k, **_POSITIVE_INT) for k in ("epochs", "batch_size", "eval_batch_size")),
+        Number("patience", int, 1),
+        Number("warmup_steps", int, 0),
+        Number("min_lr_ratio", **_SHARE),
+        Number("label_smoothing", **_SHARE),
+        Number("optimizer.lr", low=0.0, above=True),
+        Number("optimizer.weight_decay", low=0.0),
+    ),
+    "generator": _numbers(
+        "generator",
+        Number("kimg", low=0.0, above=True),
+        Number("max_minutes", low=0.0, above=True, null=True),
+        *(Number(k, **_POSITIVE_INT) for k in ("batch_size", "r1_interval", "pl_interval")),
+        *(Number(k, low=0.0, above=True) for k in ("glr", "dlr", "snapshot_kimg")),
+        *(Number(k, low=0.0) for k in ("r1_gamma", "pl_weight", "ema_kimg")),
+        Number("ema_rampup", low=0.0, null=True),
+        Number("style_mixing", **_SHARE),
+        Number("grid_size", **_POSITIVE_INT),
+        Number("ada.target", **_SHARE),
+        Number("ada.interval", **_POSITIVE_INT),
+        Number("ada.kimg", low=0.0, above=True),
+        Number("ada.fixed_p", null=True, **_SHARE),
+        Number("metrics.num_images", int, 2),
+        Number("metrics.truncation_psi", low=0.0),
+        *(
+            Number(f"{m}.{k}", **_POSITIVE_INT)
+            for m in "GD"
+            for k in ("channel_base", "channel_max")
+        ),
+        *(Number(f"G.{k}", **_POSITIVE_INT) for k in ("z_dim", "w_dim", "mapping_layers")),
+    ),
+    "encoder": _numbers(
+        "encoder",
+        *(Number(k, int, 0) for k in ("steps", "real_steps", "image_samples", "pool_size")),
+        *(Number(k, **_POSITIVE_INT) for k in ("batch_size", "real_batch_size", "stats_samples")),
+        *(Number(k, **_POSITIVE_INT) for k in ("eval_images", "eval_batch_size")),
+        Number("lr", low=0.0, above=True),
+        Number("warmup_steps", int, 0),
+        Number("min_lr_ratio", **_SHARE),
+        *(Number(f"{k}_weight", low=0.0) for k in ("latent", "l1", "lpips", "prior", "decision")),
+        Number("max_minutes", low=0.0, above=True, null=True),
+        *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("width", "channel_max")),
+    ),
+    "normative": _numbers(
+        "normative",
+        *(Number(k, **_POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
+        Number("lr", low=0.0, above=True),
+        Number("warmup_steps", int, 0),
+        Number("min_lr_ratio", **_SHARE),
+        Number("residual_sigma", low=0.0),
+        Number("lpips_weight", low=0.0),
+        Number("pixel_samples", **_POSITIVE_INT),
+        *(Number(f"net.{k}", **_POSITIVE_INT) for k in ("latent_channels", "width", "width_max")),
+        Number("net.levels", **_POSITIVE_INT),
+        Number("net.blocks", int, 0),
+        Number("vae.beta", low=0.0),
+        Number("aae.adv_weight", low=0.0),
+        Number("aae.d_hidden", **_POSITIVE_INT),
+        *(Number(f"aae.{k}", low=0.0, above=True) for k in ("d_lr", "g_lr")),
+    ),
+    "direction": _numbers(
+        "direction",
+        Number("n_samples", int, 10),
+        *(Number(k, **_POSITIVE_INT) for k in ("batch_size", "max_iter", "eval_images")),
+        Number("holdout", low=0.0, high=1.0, above=True),
+        Number("cv", int, 2),
+        Number("keep_confident", **_SHARE),
+        Number("num_frames", int, 2),
+        Number("lambda_scale", low=0.0, above=True),
+    ),
+    "guard": _numbers(
+        "guard",
+        *(Number(k, **_POSITIVE_INT) for k in ("images", "feature_images", "batch_size")),
+        Number("quantile", low=0.0, high=1.0, above=True),
+        Number("margin", low=0.0),
+    ),
+    "segmentation": _numbers(
+        "segmentation",
+        *(Number(k, **_POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
+        Number("lr", low=0.0, above=True),
+        Number("weight_decay", low=0.0),
+        Number("warmup_steps", int, 0),
+        Number("min_lr_ratio", **_SHARE),
+        Number("dice_weight", low=0.0),
+        Number("threshold", low=0.0, high=1.0, above=True),
+        *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("width", "levels", "width_max")),
+    ),
+    "chain": (
+        Number("seed", int, 0),
+        Number("checkpoint_every", **_POSITIVE_INT),
+    ),
+}
+
+
+_ABSENT = object()
+
+
+def check_number(cfg: DictConfig, field: Number) -> None:
+    """``ConfigError`` naming ``field.path`` when its value is not a number of its kind and range."""
+    value = OmegaConf.select(cfg, field.path, default=_ABSENT)
+    if value is _ABSENT or value is None and field.null:
+        return
+    kind = "an integer" if field.kind is int else "a number"
+    ok = not isinstance(value, bool) and isinstance(
+        value, (int, float) if field.kind is float else int
+    )
+    if field.kind is int and isinstance(value, float) and value.is_integer():
+        ok = True
+    if not ok:
+        also = " or null" if field.null else ""
+        raise ConfigError(f"{field.path}={value!r}: expected {kind}{also}")
+    if field.low is not None and (value <= field.low if field.above else value < field.low):
+        sign = ">" if field.above else ">="
+        raise ConfigError(f"{field.path}={value!r}: expected {kind} {sign} {field.low:g}")
+    if field.high is not None and value > field.high:
+        raise ConfigError(f"{field.path}={value!r}: expected {kind} <= {field.high:g}")
+
+
 def validate(cfg: DictConfig) -> list[Stage]:
-    """Check the edges of the config; return the selected stages in chain order."""
+    """Check the edges of the config; return the selected stages in chain order.
+
+    Every numeric value the selected stages read (``NUMBERS``), the resolution their models
+    need, and the training images per class are checked here, before any stage starts.
+    """
     if "name" not in cfg.get("data", {}):
         raise ConfigError(
             "no dataset chosen: add +dataset=NAME, where NAME is one of: "
@@ -62,7 +220,70 @@ def validate(cfg: DictConfig) -> list[Stage]:
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown {unknown}; the chain is {[s.name for s in CHAIN]}")
-    return [s for s in CHAIN if s.name in cfg.stages]
+    selected = [s for s in CHAIN if s.name in cfg.stages]
+    sections = ["chain", "data", *(s.name for s in selected)]
+    for section in sections:
+        for field in NUMBERS.get(section, ()):
+            check_number(cfg, field)
+    _check_resolution(cfg, [s.name for s in selected])
+    if "classifier" in cfg.stages and cfg.data.root and "batch_size" in cfg.classifier:
+        _check_class_sizes(cfg)
+    return selected
+
+
+def _check_resolution(cfg: DictConfig, stages: list[str]) -> None:
+    """The sizes the models are built for: StyleGAN2 and the encoder grow from 4 px by doubling
+    (a power of two >= 8, within channel_base); the U-Nets halve ``levels`` times; the
+    classifier's stem and stages halve it too (>= 8). A missing section is its stage's to name."""
+    r = int(cfg.data.resolution)
+    needs = []
+    if {"generator", "encoder", "direction", "guard"} & set(stages) and (r < 8 or r & (r - 1)):
+        needs.append("a power of two >= 8 (generator, encoder)")
+    elif r < 8:
+        needs.append(">= 8 (the classifier's stem and stages halve it)")
+    for stage, net in (("normative", "net"), ("segmentation", "model")):
+        levels = OmegaConf.select(cfg, f"{stage}.{net}.levels")
+        if (
+            stage in stages
+            and levels is not None
+            and (r % 2 ** int(levels) or r < 2 ** int(levels))
+        ):
+            needs.append(f"divisible by 2**{stage}.{net}.levels = {2 ** int(levels)}")
+    if needs:
+        raise ConfigError(f"data.resolution={r}: must be " + " and ".join(needs))
+    if "generator" in stages:
+        for net in ("G", "D"):
+            base = OmegaConf.select(cfg, f"generator.{net}.channel_base")
+            if base is not None and r > int(base):
+                raise ConfigError(
+                    f"data.resolution={r} exceeds generator.{net}.channel_base={base} (the "
+                    "channels at the full resolution would be 0): raise it"
+                )
+
+
+def _check_class_sizes(cfg: DictConfig) -> None:
+    """Every class the classifier trains on needs at least a batch of training images."""
+    from cfexplain.data.readers import class_counts
+
+    data = cfg.data
+    classes = list(data.classes) if data.classes else None
+    found = class_counts(data.root, "train", format=data.format, classes=classes)
+    if found is None:
+        return
+    counts, where = found
+    positive_from = data.get("positive_from")
+    if data.task == "binary" and positive_from is not None and len(counts) > 2:
+        names, n = list(counts), list(counts.values())
+        p = int(positive_from)
+        if 0 < p < len(names):
+            counts = {f"<{names[p]}": sum(n[:p]), f">={names[p]}": sum(n[p:])}
+    batch = int(cfg.classifier.batch_size)
+    few = {name: n for name, n in counts.items() if n < batch}
+    if few:
+        raise ConfigError(
+            f"{where}: class {', '.join(f'{k!r} has {v} training images' for k, v in few.items())}, "
+            f"fewer than classifier.batch_size={batch}; add images or lower the batch size"
+        )
 
 
 def stage_fingerprint(cfg: DictConfig, stage: Stage, inputs: dict[str, Artifact]) -> str:

@@ -8,12 +8,18 @@ and carries ``num_classes``, ``class_names``, ``channels``, ``resolution``, ``la
 Images are fitted the same way everywhere: centre square crop, antialiased resize to R x R,
 then gray <-> RGB to the configured channel count. ``load_image`` reads one file;
 ``decode_image`` and ``fit_image`` are its two steps, for callers that want the file's own size.
+
+Rules that decide values (no silent guesses): transparency is composited on black
+(:func:`composite_alpha`); 16-bit gray is scaled by its own sample depth (:func:`sample_bits`);
+an image less than half the resolution on its shorter side is read with a warning
+(:func:`far_smaller`); an empty class folder, or a label outside ``classes``, is an error.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import numbers
 import os
 from collections.abc import Sequence
@@ -27,6 +33,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from cfexplain.data import ImageDataset
+
+log = logging.getLogger("cfexplain")
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("auto", "folder", "csv", "dicom", "medmnist", "pcam")
@@ -51,14 +59,18 @@ class BadFile(DataError):
     """One image file that cannot be used; ``on_bad_file="skip"`` may pass over it.
 
     ``corrupt`` is True when the file cannot be decoded at all, False when it decodes into
-    something without a rule to become an image [C, R, R] (a volume, 4 channels, ...).
+    something without a rule to become an image [C, R, R] (a volume, 4 channels, ...);
+    ``volume`` is True for a multi-frame file (a series, not one image: skipped in explain).
     """
 
-    def __init__(self, path: str | Path, reason: str, *, corrupt: bool = False) -> None:
+    def __init__(
+        self, path: str | Path, reason: str, *, corrupt: bool = False, volume: bool = False
+    ) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
         self.corrupt = corrupt
+        self.volume = volume
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +125,27 @@ def open_dataset(
     if kind == "medmnist":
         return _MedMNISTDataset(root, split, classes, **fit)
     return _PCamDataset(root, split, classes, **fit)
+
+
+def class_counts(
+    root: str | Path, split: str, *, format: str = "auto", classes: list[str] | None = None
+) -> tuple[dict[str, int], str] | None:
+    """Files per class of a folder, DICOM or CSV dataset's ``split``, listed but not decoded,
+    and where they were found; None for the formats held in one file (medmnist, pcam)."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset root {root} does not exist (data.root)")
+    kind = _detect_format(root) if format == "auto" else format
+    if kind in ("folder", "dicom"):
+        items, names, _ = _folder_items(root, split, classes, dicom_only=kind == "dicom")
+        where = " or ".join(str(root / name) for name in _SPLIT_DIRS[split])
+    elif kind == "csv":
+        items, names, _ = _manifest_items(root, split, classes)
+        where = f"{root} (split {split})"
+    else:
+        return None
+    labels = np.bincount([label for _, label in items], minlength=len(names))
+    return {name: int(n) for name, n in zip(names, labels)}, where
 
 
 def load_image(path: str | Path, *, resolution: int, channels: int) -> torch.Tensor:
@@ -184,7 +217,13 @@ def _folder_items(
                     f"{names} (data.classes)"
                 )
             label = names.index(class_dir.name)
-            items += [(path, label) for path in _files_under(class_dir, suffixes)]
+            files = _files_under(class_dir, suffixes)
+            if not files:
+                raise DataError(
+                    f"{class_dir}: empty class folder (no {'/'.join(suffixes)} files); remove it "
+                    "or fill it, and list the classes in data.classes"
+                )
+            items += [(path, label) for path in files]
     if not items:
         looked = " or ".join(str(root / name) for name in _SPLIT_DIRS[split])
         hint = ""
@@ -376,26 +415,83 @@ def _decode_pil(path: Path) -> tuple[np.ndarray, bool]:
 
 
 def _pil_pixels(path: Path, im: Image.Image) -> tuple[np.ndarray, int]:
-    """``(pixels [H, W, c], bits per sample)`` for the PIL modes that hold gray or RGB."""
+    """``(pixels [H, W, c], bits per sample)`` for the PIL modes that hold gray or RGB.
+
+    Transparency (RGBA, LA, PA, a palette's tRNS) follows :func:`composite_alpha`; 16-bit
+    samples follow :func:`sample_bits`.
+    """
     mode = im.mode
+    if mode == "P" and "transparency" in im.info:
+        im, mode = im.convert("RGBA"), "RGBA"
     if mode in ("1", "L"):
         return np.asarray(im.convert("L"))[..., None], 8
-    if mode in ("RGB", "YCbCr", "P", "PA"):
+    if mode in ("RGB", "YCbCr", "P"):
         return np.asarray(im.convert("RGB")), 8
-    if mode in ("RGBA", "RGBX"):
+    if mode in ("LA", "La"):
+        pixels = np.asarray(im.convert("LA"))
+        if not pixels[..., 1].any():
+            # Gray + alpha exists to cut a shape out; with none visible there is no image.
+            raise BadFile(
+                path, "wrong channel count 2 (gray + alpha) and alpha 0 everywhere: nothing visible"
+            )
+        return composite_alpha(pixels), 8
+    if mode in ("RGBA", "PA", "RGBa"):
+        return composite_alpha(np.asarray(im.convert("RGBA"))), 8
+    if mode == "RGBX":
         return np.asarray(im)[..., :3], 8
     if mode.startswith("I;16") or mode == "I":
         pixels = np.asarray(im).astype(np.int64)
         if pixels.min() < 0 or pixels.max() > 65535:
             raise BadFile(path, f"{mode} samples outside 0..65535; expected 8- or 16-bit unsigned")
-        return pixels[..., None], 16
+        return pixels[..., None], sample_bits(pixels)
     channels = len(im.getbands())
     if channels in (2, 4) or channels > 4:
         raise BadFile(
             path,
-            f"wrong channel count {channels} (mode {mode}); expected 1 (gray), 3 (RGB) or 4 (RGBA)",
+            f"wrong channel count {channels} (mode {mode}); expected 1 (gray), 3 (RGB), "
+            "gray + alpha or RGBA",
         )
     raise BadFile(path, f"unsupported image mode {mode}; expected gray, RGB or RGBA")
+
+
+def composite_alpha(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, c + 1] with alpha last -> uint8 [H, W, c], composited on black.
+
+    The rule: a pixel becomes ``colour * alpha / 255`` (a transparent background turns black,
+    the background of radiographs). An alpha that is the same everywhere draws no shape (many
+    exporters write 0 or 255 throughout without meaning it), so it is dropped rather than
+    letting a blank alpha turn a whole image black.
+    """
+    colour, alpha = pixels[..., :-1], pixels[..., -1:]
+    if alpha.min() == alpha.max():
+        return np.ascontiguousarray(colour)
+    blended = colour.astype(np.float32) * (alpha.astype(np.float32) / 255)
+    return np.round(blended).astype(np.uint8)
+
+
+# Sample depths that detectors and scanners write into 16-bit containers.
+_SAMPLE_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def sample_bits(pixels: np.ndarray) -> int:
+    """The bit depth that scales a 16-bit gray image: the smallest of 8, 10, 12, 14 and 16 bits
+    that holds its maximum (a 12-bit detector image stored in 16 bits is scaled by 4095, not
+    left almost black by 65535). PNG and TIFF do not say how many of their 16 bits are used,
+    so the image's own maximum decides; a 16-bit image brighter than 2**14 - 1 keeps 65535."""
+    highest = int(pixels.max(initial=0))
+    return next(bits for bits in _SAMPLE_DEPTHS if highest < 2**bits)
+
+
+def far_smaller(height: int, width: int, resolution: int) -> str | None:
+    """A warning when an image of ``height`` x ``width`` has to be enlarged more than twice to
+    fill ``resolution`` (its detail would be invented by the resize), else None."""
+    side = min(height, width)
+    if 2 * side >= resolution:
+        return None
+    return (
+        f"{width}x{height} is far smaller than data.resolution={resolution}: "
+        f"enlarged {resolution / side:.1f}x, its fine detail is interpolated"
+    )
 
 
 def _unit_from_int(pixels: np.ndarray, bits: int) -> np.ndarray:
@@ -429,7 +525,7 @@ def _decode_dicom(path: Path) -> np.ndarray:
 
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
-        raise BadFile(path, f"a volume of {frames} frames; expected one 2D frame")
+        raise BadFile(path, f"a volume of {frames} frames; expected one 2D frame", volume=True)
     samples = int(ds.get("SamplesPerPixel") or 1)
     if samples not in (1, 3):
         raise BadFile(path, f"wrong channel count {samples} (SamplesPerPixel); expected 1 or 3")
@@ -578,6 +674,7 @@ class _EagerDataset(_Readable):
         self.channels, self.resolution = channels, resolution
         self.skipped = []
         fitted, labels, self._paths = [], [], []
+        small: list[str] = []
         progress = tqdm(
             items, desc="reading images", unit="img", disable=len(items) <= _PROGRESS_MIN_FILES
         )
@@ -589,6 +686,8 @@ class _EagerDataset(_Readable):
                     raise
                 self.skipped.append((err.path, err.reason))
                 continue
+            if far_smaller(pixels.shape[0], pixels.shape[1], resolution):
+                small.append(str(path))
             fitted.append((_fit(_as_batch(pixels), resolution, channels)[0], eight_bit))
             labels.append(label)
             self._paths.append(str(path))
@@ -597,6 +696,12 @@ class _EagerDataset(_Readable):
             raise DataError(
                 f"no readable images for {described}: all {len(items)} files were skipped "
                 f"(first: {first_path}: {first_reason})"
+            )
+        if small:
+            log.warning(
+                f"{len(small)} of {len(items)} images of {described} are less than half "
+                f"data.resolution={resolution} on their shorter side, so enlarging them invents "
+                f"their fine detail (first: {', '.join(small[:3])})"
             )
         self._images = _pack(fitted)
         self.labels = np.asarray(labels, dtype=np.int64)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfexplain.utils.cli import ConfigError
+
 # Per-module tables that libraries add hooks to; restored wholesale after every call.
 _GLOBAL_HOOKS = (
     "_global_forward_hooks",
@@ -144,6 +146,26 @@ def _cam_layer(model: nn.Module, method: str) -> nn.Module:
     )
 
 
+def whole_number(field: str, value: Any, low: int = 1) -> int:
+    """``value`` as an int >= ``low``; ``ConfigError`` naming ``field`` otherwise."""
+    whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not whole or value < low:
+        raise ConfigError(f"{field}={value!r}: expected an integer >= {low}")
+    return int(value)
+
+
+def count_param(method: str, key: str, value: Any, low: int = 1) -> int:
+    """``params.<method>.<key>`` as an int >= ``low``."""
+    return whole_number(f"params.{method}.{key}", value, low)
+
+
+def number_param(method: str, key: str, value: Any) -> float:
+    """``params.<method>.<key>`` as a float; ``ConfigError`` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"params.{method}.{key}={value!r}: expected a number")
+    return float(value)
+
+
 class MethodUnavailable(ValueError):
     """A method that a trained run cannot give (a stage it needs is missing); the message is the
     note the gallery shows instead of the map."""
@@ -219,8 +241,13 @@ class IntegratedGradients(Method):
         method: str = "gausslegendre",
     ) -> None:
         super().__init__(model)
-        self.n_steps, self.internal_batch_size = n_steps, internal_batch_size
-        self.baseline, self.method = baseline, method
+        self.n_steps = count_param(self.name, "n_steps", n_steps)
+        self.internal_batch_size = (
+            None
+            if internal_batch_size is None
+            else count_param(self.name, "internal_batch_size", internal_batch_size)
+        )
+        self.baseline, self.method = number_param(self.name, "baseline", baseline), method
 
     def _attribute(self, x: Tensor, target: int) -> Tensor:
         from captum.attr import IntegratedGradients as CaptumIG
@@ -250,8 +277,12 @@ class Occlusion(Method):
         perturbations_per_eval: int = 32,
     ) -> None:
         super().__init__(model)
-        self.window, self.stride, self.baseline = window, stride, baseline
-        self.perturbations_per_eval = perturbations_per_eval
+        self.window = count_param(self.name, "window", window)
+        self.stride = count_param(self.name, "stride", stride)
+        self.baseline = number_param(self.name, "baseline", baseline)
+        self.perturbations_per_eval = count_param(
+            self.name, "perturbations_per_eval", perturbations_per_eval
+        )
 
     def _attribute(self, x: Tensor, target: int) -> Tensor:
         from captum.attr import Occlusion as CaptumOcclusion
@@ -403,8 +434,13 @@ class Lime(Method):
         baseline: float = -1.0,
     ) -> None:
         super().__init__(model)
-        self.n_samples, self.perturbations_per_eval = n_samples, perturbations_per_eval
-        self.n_segments, self.compactness, self.baseline = n_segments, compactness, baseline
+        self.n_samples = count_param(self.name, "n_samples", n_samples)
+        self.perturbations_per_eval = count_param(
+            self.name, "perturbations_per_eval", perturbations_per_eval
+        )
+        self.n_segments = count_param(self.name, "n_segments", n_segments)
+        self.compactness = number_param(self.name, "compactness", compactness)
+        self.baseline = number_param(self.name, "baseline", baseline)
 
     def _attribute(self, x: Tensor, target: int) -> Tensor:
         from captum.attr import Lime as CaptumLime
@@ -453,7 +489,11 @@ class LRP(Method):
     def __init__(self, model: nn.Module, composite: str = "epsilon_plus_flat") -> None:
         super().__init__(model)
         self.composite = composite
-        lrp_composite(composite)  # fail at construction on an unknown name
+        try:
+            lrp_composite(composite)  # fail at construction on an unknown name
+        except ValueError as e:
+            # An error, not a missing column: the user asked for this map.
+            raise ConfigError(f"params.lrp.composite={composite!r}: {e}") from e
 
     def _attribute(self, x: Tensor, target: int) -> Tensor:
         from zennit.attribution import Gradient
@@ -500,8 +540,6 @@ class Normative(Method):
     @classmethod
     def from_run(cls, run: Any, **params: Any) -> Normative:
         """The residual of the run's normative model ``kind`` (loaded once by the run)."""
-        from cfexplain.utils.cli import ConfigError
-
         kind = str(params.pop("kind", "vae"))
         if params:
             raise TypeError(f"unexpected keyword arguments {sorted(params)}")
@@ -557,12 +595,14 @@ class Counterfactual(Method):
                 "No counterfactual column: it needs the generator, encoder and direction stages "
                 f"of the run; {run.dir} lacks {', '.join(missing)} (python -m cfexplain.train trains them)."
             )
-        from cfexplain.utils.cli import ConfigError
-
         try:
             lambdas = parse_lambdas(lambdas)
         except ValueError as e:
             raise ConfigError(f"lambdas: {e}") from e
+        for key, low in (("num_frames", 2), ("max_batch", 1), ("bisect_steps", 0)):
+            if key in engine:
+                engine[key] = whole_number(f"counterfactual.{key}", engine[key], low)
+        refine_steps = whole_number("refine_steps", refine_steps, 0)
         model = CounterfactualEngine.from_run(run, **engine)
         return cls(run.classifier, engine=model, lambdas=lambdas, refine_steps=refine_steps)
 

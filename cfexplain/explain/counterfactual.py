@@ -129,6 +129,11 @@ class CounterfactualEngine:
             int(bisect_steps),
             int(max_batch),
         )
+        if self.num_frames < 2 or self.max_batch < 1 or self.bisect_steps < 0:
+            raise ValueError(
+                f"num_frames={num_frames} (>= 2), max_batch={max_batch} (>= 1) and "
+                f"bisect_steps={bisect_steps} (>= 0) are out of range"
+            )
         self.target_probs = tuple(float(p) for p in target_probs)
         self.refine_lr, self.refine_l2 = float(refine_lr), float(refine_l2)
         self.device = device

@@ -393,7 +393,11 @@ def write_gallery(
         bar.update(len(rows))
     bar.close()
     if writer.count == 0:
-        raise ConfigError(f"no image could be explained ({described}; {len(skipped)} skipped)")
+        why = "".join(f"; {p}: {r}" for p, r in skipped[:10])
+        more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        raise ConfigError(
+            f"no image could be explained ({described}; {len(skipped)} skipped{why}{more})"
+        )
     seconds = time.time() - start
     summary = {
         "run": str(run.dir),

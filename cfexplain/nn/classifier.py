@@ -187,11 +187,14 @@ def load_external(
 
     Returns ``(model in eval mode, a one-line description)``. Weights are a safetensors file or
     a torch state dict (loaded with ``weights_only=True``; a ``{"state_dict": ...}`` wrapper is
-    unwrapped). Errors name the config fields under ``field`` (``classifier.weights``, ...).
+    unwrapped). Errors (``ConfigError``, or ``FileNotFoundError`` for a missing file) name the
+    config fields under ``field`` (``classifier.weights``, ...).
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from cfexplain.utils.artifacts import import_target
+    from cfexplain.utils.cli import ConfigError
 
     if torchscript:
         path = Path(torchscript)
@@ -200,10 +203,10 @@ def load_external(
         try:
             model = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as e:
-            raise ValueError(f"{field}.torchscript: {path} is not a TorchScript file ({e})") from e
+            raise ConfigError(f"{field}.torchscript: {path} is not a TorchScript file ({e})") from e
         return model.eval(), f"TorchScript {path}"
     if not target:
-        raise ValueError(
+        raise ConfigError(
             f"{field}=external needs {field}.target=module.Class (or {field}.torchscript=file)"
         )
     model = import_target(target)(**(kwargs or {}))
@@ -212,22 +215,28 @@ def load_external(
         if not path.is_file():
             raise FileNotFoundError(f"{field}.weights: no such file {path}")
         if path.suffix == ".safetensors":
-            state = load_file(str(path))
+            try:
+                state = load_file(str(path))
+            except SafetensorError as e:
+                raise ConfigError(
+                    f"{field}.weights: {path} is not a readable safetensors file, truncated or "
+                    f"corrupt ({e})"
+                ) from e
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(
+                raise ConfigError(
                     f"{field}.weights: cannot read {path} as a state dict ({e})"
                 ) from e
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         if not isinstance(state, dict):
-            raise ValueError(
+            raise ConfigError(
                 f"{field}.weights: {path} holds a {type(state).__name__}, expected a state dict"
             )
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(
+            raise ConfigError(
                 f"{field}.weights: {path} does not fit {target}: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
             )
     return model.eval(), f"{target}({kwargs or {}}) weights={weights}"

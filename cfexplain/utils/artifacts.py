@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from safetensors.torch import save as safetensors_bytes
 
@@ -247,9 +248,22 @@ def _keep_record_true(path: Path) -> None:
         write_json(record, d)
 
 
+@contextmanager
+def reading_safetensors(path: str | Path) -> Iterator[None]:
+    """A truncated or corrupt safetensors file (or none at all) as one ``ArtifactError`` naming
+    it, instead of the deserialiser's own error."""
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(
+            f"{path}: unreadable safetensors file, truncated or corrupt ({e}); retrain the "
+            "stage that wrote it (force=true) or restore the file"
+        ) from e
+
+
 def read_model_meta(path: str | Path) -> tuple[str, dict[str, Any]]:
     """The ``(target, kwargs)`` stored by :func:`save_model`."""
-    with safe_open(str(path), framework="pt") as f:
+    with reading_safetensors(path), safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "target" not in meta or "kwargs" not in meta:
         raise ArtifactError(
@@ -292,7 +306,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
     verify_beside(path)
     target, kwargs = read_model_meta(path)
     module = import_target(target)(**kwargs)
-    module.load_state_dict(load_file(str(path), device=str(map_location)))
+    with reading_safetensors(path):
+        state = load_file(str(path), device=str(map_location))
+    module.load_state_dict(state)
     return module.to(map_location).eval()
 
 
