@@ -46,6 +46,17 @@ def open_dataset(data_cfg: DictConfig, split: str) -> Dataset:
     return ds
 
 
+def _at_least_one(field: str, value: Any) -> int:
+    """``value`` as a whole number >= 1; a ConfigError naming ``field`` otherwise."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ConfigError(f"{field}={value}: expected a whole number of at least 1")
+    return number
+
+
 class TrainedRun:
     """The finished stages of ``runs/<experiment>`` and their models, each loaded once.
 
@@ -83,6 +94,8 @@ class TrainedRun:
             raise ConfigError(
                 "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
             )
+        if "batch_size" in cfg:
+            _at_least_one("batch_size", cfg.batch_size)
         seed_everything(int(cfg.seed), False)
         run = cls(str(cfg.run), distributed.setup(str(cfg.device)).device)
         run.check_target(int(cfg.target))

@@ -115,6 +115,17 @@ def test_open_seeds_picks_the_device_and_checks_the_target(classifier_only):
         TrainedRun.open(cfg)
 
 
+@pytest.mark.parametrize("bad", [0, -1, "abc", 2.5])
+def test_a_command_batch_size_below_one_or_not_whole_is_named(classifier_only, bad):
+    cfg = OmegaConf.create(
+        {"run": str(classifier_only), "seed": 0, "device": "cpu", "target": 1, "batch_size": bad}
+    )
+    with pytest.raises(ConfigError, match=f"^batch_size={bad}: expected a whole number"):
+        TrainedRun.open(cfg)
+    cfg.batch_size = 10_000  # larger than the split: fine, the last batch is just shorter
+    TrainedRun.open(cfg)
+
+
 def test_methods_are_built_from_the_run_or_say_what_is_missing(classifier_only):
     run = TrainedRun(classifier_only, "cpu")
     saliency = get_method("saliency").from_run(run)

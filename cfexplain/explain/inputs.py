@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,7 +212,7 @@ def load_user_image(path: Path, label: str | None, *, resolution: int, channels:
 
 
 def iter_user_images(
-    items: Sequence[tuple[Path, str | None]],
+    items: Iterable[tuple[Path, str | None]],
     *,
     resolution: int,
     channels: int,

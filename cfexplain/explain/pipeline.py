@@ -7,6 +7,7 @@ this module.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -109,7 +110,7 @@ def method_notes(methods: dict[str, Method], classes: list[str]) -> list[str]:
 
 def image_batches(
     cfg: DictConfig, run: TrainedRun, skipped: list[tuple[str, str]]
-) -> tuple[Batches, str, int]:
+) -> tuple[Batches, str, int | None]:
     """``(iterator of (images [B, C, R, R], names, true labels), description, count)``: the
     user's ``images=`` (unreadable files go to ``skipped``), else the run's ``split``."""
     limit = None if cfg.limit is None else int(cfg.limit)
@@ -132,11 +133,13 @@ def image_batches(
 
 def _user_batches(
     cfg: DictConfig, run: TrainedRun, skipped: list[tuple[str, str]], limit: int | None
-) -> tuple[Batches, str, int]:
-    from cfexplain.explain.inputs import iter_user_images, list_images
+) -> tuple[Batches, str, int | None]:
+    """The user's files, streamed: found, decoded and explained batch by batch (a folder of a
+    million files is never listed first), so their count is not known in advance."""
+    from cfexplain.explain.inputs import iter_images, iter_user_images
 
     data = run.config.data
-    items = list_images(str(cfg.images), run.classes)[:limit]
+    items = itertools.islice(iter_images(str(cfg.images), run.classes), limit)
     source = iter_user_images(
         items, resolution=int(data.resolution), channels=int(data.channels), skipped=skipped
     )
@@ -153,7 +156,7 @@ def _user_batches(
         if chunk:
             yield _stack(chunk)
 
-    return user(), f"{len(items)} files from images={cfg.images}", len(items)
+    return user(), f"files from images={cfg.images}", None
 
 
 def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None]]:
