@@ -130,7 +130,8 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     a, b = real.double().cpu().numpy(), fake.double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    with np.errstate(all="ignore"):
+        root = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(root).all():
         # A singular product: regularise both sides a little, as the published FID code does.
         eps = np.eye(len(cov_a)) * 1e-6
