@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, safe_open
 
+import cfexplain.utils.artifacts as artifacts
 from cfexplain.nn.classifier import ResNetClassifier
 from cfexplain.utils.artifacts import (
     Artifact,
@@ -310,22 +311,58 @@ def test_other_write_errors_stay_as_they_are(tmp_path):
         atomic_write(tmp_path / "x", fails)
 
 
+SMALL_DISK = 256 * 1024
+
+
+class _SmallDiskOs:
+    """``os`` as ``cfexplain.utils.artifacts`` sees it on a disk of ``SMALL_DISK`` bytes: once a
+    writer has filled the temporary file, a folder over that size fails with ENOSPC, as the
+    kernel's write would have."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def chmod(self, path, mode) -> None:
+        used = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file())
+        if used > SMALL_DISK:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        os.chmod(path, mode)
+
+
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (needs root and a kernel that lets this process mount)."""
+def small_disk(tmp_path, monkeypatch):
+    """A 256 KiB disk: a real tmpfs where this process may mount one (root, as in CI), else the
+    same limit enforced in our writer (``_SmallDiskOs``)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
-    )
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    mounted = False
+    if os.geteuid() == 0 and shutil.which("mount"):
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK}", "tmpfs", str(mnt)],
+            capture_output=True,
+        )
+        mounted = r.returncode == 0
+    if not mounted:
+        monkeypatch.setattr(artifacts, "os", _SmallDiskOs(mnt))
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        if mounted:
+            subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_the_emulated_small_disk_fails_as_a_full_tmpfs(tmp_path, monkeypatch):
+    """The fallback of ``small_disk`` on machines that cannot mount: the same error, the old
+    file kept (checked here whether or not the real tmpfs is available)."""
+    monkeypatch.setattr(artifacts, "os", _SmallDiskOs(tmp_path))
+    state = torch_save({"x": torch.ones(10)}, tmp_path / "state.pt")
+    with pytest.raises(ArtifactError, match=f"^no space left on device while writing {state}$"):
+        torch_save({"x": torch.zeros(200_000)}, state)
+    assert torch.equal(torch_load(state)["x"], torch.ones(10))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
 def test_full_tmpfs_is_named_and_the_old_files_kept(small_disk):
