@@ -26,6 +26,23 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+def smoke_chain(runs: Path, *overrides: str) -> Path:
+    """Train the knee smoke chain (``overrides`` on top) into ``runs``; return ``runs/knee``."""
+    from cfexplain.train import run_chain
+
+    run_chain(
+        compose_config(
+            "+dataset=knee",
+            "preset=smoke",
+            "logger=none",
+            f"runs_dir={runs}",
+            "device=cpu",
+            *overrides,
+        )  # fmt: skip
+    )
+    return runs / "knee"
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """``+dataset=knee preset=smoke logger=none`` writing into a temporary runs folder."""

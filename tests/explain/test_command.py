@@ -16,9 +16,8 @@ from PIL import Image
 
 from cfexplain.data.readers import DataError
 from cfexplain.explain.__main__ import ConfigError, explain
-from cfexplain.train import run_chain
 from cfexplain.utils.artifacts import Artifact, save_model
-from tests.conftest import compose_config, run_cli
+from tests.conftest import run_cli, smoke_chain
 from tests.utils.test_tracking import finished_run_records
 
 EVIL = "<img src=x onerror=alert(1)>.png"
@@ -35,16 +34,7 @@ def explain_cfg(*overrides: str) -> DictConfig:
 def classifier_run(tmp_path_factory) -> Path:
     """A smoke run with only the classifier stage (fast)."""
     runs = tmp_path_factory.mktemp("runs")
-    cfg = compose_config(
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        f"runs_dir={runs}",
-        "device=cpu",
-        "stages=[classifier]",
-    )
-    run_chain(cfg)
-    return runs / "knee"
+    return smoke_chain(runs, "stages=[classifier]")
 
 
 def _stage(run: Path, name: str, models: dict, info: dict | None = None) -> None:

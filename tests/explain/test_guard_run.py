@@ -15,8 +15,7 @@ from cfexplain.data import build_dataset
 from cfexplain.explain.__main__ import explain
 from cfexplain.explain.guard import IN_DISTRIBUTION, UNLIKE_TRAINING, judge
 from cfexplain.runs import TrainedRun
-from cfexplain.train import run_chain
-from tests.conftest import compose_config
+from tests.conftest import compose_config, smoke_chain
 from tests.explain.test_command import explain_cfg
 
 FAST = "methods=[counterfactual,gradcam]"
@@ -26,12 +25,9 @@ FAST = "methods=[counterfactual,gradcam]"
 def guarded_run(tmp_path_factory) -> Path:
     """The whole default chain (guard included) on the knee smoke preset."""
     runs = tmp_path_factory.mktemp("runs")
-    cfg = compose_config(
-        "+dataset=knee", "preset=smoke", "logger=none", f"runs_dir={runs}", "device=cpu"
-    )
-    done = run_chain(cfg)
-    assert "guard" in done
-    return runs / "knee"
+    run = smoke_chain(runs)
+    assert (run / "guard" / "artifact.json").is_file()
+    return run
 
 
 def _unlike(run: TrainedRun) -> dict[str, torch.Tensor]:

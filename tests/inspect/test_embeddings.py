@@ -10,8 +10,7 @@ import torch
 from torch import nn
 
 from cfexplain.inspect import embeddings as emb
-from cfexplain.train import run_chain
-from tests.conftest import compose_config
+from tests.conftest import smoke_chain
 
 # A little more than the smoke preset: the smoke classifier (2 epochs on 96 images) is near
 # chance, which would make the separation comparison meaningless. About 5 s on 2 cores.
@@ -28,17 +27,7 @@ def trained_run(tmp_path_factory) -> Path:
     if "run" in _TRAINED:
         return _TRAINED["run"]
     runs = tmp_path_factory.mktemp("inspect_runs")
-    cfg = compose_config(
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        f"runs_dir={runs}",
-        "device=cpu",
-        "stages=[classifier]",
-        *TRAINED,
-    )
-    run_chain(cfg)
-    _TRAINED["run"] = runs / "knee"
+    _TRAINED["run"] = smoke_chain(runs, "stages=[classifier]", *TRAINED)
     return _TRAINED["run"]
 
 

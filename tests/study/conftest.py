@@ -10,8 +10,7 @@ import pytest
 
 from cfexplain.study.build import build_study
 from cfexplain.study.page import ANSWERS_FORMAT
-from cfexplain.train import run_chain
-from tests.conftest import compose_config
+from tests.conftest import smoke_chain
 
 SMALL = dict(readers=2, n_real=4, n_fake=4, n_cf=2, seed=3, target=1, batch_size=8, device="cpu")
 
@@ -20,16 +19,7 @@ SMALL = dict(readers=2, n_real=4, n_fake=4, n_cf=2, seed=3, target=1, batch_size
 def study_run(tmp_path_factory) -> Path:
     """``runs/knee`` of the smoke chain without the normative stage (~20 s)."""
     runs = tmp_path_factory.mktemp("study_runs")
-    cfg = compose_config(
-        "+dataset=knee",
-        "preset=smoke",
-        "logger=none",
-        f"runs_dir={runs}",
-        "device=cpu",
-        "stages=[classifier,generator,encoder,direction]",
-    )
-    run_chain(cfg)
-    return runs / "knee"
+    return smoke_chain(runs, "stages=[classifier,generator,encoder,direction]")
 
 
 def make_study(run: Path, out: Path, **overrides: Any) -> Path:
