@@ -69,16 +69,12 @@ class FeatureStats:
         self, fake: torch.Tensor, real: torch.Tensor, kid: bool = False
     ) -> dict[str, float]:
         """Fréchet distance (and KID) between feature sets ``[N, F]``."""
-        from torchmetrics.image.fid import FrechetInceptionDistance
         from torchmetrics.image.kid import KernelInceptionDistance
 
-        ident = _Identity(real.shape[1])
-        fid = FrechetInceptionDistance(feature=ident, reset_real_features=False)
-        fid.update(real, real=True)
-        fid.update(fake, real=False)
-        out = {"fd_classifier": float(fid.compute())}
+        out = {"fd_classifier": frechet_distance(real, fake)}
         if kid:
             n = min(len(real), len(fake))
+            ident = _Identity(real.shape[1])
             k = KernelInceptionDistance(feature=ident, subset_size=min(n, 200), subsets=20)
             k.update(real, real=True)
             k.update(fake, real=False)
@@ -123,21 +119,14 @@ def inception_fd(
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to feature sets ``[N, F]`` and ``[M, F]``:
-    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))``."""
-    import numpy as np
-    from scipy import linalg
+    ``|mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2))`` (torchmetrics' FID on features
+    already computed, as :meth:`FeatureStats.compare` uses it)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
-    a, b = real.double().cpu().numpy(), fake.double().cpu().numpy()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with np.errstate(all="ignore"):
-        root = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(root).all():
-        # A singular product: regularise both sides a little, as the published FID code does.
-        eps = np.eye(len(cov_a)) * 1e-6
-        root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    trace = np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root.real)
-    return float(((mu_a - mu_b) ** 2).sum() + trace)
+    fid = FrechetInceptionDistance(feature=_Identity(real.shape[1]))
+    fid.update(real.double(), real=True)
+    fid.update(fake.double(), real=False)
+    return float(fid.compute())
 
 
 def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:
