@@ -108,7 +108,13 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
         Number("ada.interval", **_POSITIVE_INT),
         Number("ada.kimg", low=0.0, above=True),
         Number("ada.fixed_p", null=True, **_SHARE),
-        Number("metrics.num_images", int, 2),
+        Number("metrics.num_images", int, 4),  # precision/recall with k=3 need more than 3
+        Number("metrics.fixed_size", int, 16),
+        Number("collapse.class_gap", **_SHARE),
+        Number("collapse.fd_ratio", low=1.0, above=True),
+        Number("collapse.patience", **_POSITIVE_INT),
+        Number("collapse.lr_factor", low=0.0, above=True, high=1.0),
+        Number("collapse.max_rollbacks", int, 0),
         Number("metrics.truncation_psi", low=0.0),
         *(
             Number(f"{m}.{k}", **_POSITIVE_INT)
@@ -226,9 +232,26 @@ def validate(cfg: DictConfig) -> list[Stage]:
         for field in NUMBERS.get(section, ()):
             check_number(cfg, field)
     _check_resolution(cfg, [s.name for s in selected])
+    if "generator" in cfg.stages:
+        _check_keep_metric(cfg)
     if "classifier" in cfg.stages and cfg.data.root and "batch_size" in cfg.classifier:
         _check_class_sizes(cfg)
     return selected
+
+
+def _check_keep_metric(cfg: DictConfig) -> None:
+    """``generator.keep_metric`` names a snapshot metric that this run computes."""
+    from cfexplain.stages._snapshots import KEEP_METRICS
+
+    metric = OmegaConf.select(cfg, "generator.keep_metric")
+    if metric is None:
+        return
+    if metric not in KEEP_METRICS:
+        raise ConfigError(f"generator.keep_metric={metric!r}: expected one of {list(KEEP_METRICS)}")
+    if metric == "fd_fixed_val" and not OmegaConf.select(cfg, "generator.metrics.fixed_features"):
+        raise ConfigError(
+            "generator.keep_metric=fd_fixed_val needs generator.metrics.fixed_features=true"
+        )
 
 
 def _check_resolution(cfg: DictConfig, stages: list[str]) -> None:

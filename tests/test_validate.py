@@ -56,11 +56,32 @@ def test_every_stage_section_has_its_numbers_declared():
         ("segmentation.batch_size=-2", "segmentation.batch_size"),
         ("data.n_train=abc", "data.n_train"),
         ("checkpoint_every=0", "checkpoint_every"),
+        ("generator.collapse.lr_factor=1.5", "generator.collapse.lr_factor"),
+        ("generator.metrics.num_images=3", "generator.metrics.num_images"),
     ],
 )
 def test_a_bad_number_is_named(override, field):
     cfg = compose_config("+dataset=knee", "preset=smoke", EVERY_STAGE, override)
     with pytest.raises(ConfigError, match="^" + re.escape(field) + "="):
+        validate(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["generator.keep_metric=fd_classifier"],
+            r"generator\.keep_metric='fd_classifier': expected one of",
+        ),
+        (
+            ["generator.metrics.fixed_features=false"],
+            r"keep_metric=fd_fixed_val needs generator\.metrics\.fixed_features=true",
+        ),
+    ],
+)
+def test_a_keep_metric_the_run_does_not_compute_is_named(overrides, message):
+    cfg = compose_config("+dataset=knee", "preset=smoke", EVERY_STAGE, *overrides)
+    with pytest.raises(ConfigError, match=message):
         validate(cfg)
 
 

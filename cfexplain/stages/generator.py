@@ -4,8 +4,10 @@ The stage reads top to bottom: build → train → finish. An iteration draws a 
 runs its phases, written as data (:class:`Phase`, as the published loop does): G (non-saturating
 loss, lazy path length), then D (logistic loss, lazy R1); then G EMA → ADA p → log →
 snapshot/checkpoint. Gradients are averaged across ranks by hand (the published recipe), so the
-same loop runs alone or under torchrun. Quality: Fréchet distance and KID on the trained classifier's features, and the class
-shares the classifier gives generated vs real images.
+same loop runs alone or under torchrun. Every snapshot is measured on the run's classifier and
+on fixed yardsticks (:mod:`cfexplain.stages._snapshots`); ``keep=best`` keeps the snapshot best
+on ``keep_metric``, and the collapse guard rolls training back to that snapshot's state, with
+lower learning rates, when the snapshots say it has collapsed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
@@ -30,19 +31,11 @@ from tqdm.auto import tqdm
 from cfexplain.data import build_dataset
 from cfexplain.nn import gan
 from cfexplain.nn.augment import AugmentPipe, ada_adjust
-from cfexplain.nn.classifier import load_classifier
-from cfexplain.stages._shared import (
-    Checkpoint,
-    out_of_time,
-    real_batch,
-    sample_images,
-    write_artifact,
-)
+from cfexplain.stages._shared import Checkpoint, out_of_time, real_batch, write_artifact
+from cfexplain.stages._snapshots import CollapseRule, SnapshotQuality, best_index
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
-from cfexplain.utils.images import save_grid
-from cfexplain.utils.quality import FeatureStats, inception_fd
-from cfexplain.utils.seeding import METRIC_SEED, Stream, derived_seed, generator
+from cfexplain.utils.seeding import Stream, derived_seed, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -57,12 +50,12 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     d = distributed.setup(cfg.device)
     train_ds = build_dataset(cfg.data, "train")
     t = _build(cfg, d)
-    quality = _Quality(cfg, run, d.device) if run.is_main else None
+    quality = SnapshotQuality(cfg, run, d.device) if run.is_main else None
     ckpt = Checkpoint(run, d, **t.states())
     saved = ckpt.load()
     s: dict[str, Any] = saved["loop"] if saved else _start()
     if saved:
-        t.G_best = saved.get("G_best")
+        t.best = saved.get("best_state")
         ckpt.announce(
             f"at {s['nimg'] / 1000:.1f} kimg, ADA p={t.augment.p.item():.3f}",
             resumed_from_kimg=round(s["nimg"] / 1000, 3),
@@ -81,7 +74,10 @@ def _start() -> dict[str, Any]:
         "ada_acc": [0.0, 0.0],
         "train_seconds": 0.0,
         "snapshots": [],
-        "best": None,  # index into snapshots of the kept G_ema (generator.keep=best)
+        "best": None,  # index into snapshots of the best one on generator.keep_metric
+        "lr_scale": 1.0,  # learning rates' factor, lowered by each collapse rollback
+        "collapse_streak": 0,  # collapsed snapshots in a row
+        "collapse_events": [],
     }
 
 
@@ -97,7 +93,8 @@ class _GAN:
     D_opt: torch.optim.Optimizer
     g_kwargs: dict[str, Any]  # constructor arguments, saved with the weights
     d_kwargs: dict[str, Any]
-    G_best: dict[str, torch.Tensor] | None = None  # the kept G_ema (generator.keep=best)
+    base_lrs: dict[str, float]  # the optimisers' learning rates before any rollback
+    best: dict[str, Any] | None = None  # CPU copy of states() at the best snapshot
 
     def states(self) -> dict[str, Any]:
         """What ``state.pt`` keeps, by name."""
@@ -135,7 +132,8 @@ def _build(cfg: DictConfig, d: distributed.Dist) -> _GAN:
     d_lr, d_betas = gan.lazy_adam_hparams(float(g.dlr), betas, _interval(g.r1_gamma, g.r1_interval))
     G_opt = torch.optim.Adam(G.parameters(), lr=g_lr, betas=g_betas, eps=1e-8)
     D_opt = torch.optim.Adam(D.parameters(), lr=d_lr, betas=d_betas, eps=1e-8)
-    return _GAN(G, D, G_ema, augment, G_opt, D_opt, g_kwargs, d_kwargs)
+    base_lrs = {"G_opt": g_lr, "D_opt": d_lr}
+    return _GAN(G, D, G_ema, augment, G_opt, D_opt, g_kwargs, d_kwargs, base_lrs)
 
 
 def _interval(weight: float, interval: int) -> int:
@@ -283,7 +281,7 @@ def _train(
     t: _GAN,
     s: dict[str, Any],
     ds: Dataset,
-    quality: _Quality | None,
+    quality: SnapshotQuality | None,
     ckpt: Checkpoint,
     d: distributed.Dist,
 ) -> None:
@@ -293,6 +291,7 @@ def _train(
     max_seconds = float(g.max_minutes) * 60 if g.get("max_minutes") else math.inf
     snapshot_nimg = int(float(g.snapshot_kimg) * 1000)
     phases = _phases(g, t, s, d)
+    rule = CollapseRule.from_config(g.get("collapse"))
     grid_z = torch.randn(
         int(g.grid_size), t.G.z_dim, generator=generator(int(cfg.seed), Stream.GENERATOR_GRID)
     ).to(d.device)
@@ -321,11 +320,10 @@ def _train(
         s["out_of_time"] = out_of_time(s["train_seconds"], max_seconds, d)
         done = s["nimg"] >= total_nimg or s["out_of_time"]
         if done or s["nimg"] // snapshot_nimg > (s["nimg"] - batch) // snapshot_nimg:
-            if quality is not None:
-                _snapshot(g, t, s, quality, grid_z, final=done)
-            ckpt.save(s["step"], loop=s, **({"G_best": t.G_best} if t.G_best is not None else {}))
+            _snapshot(g, t, s, quality, grid_z, rule, d)
+            ckpt.save(s["step"], loop=s, **_best_extra(t))
         elif s["step"] % int(cfg.checkpoint_every) == 0:
-            ckpt.save(s["step"], loop=s, **({"G_best": t.G_best} if t.G_best is not None else {}))
+            ckpt.save(s["step"], loop=s, **_best_extra(t))
     bar.close()
 
 
@@ -349,13 +347,92 @@ def _log(run: Run, bar: tqdm, t: _GAN, s: dict[str, Any], b: _Batch) -> None:
 
 
 def _snapshot(
-    g: DictConfig, t: _GAN, s: dict[str, Any], quality: _Quality, grid_z: torch.Tensor, final: bool
+    g: DictConfig,
+    t: _GAN,
+    s: dict[str, Any],
+    quality: SnapshotQuality | None,
+    grid_z: torch.Tensor,
+    rule: CollapseRule,
+    d: distributed.Dist,
 ) -> None:
-    """Grid and quality of G_ema now (rank 0); with ``keep=best``, keep it if it is the best."""
-    s["snapshots"].append(quality.snapshot(t.G_ema, grid_z, s, final=final))
-    if g.keep == "best" and _better(s["snapshots"], s["best"]):
-        s["best"] = len(s["snapshots"]) - 1
-        t.G_best = {k: v.detach().clone() for k, v in t.G_ema.state_dict().items()}
+    """Measure G_ema (rank 0); keep the training state if this snapshot is the best on
+    ``keep_metric``; roll back to the best state when the collapse rule says so (every rank)."""
+    new_best = roll_back = False
+    if quality is not None:
+        snaps = s["snapshots"]
+        snaps.append(quality.snapshot(t.G_ema, grid_z, s["nimg"], s["step"]))
+        best = best_index(snaps, str(g.keep_metric))
+        new_best = best == len(snaps) - 1
+        roll_back = _collapsed(rule, s, None if best is None else snaps[best], str(g.keep_metric))
+        s["best"] = best
+    flags = torch.tensor([new_best, roll_back], dtype=torch.int64)
+    if d.enabled:
+        dist.broadcast(flags, src=0)
+    if flags[0]:
+        t.best = _training_state(t)
+    elif flags[1] and t.best is not None:
+        _roll_back(t, s, float(rule.lr_factor))
+
+
+def _collapsed(
+    rule: CollapseRule, s: dict[str, Any], best: dict[str, Any] | None, metric: str
+) -> bool:
+    """Count the newest snapshot into the collapse streak; whether to roll back now."""
+    if not rule.enabled:
+        return False
+    snap = s["snapshots"][-1]
+    reasons = rule.reasons(snap, best, metric)
+    s["collapse_streak"] = s["collapse_streak"] + 1 if reasons else 0
+    snap["collapsed"] = bool(reasons)
+    rollbacks = sum(e["action"] == "rollback" for e in s["collapse_events"])
+    if not reasons or s["collapse_streak"] < int(rule.patience):
+        return False
+    act = rollbacks < int(rule.max_rollbacks) and best is not None
+    event = {"kimg": snap["kimg"], "reasons": reasons, "action": "rollback" if act else "none"}
+    if act:
+        event |= {"to_kimg": best["kimg"], "lr_scale": s["lr_scale"] * float(rule.lr_factor)}
+    s["collapse_events"].append(event)
+    log.warning(
+        f"[generator] collapse at {snap['kimg']} kimg: {'; '.join(reasons)}; "
+        + (
+            f"rolling back to {best['kimg']} kimg, learning rates x{event['lr_scale']:g}"
+            if act
+            else f"no rollback left (generator.collapse.max_rollbacks={rule.max_rollbacks})"
+        )
+    )
+    return act
+
+
+def _training_state(t: _GAN) -> dict[str, Any]:
+    """A CPU copy of everything :meth:`_GAN.states` names."""
+    return {name: _to_cpu(obj.state_dict()) for name, obj in t.states().items()}
+
+
+def _to_cpu(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return type(x)(_to_cpu(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def _roll_back(t: _GAN, s: dict[str, Any], lr_factor: float) -> None:
+    """Restore the best state and lower the learning rates; the work budget keeps counting."""
+    assert t.best is not None
+    for name, obj in t.states().items():
+        obj.load_state_dict(t.best[name])
+    s["lr_scale"] *= lr_factor
+    s["collapse_streak"] = 0
+    for name, opt in (("G_opt", t.G_opt), ("D_opt", t.D_opt)):
+        for group in opt.param_groups:
+            group["lr"] = t.base_lrs[name] * s["lr_scale"]
+
+
+def _best_extra(t: _GAN) -> dict[str, Any]:
+    """What ``state.pt`` keeps beside the states: the best snapshot's training state."""
+    return {"best_state": t.best} if t.best is not None else {}
 
 
 def _finish(
@@ -376,21 +453,15 @@ def _finish(
         target_g, target_d = g.G._target_, g.D._target_
         save_model(run.dir / files["G_ema_last"], t.G_ema, target_g, t.g_kwargs)
         kept = s["snapshots"][-1]
-        if s["best"] is not None and t.G_best is not None:
+        if g.keep == "best" and s["best"] is not None and t.best is not None:
             kept = s["snapshots"][s["best"]]
-            t.G_ema.load_state_dict(t.G_best)
+            t.G_ema.load_state_dict(t.best["G_ema"])
         save_model(run.dir / files["G_ema"], t.G_ema, target_g, t.g_kwargs)
         save_model(run.dir / files["G"], t.G, target_g, t.g_kwargs)
         save_model(run.dir / files["D"], t.D, target_d, t.d_kwargs)
-        metrics = {k: v for k, v in kept.items() if k not in ("grid", "kimg")}
         (run.dir / files["grid"]).write_bytes((run.dir / kept["grid"]).read_bytes())
-        last = s["snapshots"][-1]
-        metrics |= {
-            "kept": f"G_ema at {kept['kimg']} kimg ({g.keep}{': lowest FD on the validation split' if g.keep == 'best' else ''})",
-            "kept_kimg": kept["kimg"],
-            "last/fd_classifier": last.get("fd_classifier"),
-            "last/class_share_gap": last.get("class_share_gap"),
-        }
+        metrics = {k: v for k, v in kept.items() if k not in ("grid", "kimg", "collapsed")}
+        metrics |= _kept_metrics(g, s, kept)
         metrics |= {
             "kimg": round(s["nimg"] / 1000, 3),
             "train_seconds": round(s["train_seconds"], 1),
@@ -408,6 +479,26 @@ def _finish(
         "device": str(d.device),
     }
     return write_artifact(run, metrics, files, more | info)
+
+
+def _kept_metrics(g: DictConfig, s: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
+    """Which snapshot was kept and why, the last snapshot's headline metrics, the collapses."""
+    why = f"lowest {g.keep_metric}" if g.keep == "best" else "the last snapshot"
+    last = s["snapshots"][-1]
+    out: dict[str, Any] = {
+        "kept": f"G_ema at {kept['kimg']} kimg ({why})",
+        "kept_kimg": kept["kimg"],
+    }
+    for key in ("fd_fixed", "precision", "recall", "fd_classifier", "class_share_gap"):
+        if key in last:
+            out[f"last/{key}"] = last[key]
+    rollbacks = sum(e["action"] == "rollback" for e in s["collapse_events"])
+    return out | {
+        "collapse_events": s["collapse_events"],
+        "collapse_rollbacks": rollbacks,
+        "collapsed_at_end": bool(last.get("collapsed", False)),
+        "lr_scale": s["lr_scale"],
+    }
 
 
 # ----------------------------------------------------------------------------- loop pieces
@@ -453,100 +544,3 @@ def _mean_across(x: torch.Tensor, d: distributed.Dist) -> torch.Tensor:
         dist.all_reduce(x)
         x /= d.world
     return x
-
-
-# ----------------------------------------------------------------------------- quality
-
-
-class _Quality:
-    """Snapshot grids and metrics on fixed real test images, computed on rank 0."""
-
-    def __init__(self, cfg: DictConfig, run: Run, device: torch.device) -> None:
-
-        g = cfg.generator
-        self.run, self.device, self.g = run, device, g
-        n = int(g.metrics.num_images)
-        test_ds = build_dataset(cfg.data, "test")
-        train_ds = build_dataset(cfg.data, "train")
-        self.real_test = sample_images(test_ds, n, int(cfg.seed), Stream.GENERATOR_REAL_TEST)
-        self.classifier = None
-        self.info: dict[str, Any] = {}
-        if "classifier" in run.inputs:
-            self.classifier = load_classifier(run.inputs["classifier"].dir, device)
-            self.stats = FeatureStats(self.classifier, device)
-            self.info["feature_source"] = self.stats.feature_source
-            real_train = sample_images(train_ds, n, int(cfg.seed), Stream.GENERATOR_REAL_TRAIN)
-            # Snapshots are chosen on the validation split and reported on the test split.
-            real_val = sample_images(
-                build_dataset(cfg.data, "val"), n, int(cfg.seed), Stream.GENERATOR_REAL_VAL
-            )
-            self.real_val_feats = self.stats.features(real_val)
-            self.real_test_feats = self.stats.features(self.real_test)
-            base = self.stats.compare(self.stats.features(real_train), self.real_test_feats)
-            self.info["fd_classifier_real_train_vs_test"] = round(base["fd_classifier"], 4)
-            self.real_shares = self.stats.class_shares(real_train)
-            self.info["class_shares_real_train"] = [round(x, 4) for x in self.real_shares]
-        else:
-            self.info["metrics"] = (
-                "no classifier stage in this run: Fréchet distance and class shares not computed"
-            )
-
-    @torch.no_grad()
-    def snapshot(
-        self, G_ema: torch.nn.Module, grid_z: torch.Tensor, s: dict[str, Any], final: bool
-    ) -> dict[str, Any]:
-        kimg = s["nimg"] / 1000
-        grid = torch.cat([G_ema(z, noise_mode="const") for z in grid_z.split(64)]).cpu()
-        rel = f"snapshots/grid_{kimg:07.2f}kimg.png"
-        save_grid(grid, self.run.dir / rel)
-        self.run.log_images("snapshot/grid", grid, step=s["step"])
-        out: dict[str, Any] = {"grid": rel, "kimg": round(kimg, 3)}
-        if self.classifier is not None:
-            fake = _generate(
-                G_ema, len(self.real_test), self.device, psi=float(self.g.metrics.truncation_psi)
-            )
-            fake_feats = self.stats.features(fake)
-            cmp = self.stats.compare(fake_feats, self.real_test_feats, kid=True)
-            shares = self.stats.class_shares(fake)
-            out |= {k: round(v, 4) for k, v in cmp.items()}
-            out["fd_classifier_val"] = round(
-                self.stats.compare(fake_feats, self.real_val_feats)["fd_classifier"], 4
-            )
-            out["class_shares_generated"] = [round(x, 4) for x in shares]
-            out["class_share_gap"] = round(
-                float(np.max(np.abs(np.array(shares) - np.array(self.real_shares)))), 4
-            )
-            if self.g.metrics.get("inception_weights"):
-                out["fid_inception"] = round(
-                    inception_fd(
-                        fake, self.real_test, self.g.metrics.inception_weights, self.device
-                    ),
-                    4,
-                )
-            self.run.log(
-                {f"quality/{k}": v for k, v in out.items() if isinstance(v, float)}, step=s["step"]
-            )
-            tqdm.write(
-                f"{kimg:7.2f} kimg  FD(classifier) {out['fd_classifier']:.3f}  KID {out.get('kid_classifier', float('nan')):.4f}  "
-                f"shares generated {out['class_shares_generated']} vs real {self.info['class_shares_real_train']}"
-            )
-        return out
-
-
-def _better(snapshots: list[dict[str, Any]], best: int | None) -> bool:
-    """Whether the newest snapshot has a lower validation FD than the kept one."""
-    new = snapshots[-1].get("fd_classifier_val")
-    if new is None:
-        return False
-    return best is None or new < snapshots[best]["fd_classifier_val"]
-
-
-@torch.no_grad()
-def _generate(
-    G: torch.nn.Module, n: int, device: torch.device, psi: float = 1.0, batch: int = 64
-) -> torch.Tensor:
-    """``n`` images ``[n, C, H, W]`` from fixed latents (seeded apart from training)."""
-    z = torch.randn(n, G.z_dim, generator=generator(METRIC_SEED, Stream.GENERATOR_SAMPLES)).to(
-        device
-    )
-    return torch.cat([G(zb, psi=psi, noise_mode="const").cpu() for zb in z.split(batch)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,11 +49,18 @@ def test_smoke_run_learns_the_data_and_writes_everything(smoke_cfg):
         d_fresh = (_moments(fresh(z)) - _moments(reals)).abs().mean()
     assert d_trained < 0.5 * d_fresh, (d_trained, d_fresh)
 
-    # keep=best: G_ema is the snapshot with the lowest validation FD; the last one is kept too.
-    val_fds = [
-        r["quality/fd_classifier_val"] for r in _log(art) if "quality/fd_classifier_val" in r
-    ]
-    assert len(val_fds) >= 4 and art.metrics["fd_classifier_val"] == min(val_fds)
+    # The fixed yardsticks beside the classifier's: FD, precision and recall on FixedFeatures.
+    for key in ("fd_fixed", "fd_fixed_val", "precision", "recall", "fd_classifier_ratio"):
+        assert key in art.metrics, key
+    assert 0.0 <= art.metrics["precision"] <= 1.0 and 0.0 <= art.metrics["recall"] <= 1.0
+    assert art.info["fd_fixed_real_train_vs_test"] > 0
+    assert art.metrics["collapse_rollbacks"] == 0 and art.metrics["lr_scale"] == 1.0
+
+    # keep=best: G_ema is the snapshot with the lowest fixed-feature FD on the validation split
+    # (keep_metric); the last one is kept too.
+    val_fds = [r["quality/fd_fixed_val"] for r in _log(art) if "quality/fd_fixed_val" in r]
+    assert len(val_fds) >= 4 and art.metrics["fd_fixed_val"] == min(val_fds)
+    assert "lowest fd_fixed_val" in art.metrics["kept"]
     assert art.path("G_ema_last").is_file()
     kept, last = load_file(str(art.path("G_ema"))), load_file(str(art.path("G_ema_last")))
     same = all(torch.equal(kept[k], last[k]) for k in kept)
@@ -61,6 +69,107 @@ def test_smoke_run_learns_the_data_and_writes_everything(smoke_cfg):
     # The log holds the losses, the D logit gap and ADA p at every logging step.
     rows = [r for r in _log(art) if "loss/D" in r]
     assert len(rows) >= 3 and all(0.0 <= r["ada/p"] <= 1.0 for r in rows)
+
+
+TINY_ORACLE = (
+    "generator.metrics.oracle={n_train: 64, n_test: 16, steps: 4, batch_size: 16, seed: 0}"
+)
+
+
+def test_factor_coverage_is_read_by_the_knee_oracles_at_every_snapshot(smoke_cfg):
+    cfg = smoke_cfg("stages=[classifier,generator]", TINY_ORACLE)
+    art = run_chain(cfg)["generator"]
+    # One oracle cache beside the runs, the one evaluate reads (runs/oracles/knee_<R>px).
+    assert (Path(cfg.runs_dir) / "oracles" / "knee_32px" / "oracle.safetensors").is_file()
+    for factor in ("jsw_min", "osteophyte", "sclerosis", "deformity", "rotation", "exposure"):
+        assert art.metrics[f"w1/{factor}"] >= 0.0, factor
+    for rate in ("marker", "laterality"):
+        for which in ("real", "generated"):
+            assert 0.0 <= art.metrics[f"rate/{rate}/{which}"] <= 1.0
+    rows = [r for r in _log(art) if "quality/w1/osteophyte" in r]
+    assert len(rows) == 2  # every snapshot (0.128 and 0.256 kimg)
+    # A second run reuses the cached oracle: the same readings of the same real images.
+    again = run_chain(smoke_cfg("stages=[classifier,generator]", TINY_ORACLE, "experiment=again"))
+    again = again["generator"]
+    assert again.info["factor_oracle"]["reused"] is True
+    assert again.metrics["rate/marker/real"] == art.metrics["rate/marker/real"]
+
+
+def _kick_after(monkeypatch, step: int) -> dict:
+    """Plant a divergence: from ``step`` on, every iteration adds large noise to G and its EMA.
+    Records what each rollback restored."""
+    seen: dict = {"rollbacks": []}
+    advance, roll_back = stage._advance, stage._roll_back
+
+    def kicked(g, t, s, b, d):
+        advance(g, t, s, b, d)
+        if s["step"] >= step:
+            gen = torch.Generator().manual_seed(s["step"])
+            with torch.no_grad():
+                for net in (t.G, t.G_ema):
+                    for p in net.synthesis.parameters():
+                        p.add_(torch.randn(p.shape, generator=gen) * 2.0)
+
+    def recorded(t, s, lr_factor):
+        roll_back(t, s, lr_factor)
+        restored = all(
+            torch.equal(v, t.best["G"][k].to(v.device)) for k, v in t.G.state_dict().items()
+        )
+        seen["rollbacks"].append(
+            {"restored": restored, "lr": t.G_opt.param_groups[0]["lr"], "base": t.base_lrs["G_opt"]}
+        )
+
+    monkeypatch.setattr(stage, "_advance", kicked)
+    monkeypatch.setattr(stage, "_roll_back", recorded)
+    return seen
+
+
+def test_collapse_guard_rolls_back_a_planted_divergence(smoke_cfg, monkeypatch):
+    cfg = smoke_cfg(
+        "stages=[classifier,generator]",
+        "generator.kimg=0.64",
+        "generator.snapshot_kimg=0.064",  # a snapshot every 8 steps
+        "generator.collapse.patience=1",
+        "generator.collapse.max_rollbacks=2",
+    )
+    seen = _kick_after(monkeypatch, step=40)
+    art = run_chain(cfg)["generator"]
+    events = art.metrics["collapse_events"]
+    rollbacks = [e for e in events if e["action"] == "rollback"]
+    # The kicks go on, so it collapses again after each rollback, until none is left.
+    assert len(rollbacks) == 2 == art.metrics["collapse_rollbacks"]
+    assert events[-1]["action"] == "none"
+    assert all(e["kimg"] >= 0.32 > e["to_kimg"] for e in rollbacks)
+    assert any("fd_fixed_val" in r for e in events for r in e["reasons"])
+    assert art.metrics["lr_scale"] == 0.25 and rollbacks[-1]["lr_scale"] == 0.25
+    # Each rollback restored the best state and lowered the learning rate by half.
+    assert [r["restored"] for r in seen["rollbacks"]] == [True, True]
+    assert [r["lr"] / r["base"] for r in seen["rollbacks"]] == pytest.approx([0.5, 0.25])
+    # What is kept is the best snapshot from before the kicks, never a collapsed one.
+    assert art.metrics["kept_kimg"] < 0.32 and art.metrics["collapsed_at_end"] is True
+
+
+def test_collapse_rule_counts_collapsed_snapshots_in_a_row():
+    rule = stage.CollapseRule(class_gap=0.3, fd_ratio=2.0, patience=2, max_rollbacks=1)
+    s = stage._start()
+    best = {"kimg": 5.0, "fd_fixed_val": 1.0, "class_share_gap": 0.05}
+
+    def add(fd: float, gap: float) -> bool:
+        s["snapshots"].append({"kimg": 5.0 * (len(s["snapshots"]) + 2), "fd_fixed_val": fd,
+                               "class_share_gap": gap})  # fmt: skip
+        return stage._collapsed(rule, s, best, "fd_fixed_val")
+
+    assert add(1.5, 0.1) is False and s["collapse_streak"] == 0  # fine
+    assert add(2.5, 0.1) is False and s["collapse_streak"] == 1  # FD 2.5x: first in a row
+    assert add(1.2, 0.1) is False and s["collapse_streak"] == 0  # recovered: the streak resets
+    assert add(1.2, 0.4) is False and s["collapse_streak"] == 1  # class shares 40 points off
+    assert add(3.0, 0.1) is True and s["collapse_streak"] == 2  # two in a row: roll back
+    assert s["collapse_events"][-1]["action"] == "rollback"
+    assert add(3.0, 0.5) is False  # the streak goes on, but no rollback is left
+    assert s["collapse_events"][-1]["action"] == "none"
+    assert len(s["collapse_events"][-1]["reasons"]) == 2
+    off = stage.CollapseRule(enabled=False)
+    assert stage._collapsed(off, s, best, "fd_fixed_val") is False
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(smoke_cfg, monkeypatch):
