@@ -126,9 +126,7 @@ def write_report(
             frame flips when it is on the other side of 0.5 (the gallery's flip).
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
-        concepts: a capsule classifier's :class:`~cfexplain.explain.gallery.Concepts` (its
-            attribute readings, their ground truth, each capsule's reconstruction and the
-            frames' readings); None for other classifiers.
+        concepts: a capsule classifier's readings (``gallery.Concepts``); None for others.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
