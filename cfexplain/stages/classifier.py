@@ -276,12 +276,19 @@ def _validate(
     d: distributed.Dist,
     bar: tqdm,
 ) -> None:
-    """End of an epoch: validation AUC, and the best model so far (early stopping)."""
+    """End of an epoch: validation AUC, and the best model so far (early stopping). Supervised
+    capsules are chosen on the mean of the diagnosis AUC and the mean attribute AUC: the
+    attributes are half of what they are for."""
     val = classification_metrics(*predict(model, val_ds, int(c.eval_batch_size), d.device))
+    score, extra = val["auc"], {}
+    if c.name == "capsules" and float(c.attribute_weight) > 0:
+        extra = _attribute_metrics(model, val_ds, int(c.eval_batch_size), d.device)
+        extra = {k.replace("test/", "val/"): v for k, v in extra.items()}
+        score = (val["auc"] + extra["val/attributes/auc"]) / 2
     s["epoch"] += 1
-    improved = val["auc"] > s["best_auc"]
+    improved = score > s["best_auc"]
     if improved:
-        s["best_auc"], s["best_epoch"], s["bad_epochs"] = val["auc"], s["epoch"], 0
+        s["best_auc"], s["best_epoch"], s["bad_epochs"] = score, s["epoch"], 0
         s["best"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     else:
         s["bad_epochs"] += 1
@@ -289,12 +296,13 @@ def _validate(
         {"epoch": s["epoch"], "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
     )
     run.log(
-        {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"]},
+        {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"], **extra},
         step=s["step"],
     )
     if run.is_main:
+        more = f"  attribute AUC {extra['val/attributes/auc']:.4f}" if extra else ""
         bar.write(
-            f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{'  *' if improved else ''}"
+            f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{more}{'  *' if improved else ''}"
         )
 
 
