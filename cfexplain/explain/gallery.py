@@ -319,8 +319,9 @@ def _bar(value: float) -> str:
 
 
 def concepts_html(row: Row) -> str:
-    """The attribute table of a capsule classifier's row: each attribute's reading (with a bar)
-    beside its ground truth, then its reading in every counterfactual frame ("" without)."""
+    """The attribute table of a capsule classifier's row (empty for other classifiers): each
+    attribute's reading (with a bar) beside its ground truth, then its reading in every
+    counterfactual frame."""
     c = row.concepts
     if c is None:
         return ""
@@ -454,15 +455,15 @@ def page_html(
 
 
 def concept_columns(row: Row) -> dict[str, Any]:
-    """``concept_<name>`` (the reading) and ``concept_<name>_true`` (the ground truth, "" when
-    unknown) of a capsule classifier's row; {} for other classifiers."""
+    """``concept_<name>`` (the reading) and ``concept_<name>_true`` (the ground truth, None when
+    unknown: an empty CSV cell) of a capsule classifier's row; {} for other classifiers."""
     c = row.concepts
     if c is None:
         return {}
     out: dict[str, Any] = {}
     for a, name in enumerate(c.names):
         out[f"concept_{name}"] = c.values[a]
-        out[f"concept_{name}_true"] = "" if c.truth is None else c.truth[a]
+        out[f"concept_{name}_true"] = None if c.truth is None else c.truth[a]
     return out
 
 
