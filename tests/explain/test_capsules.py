@@ -133,3 +133,20 @@ def test_writer_adds_concept_columns_to_csv_and_wandb_table_and_escapes_names(tm
     html = concepts_html(concept_row())
     assert "<b>spur</b>" not in html and "&lt;b&gt;spur&lt;/b&gt;" in html
     assert html.count("<tr") == 3 and "λ=+1.0 ★" in html  # header, two attributes; the flip
+
+
+def test_capsule_images_are_written_atomically(tmp_path, monkeypatch):
+    from cfexplain.utils import artifacts
+
+    real, written = artifacts.atomic_write, []
+
+    def atomic_write(path, write):
+        written.append(Path(path).name)
+        return real(path, write)
+
+    monkeypatch.setattr(artifacts, "atomic_write", atomic_write)
+    w = GalleryWriter(tmp_path / "g", target="sick", size=16)
+    w.add_batch([concept_row()], {"run": "r"})
+    assert {"capsule_00.png", "capsule_01.png"} <= set(written)
+    folder = tmp_path / "g" / "images" / "00000"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp file left
