@@ -50,6 +50,9 @@ def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
             channels=int(data["channels"]),
             classes=list(data["classes"]) if data["classes"] else None,
             on_bad_file=data["on_bad_file"],
+            # Only the CSV config has them: concept annotations for classifier=capsules.
+            attributes=list(data["attributes"]) if data.get("attributes") else None,
+            attributes_file=data.get("attributes_file"),
         )
         return _binarise(ds, data) if data["task"] == "binary" else ds
     name = data["name"]

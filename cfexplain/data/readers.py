@@ -86,6 +86,8 @@ def open_dataset(
     channels: int,
     classes: list[str] | None = None,
     on_bad_file: str = "error",
+    attributes: Sequence[str] | None = None,
+    attributes_file: str | Path | None = None,
 ) -> ImageDataset:
     """The ``split`` of the dataset at ``root`` as samples with images [channels, R, R] in [-1, 1].
 
@@ -93,7 +95,10 @@ def open_dataset(
     ``camelyonpatch_level_2_split_*_x.h5`` (pcam), a ``.csv`` file or a folder with
     ``manifest.csv`` (csv), a folder with ``<split>/<class>/`` subfolders (folder).
     ``classes`` fixes the class names and their order; ``on_bad_file="skip"`` records corrupt
-    files in ``dataset.skipped`` instead of raising ``DataError``.
+    files in ``dataset.skipped`` instead of raising ``DataError``. ``attributes`` (CSV
+    manifests only) names columns of numbers in [0, 1], of the manifest or of
+    ``attributes_file`` (a CSV with a ``path`` column, paths as in the manifest), that every
+    sample then carries as ``meta["concepts"]`` (see :func:`read_attributes`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -119,9 +124,17 @@ def open_dataset(
     if kind in ("folder", "dicom"):
         items, names, described = _folder_items(root, split, classes, dicom_only=kind == "dicom")
         return _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
+    if attributes and kind != "csv":
+        raise DataError(f"data.attributes: only CSV manifests carry attributes, {root} is {kind}")
     if kind == "csv":
         items, names, described = _manifest_items(root, split, classes)
-        return _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
+        ds = _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
+        if attributes:
+            manifest = root if root.is_file() else root / "manifest.csv"
+            table = read_attributes(Path(attributes_file or manifest).expanduser(), attributes)
+            ds.concepts = _concepts_of(ds, table, attributes_file or manifest)
+            ds.source += f", attributes {list(attributes)}"
+        return ds
     if kind == "medmnist":
         return _MedMNISTDataset(root, split, classes, **fit)
     return _PCamDataset(root, split, classes, **fit)
@@ -355,6 +368,61 @@ def _manifest_classes(
         )
 
     return names, label_of
+
+
+def read_attributes(path: Path, columns: Sequence[str]) -> dict[str, dict[str, float]]:
+    """``{image path: {column: value}}`` from a CSV with a header holding ``path`` and
+    ``columns``, each cell a number in [0, 1]; image paths are resolved against the CSV's folder.
+    A missing file or column, or a bad cell, is a DataError naming the file (line) and field."""
+    columns = [str(c) for c in columns]
+    if not path.is_file():
+        raise DataError(f"{path}: no such attributes file (data.attributes_file)")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            table = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: unreadable attributes CSV ({err})") from err
+    header = [h.strip() for h in table[0]] if table else []
+    index = {name.lower(): i for i, name in enumerate(header)}
+    for needed in ["path", *columns]:
+        if needed.lower() not in index:
+            raise DataError(
+                f"{path}: no column {needed!r} in the header {header} (data.attributes)"
+            )
+    out: dict[str, dict[str, float]] = {}
+    for line, cells in enumerate(table[1:], start=2):
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) < len(header):
+            raise DataError(f"{path} line {line}: {len(cells)} cells; expected {len(header)}")
+        values = {}
+        for col in columns:
+            cell = cells[index[col.lower()]].strip()
+            try:
+                value = float(cell)
+            except ValueError:
+                value = float("nan")
+            if not 0.0 <= value <= 1.0:
+                raise DataError(
+                    f"{path} line {line}: attribute {col}={cell!r}; expected a number in [0, 1]"
+                )
+            values[col] = value
+        out[os.path.normpath(path.parent / cells[index["path"]].strip())] = values
+    return out
+
+
+def _concepts_of(
+    ds: _EagerDataset, table: dict[str, dict[str, float]], where: str | Path
+) -> list[dict[str, float]]:
+    """The attributes of every image of ``ds``, in order; a DataError names the first image
+    ``where`` has no row for."""
+    out = []
+    for p in ds._paths:
+        row = table.get(os.path.normpath(p))
+        if row is None:
+            raise DataError(f"{where}: no attributes row for the image {p} (data.attributes)")
+        out.append(row)
+    return out
 
 
 def _hash_split(path: str) -> str:
@@ -705,6 +773,7 @@ class _EagerDataset(_Readable):
             )
         self._images = _pack(fitted)
         self.labels = np.asarray(labels, dtype=np.int64)
+        self.concepts: list[dict[str, float]] | None = None  # set when the CSV has attributes
         skipped = f", {len(self.skipped)} bad files skipped" if self.skipped else ""
         self.source = f"{described}: {len(labels)} images, {self.num_classes} classes{skipped}"
 
@@ -715,10 +784,13 @@ class _EagerDataset(_Readable):
         index = range(len(self))[index]
         stored = torch.from_numpy(self._images[index])
         image = stored.float() / 127.5 - 1 if stored.dtype == torch.uint8 else stored.float()
+        meta: dict[str, Any] = {"path": self._paths[index], "index": index}
+        if self.concepts is not None:
+            meta["concepts"] = dict(self.concepts[index])
         return {
             "image": _with_channels(image, self.channels),
             "label": int(self.labels[index]),
-            "meta": {"path": self._paths[index], "index": index},
+            "meta": meta,
         }
 
 

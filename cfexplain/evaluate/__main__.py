@@ -124,6 +124,14 @@ def _print_table(summary: dict[str, Any]) -> None:
     if cf:
         keys = ("flip_rate", "causal_nuisance_ratio", "mnac", "realism_fd_flip_frames")
         print("counterfactual: " + "  ".join(f"{k} {cf[k]:.3f}" for k in keys if k in cf))
+    concepts = summary.get("concepts")
+    if concepts:
+        per = concepts.get("per_attribute", {})
+        print(
+            "capsules: diagnosis AUC "
+            + f"{concepts['diagnosis_auc']:.3f}  "
+            + "  ".join(f"{n} AUC {m['auc']:.3f} MAE {m['mae']:.3f}" for n, m in per.items())
+        )
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="evaluate")

@@ -24,6 +24,7 @@ from cfexplain.explain.attribution import (
     counterfactual_difference,
     get_method,
 )
+from cfexplain.nn.capsules import capsule_net
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.cli import ConfigError
 
@@ -64,6 +65,7 @@ def ground_truth(ds, n: int, target: int) -> dict[str, Any]:
         "pathology": torch.stack([pathology_mask(m) for m in metas]),
         "marker": torch.stack(marker),
         "factors": [m.get("factors", {}) for m in metas],
+        "concepts": [m.get("concepts") for m in metas],
         "knee": "osteophyte" in metas[0]["masks"],
     }
 
@@ -254,6 +256,56 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def concept_summary(
+    net: nn.Module,
+    data: dict[str, Any],
+    target: int,
+    device: torch.device,
+    batch: int,
+    baseline: nn.Module | None = None,
+) -> dict[str, Any]:
+    """A capsule classifier on the evaluated images: per attribute the MAE of its readings
+    against the ground-truth concepts and the AUC of the readings for "present" (truth >= 0.5:
+    definite), and the diagnosis AUC of ``target``, beside ``baseline``'s on the same images."""
+    from sklearn.metrics import roc_auc_score
+
+    from cfexplain.data.concepts import PRESENT, attribute_metrics, concept_targets
+
+    x, labels = data["x"], (data["labels"] == target).numpy()
+    names = list(net.attributes)
+
+    def prob(model: nn.Module) -> Any:
+        parts = [torch.softmax(model(b.to(device)).float(), 1)[:, target] for b in x.split(batch)]
+        return torch.cat(parts).cpu().numpy()
+
+    def auc(p: Any) -> float:
+        return float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else math.nan
+
+    readings = torch.cat([net.attribute_values(b.to(device)).float().cpu() for b in x.split(batch)])
+    out: dict[str, Any] = {
+        "attributes": names,
+        "binarised": f"present when the ground truth is >= {PRESENT} (definite: the phantom's "
+        "clinical threshold); AUC of the reading for present, MAE of the reading against the truth",
+        "diagnosis_auc": auc(prob(net)),
+    }
+    if baseline is not None:
+        out["baseline_diagnosis_auc"] = auc(prob(baseline))
+    if all(c is not None and set(names) <= set(c) for c in data["concepts"]):
+        truth = concept_targets([{"concepts": c} for c in data["concepts"]], names)
+        m = attribute_metrics(readings.numpy(), truth, names)
+        out["per_attribute"] = {
+            n: {
+                "mae": m[f"{n}/mae"],
+                "auc": m[f"{n}/auc"],
+                "present": float((truth[:, j] >= PRESENT).mean()),
+            }
+            for j, n in enumerate(names)
+        }
+        out["mean_mae"], out["mean_auc"] = m["mae"], m["auc"]
+    return out
+
+
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     table = summary["table"]
     metrics = list(next(iter(table.values())))
@@ -299,6 +351,15 @@ def evaluate_run(
     summary = summarise(cfg, per, checks, names, data, target)
     if counterfactual is not None:
         summary["counterfactual"] = counterfactual_summary(cfg, per, model, data, device)
+    net = capsule_net(model)
+    if net is not None:
+        baseline = None
+        if cfg.get("baseline"):
+            baseline = TrainedRun(str(cfg.baseline), device).classifier
+        batch = int(cfg.batch_size)
+        summary["concepts"] = concept_summary(net, data, target, device, batch, baseline)
+        if baseline is not None:
+            summary["concepts"]["baseline"] = str(cfg.baseline)
     if oracle_info is not None:
         summary["oracle"] = {k: oracle_info[k] for k in ("factors", "metrics") if k in oracle_info}
         from cfexplain.evaluate.factors import true_counterfactual_ratios

@@ -173,6 +173,8 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
             "what the metrics read when the truth is known.</p>",
             _kv_table(rows),
         ]
+    if "concepts" in summary:
+        parts += concepts_html(summary["concepts"])
     if "marker_reliance" in summary:
         parts += [
             "<h2>Does the classifier use the marker?</h2>",
@@ -180,6 +182,32 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
         ]
     title = f"cfexplain evaluation · {fmt(summary.get('run', ''))}"
     return page(title, _CSS, "cfexplain evaluation", _kv_table(header), "\n".join(parts) + "\n")
+
+
+def concepts_html(c: dict[str, Any]) -> list[str]:
+    """The capsule classifier's section: attribute MAE and AUC, diagnosis AUC (and the
+    baseline's on the same images)."""
+    parts = [
+        "<h2>Concept capsules: the attributes against the ground truth</h2>",
+        f"<p>Attributes binarised as {esc(c['binarised'])}.</p>",
+    ]
+    if "per_attribute" in c:
+        rows = "".join(
+            f"<tr><td>{esc(n)}</td><td>{_cell(m['mae'])}</td><td>{_cell(m['auc'])}</td>"
+            f"<td>{_cell(m['present'])}</td></tr>"
+            for n, m in c["per_attribute"].items()
+        )
+        parts.append(
+            '<table class="concepts"><tr><th>attribute</th><th>MAE ↓</th><th>AUC ↑</th>'
+            f"<th>share present</th></tr>{rows}</table>"
+        )
+    else:
+        parts.append('<p class="note">No ground-truth concepts for these images.</p>')
+    diagnosis = {"diagnosis AUC (capsules)": c["diagnosis_auc"]}
+    if "baseline_diagnosis_auc" in c:
+        diagnosis[f"diagnosis AUC ({c['baseline']})"] = c["baseline_diagnosis_auc"]
+    parts.append(_kv_table(diagnosis))
+    return parts
 
 
 def write_report(

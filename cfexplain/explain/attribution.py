@@ -146,6 +146,15 @@ def _cam_layer(model: nn.Module, method: str) -> nn.Module:
     )
 
 
+def check_applies(model: nn.Module, method: str) -> None:
+    """A ValueError with the model's own reason when ``method`` does not apply to it (its
+    ``unsupported_methods``, also inside a wrapper): the page shows it instead of a map."""
+    for m in (model, getattr(model, "model", None)):
+        reason = (getattr(m, "unsupported_methods", None) or {}).get(method)
+        if reason:
+            raise ValueError(f"{method} does not apply: {reason}")
+
+
 def whole_number(field: str, value: Any, low: int = 1) -> int:
     """``value`` as an int >= ``low``; ``ConfigError`` naming ``field`` otherwise."""
     whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
@@ -386,6 +395,7 @@ class CAM(Method):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
+        check_applies(model, self.name)
         _cam_layer(model, self.name)
         if any(
             getattr(m, "attention", False) is True for m in (model, getattr(model, "model", None))
@@ -488,6 +498,7 @@ class LRP(Method):
 
     def __init__(self, model: nn.Module, composite: str = "epsilon_plus_flat") -> None:
         super().__init__(model)
+        check_applies(model, self.name)
         self.composite = composite
         try:
             lrp_composite(composite)  # fail at construction on an unknown name

@@ -86,6 +86,25 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
 
 @dataclass
+class Concepts:
+    """A concept-capsule classifier's reading of one image, in its attributes' names.
+
+    Attributes:
+        names: the attribute capsules' names ``[A]``.
+        values: their readings (capsule lengths) ``[A]`` in [0, 1).
+        truth: the ground truth ``[A]`` (the data's ``meta["concepts"]``), None without one.
+        images: ``[A, C, H, W]`` the image redrawn by the decoder from each capsule alone.
+        frames: per counterfactual frame, the readings ``[K][A]`` (None without frames).
+    """
+
+    names: list[str]
+    values: list[float]
+    truth: list[float] | None = None
+    images: Tensor | None = None
+    frames: list[list[float]] | None = None
+
+
+@dataclass
 class Row:
     """Everything drawn for one image. Tensors are on any device; maps are raw (not normalised).
 
@@ -122,6 +141,8 @@ class Row:
     drawn: dict[str, np.ndarray] = field(default_factory=dict)
     # The guard's verdict (cfexplain.explain.guard.Verdict); None when the image went unchecked.
     guard: Any = None
+    # A capsule classifier's attribute readings (None for other classifiers).
+    concepts: Concepts | None = None
 
     @property
     def status(self) -> str:
@@ -154,6 +175,10 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
             tiles.append((colorize(row.difference[None], signed=True)[0], "flip - G(E(x))", ""))
     for name, (m, signed) in row.maps.items():
         tiles.append((_map_rgb(row, name, m, signed), name[:14], ""))
+    c = row.concepts
+    if c is not None and c.images is not None:
+        for name, value, pic in zip(c.names, c.values, gray_rgb(c.images), strict=True):
+            tiles.append((pic, name[:14], f"{value:.2f}"))
     imgs = [upscale(t, size) for t, _, _ in tiles]
     w, h = imgs[0].size
     text_h = 26
@@ -212,6 +237,13 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
     for name, (m, signed) in row.maps.items():
         files["maps"][name] = put(f"map_{name}.png", upscale(_map_rgb(row, name, m, signed), size))
     files["strip"] = put("strip.png", strip_image(row, size))
+    if row.concepts is not None and row.concepts.images is not None:
+        files["concepts"] = {}
+        for k, (name, pic) in enumerate(zip(row.concepts.names, gray_rgb(row.concepts.images))):
+            buf = io.BytesIO()
+            upscale(pic, size).save(buf, format="PNG")
+            write_bytes(folder / f"capsule_{k:02d}.png", buf.getvalue())
+            files["concepts"][name] = f"{rel}/capsule_{k:02d}.png"
     if row.has_counterfactual:
         files["reconstruction"] = put(
             "reconstruction.png", upscale(gray_rgb(row.reconstruction[None])[0], size)
@@ -267,6 +299,8 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
     if row.has_counterfactual:
         cells.append(_figure(files["plot"], "p vs λ", "plot"))
         cells.append(_figure(files["gif"], "sequence", "gif"))
+    for name, src in files.get("concepts", {}).items():
+        cells.append(_figure(src, f"capsule {name}", "capsule"))
     facts = [f"true: {esc(attrs['data-true'])}", f"pred: {esc(row.pred)}", f"flip: {flip}"]
     facts += [f"guard: {esc(row.status)}"]
     facts += [f"{esc(k)}: {esc(fmt(v))}" for k, v in row.metrics.items()]
@@ -276,8 +310,36 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         f"{guard_banner(row)}"
         f'<h3>{esc(row.name)}</h3><p class="facts">{" · ".join(facts)}'
         f' · <a href="{esc(files["strip"])}">strip</a></p>\n'
-        f'<div class="cells">{"".join(cells)}</div>\n</section>\n'
+        f'<div class="cells">{"".join(cells)}</div>\n{concepts_html(row)}</section>\n'
     )
+
+
+def _bar(value: float) -> str:
+    return f'<span class="bar" style="width:{max(0.0, min(1.0, value)) * 60:.0f}px"></span>'
+
+
+def concepts_html(row: Row) -> str:
+    """The attribute table of a capsule classifier's row (empty for other classifiers): each
+    attribute's reading (with a bar) beside its ground truth, then its reading in every
+    counterfactual frame."""
+    c = row.concepts
+    if c is None:
+        return ""
+    head = ["attribute", "reading", "truth"]
+    if c.frames is not None and row.lambdas is not None:
+        head += [
+            f"λ={lam:+.1f}" + (" ★" if k == row.flip else "") for k, lam in enumerate(row.lambdas)
+        ]
+    lines = ["<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
+    for a, name in enumerate(c.names):
+        cells = [esc(name), f"{_bar(c.values[a])} {c.values[a]:.2f}"]
+        cells.append("n/a" if c.truth is None else f"{_bar(c.truth[a])} {c.truth[a]:.2f}")
+        if c.frames is not None and row.lambdas is not None:
+            cells += [f"{frame[a]:.2f}" for frame in c.frames]
+        lines.append(
+            f'<tr data-attribute="{esc(name)}">' + "".join(f"<td>{v}</td>" for v in cells) + "</tr>"
+        )
+    return f'<table class="concepts">{"".join(lines)}</table>\n'
 
 
 def guard_banner(row: Row) -> str:
@@ -307,6 +369,9 @@ figcaption{font-size:11px;color:#444;max-width:110px}.frame figcaption{font-vari
 .row.flagged{border:2px solid #c0392b}.guard-banner{background:#fdecea;color:#7b1f14;
 border-left:6px solid #c0392b;padding:.4em .6em;margin:.2em 0 .4em;font-size:14px}
 .guard-banner ul{margin:.2em 0 0 1.2em;padding:0;font-size:12px}
+table.concepts{border-collapse:collapse;font-size:12px;margin:.4em 0 .2em;font-variant-numeric:tabular-nums}
+table.concepts td,table.concepts th{border:1px solid #ddd;padding:1px 6px;text-align:left}
+table.concepts th{background:#f2f2f2}.bar{display:inline-block;height:8px;background:#1f5fa8;vertical-align:middle}
 """
 
 _SCRIPT = """
@@ -387,6 +452,19 @@ def page_html(
     )
     title = f"cfexplain · {header.get('run', '')}"
     return page(title, _CSS, "cfexplain gallery", facts_table(header) + note_html, body)
+
+
+def concept_columns(row: Row) -> dict[str, Any]:
+    """``concept_<name>`` (the reading) and ``concept_<name>_true`` (the ground truth, None when
+    unknown: an empty CSV cell) of a capsule classifier's row; {} for other classifiers."""
+    c = row.concepts
+    if c is None:
+        return {}
+    out: dict[str, Any] = {}
+    for a, name in enumerate(c.names):
+        out[f"concept_{name}"] = c.values[a]
+        out[f"concept_{name}_true"] = None if c.truth is None else c.truth[a]
+    return out
 
 
 def csv_safe(value: Any) -> Any:
@@ -470,7 +548,7 @@ class GalleryWriter:
             "guard_status": row.status,
             "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
-        values = {**base, **row.metrics, "strip": files["strip"]}
+        values = {**base, **row.metrics, **concept_columns(row), "strip": files["strip"]}
         path = self.out / "metrics.csv"
         if self.metric_columns is None:
             self.metric_columns = list(values)
@@ -498,6 +576,11 @@ class GalleryWriter:
             cells["frame_probs"] = json.dumps([round(float(p), 4) for p in row.frame_probs])
             cells["flip_index"] = row.flip
         cells |= {m: out / files["maps"][m] for m in files["maps"]}
+        cells |= concept_columns(row)
+        cells |= {f"capsule_{n}": out / f for n, f in files.get("concepts", {}).items()}
+        if row.concepts is not None and row.concepts.frames is not None:
+            frames = [[round(v, 4) for v in f] for f in row.concepts.frames]
+            cells["frame_concepts"] = json.dumps(dict(zip(row.concepts.names, zip(*frames))))
         return cells | dict(row.metrics)
 
     def table(self) -> tuple[list[str], list[list[Any]]]:

@@ -28,7 +28,8 @@ from cfexplain.explain.attribution import (
     counterfactual_difference,
     get_method,
 )
-from cfexplain.explain.gallery import UNCHECKED, GalleryWriter, Row
+from cfexplain.explain.gallery import UNCHECKED, Concepts, GalleryWriter, Row
+from cfexplain.nn.capsules import CapsuleClassifier, capsule_net
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.cli import ConfigError
 
@@ -37,7 +38,8 @@ log = logging.getLogger("cfexplain")
 # What the reports' provenance lists, in this order.
 REPORT_STAGES = ("classifier", "generator", "encoder", "direction", "normative")
 
-Batches = Iterator[tuple[torch.Tensor, list[str], list[str | None]]]
+# (images, names, true labels, ground-truth concepts: meta["concepts"] or None per image)
+Batches = Iterator[tuple[torch.Tensor, list[str], list[str | None], list[dict | None]]]
 
 
 # ----------------------------------------------------------------------------- methods
@@ -111,8 +113,9 @@ def method_notes(methods: dict[str, Method], classes: list[str]) -> list[str]:
 def image_batches(
     cfg: DictConfig, run: TrainedRun, skipped: list[tuple[str, str]]
 ) -> tuple[Batches, str, int | None]:
-    """``(iterator of (images [B, C, R, R], names, true labels), description, count)``: the
-    user's ``images=`` (unreadable files go to ``skipped``), else the run's ``split``."""
+    """``(iterator of (images [B, C, R, R], names, true labels, concepts), description,
+    count)``: the user's ``images=`` (unreadable files go to ``skipped``), else the run's
+    ``split``."""
     limit = None if cfg.limit is None else int(cfg.limit)
     if cfg.images:
         return _user_batches(cfg, run, skipped, limit)
@@ -126,7 +129,8 @@ def image_batches(
             samples = [ds[i] for i in range(start, min(n, start + size))]
             x = torch.stack([s["image"] for s in samples])
             labels = [names[int(s["label"])] for s in samples]
-            yield x, [f"{cfg.split} #{start + i}" for i in range(len(samples))], labels
+            concepts = [s["meta"].get("concepts") for s in samples]
+            yield x, [f"{cfg.split} #{start + i}" for i in range(len(samples))], labels, concepts
 
     return split(), f"{n} images of {getattr(ds, 'source', cfg.split)}", n
 
@@ -159,11 +163,12 @@ def _user_batches(
     return user(), f"files from images={cfg.images}", None
 
 
-def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None]]:
+def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None], list[dict | None]]:
     return (
         torch.stack([it.image for it in items]),
         [str(it.path.name) for it in items],
         [it.label for it in items],
+        [None] * len(items),
     )
 
 
@@ -209,9 +214,12 @@ def explain_batch(
     labels: list[str | None],
     target: int,
     guard: str = "warn",
+    truths: list[dict | None] | None = None,
 ) -> list[Row]:
     """Probabilities, guard verdicts, counterfactuals, maps and per-image metrics of one batch
-    ``x [B, C, H, W]``. With ``guard="skip"`` flagged images get no counterfactual."""
+    ``x [B, C, H, W]``. With ``guard="skip"`` flagged images get no counterfactual. A capsule
+    classifier's rows also get their attribute readings (:func:`capsule_concepts`), beside
+    ``truths`` (the images' ground-truth concepts, where known)."""
     classes = run.classes
     with torch.no_grad():
         probs = torch.softmax(run.classifier(x).float(), dim=1).cpu()
@@ -227,6 +235,11 @@ def explain_batch(
         metrics = counterfactual_metrics(cf, cf_method.engine)
     maps = {name: m.attribute(x, target).float().cpu() for name, m in maps_of.items()}
     drawn = _drawn(maps_of, maps, x, classes)
+    net = capsule_net(run.classifier)
+    concepts = None
+    if net is not None:
+        frames = {i: cf.images[at[i]] for i in at} if cf is not None else {}
+        concepts = capsule_concepts(net, x, truths or [None] * len(x), frames)
     rows = []
     for i in range(len(x)):
         row = Row(
@@ -238,6 +251,7 @@ def explain_batch(
             maps={name: (a[i], maps_of[name].signed) for name, a in maps.items()},
             drawn={name: pics[i] for name, pics in drawn.items()},
             guard=verdicts[i] if verdicts is not None else None,
+            concepts=concepts[i] if concepts is not None else None,
         )
         if cf is not None and i in at:
             j = at[i]
@@ -245,6 +259,35 @@ def explain_batch(
             _add_sequence(row, cf, j, int(flip[j]), diff[j])
         rows.append(row)
     return rows
+
+
+def capsule_concepts(
+    net: CapsuleClassifier,
+    x: torch.Tensor,
+    truths: list[dict | None],
+    frames: dict[int, torch.Tensor],
+) -> list[Concepts]:
+    """Per image of ``x [B, C, H, W]``: the capsules' readings, the ground truth of their
+    attributes (where ``truths[i]`` holds them all), each capsule's reconstruction and the
+    readings of the counterfactual frames ``frames[i] [K, C, H, W]`` (where the image has them)."""
+    with torch.no_grad():
+        values = net.attribute_values(x).float().cpu()
+        images = net.attribute_reconstructions(x).float().cpu()
+        read = {i: net.attribute_values(f.to(x.device)).float().cpu() for i, f in frames.items()}
+    out = []
+    for i in range(len(x)):
+        t = truths[i]
+        known = t is not None and all(n in t for n in net.attributes)
+        out.append(
+            Concepts(
+                names=list(net.attributes),
+                values=values[i].tolist(),
+                truth=[float(t[n]) for n in net.attributes] if known and t else None,
+                images=images[i],
+                frames=read[i].tolist() if i in read else None,
+            )
+        )
+    return out
 
 
 def _drawn(
@@ -383,9 +426,9 @@ def write_gallery(
     tally = Tally()
     start = time.time()
     bar = tqdm(total=count, desc="explain", unit="img")
-    for x, names, labels in batches:
+    for x, names, labels, truths in batches:
         x = x.to(run.device)
-        rows = explain_batch(run, methods, x, names, labels, target, mode)
+        rows = explain_batch(run, methods, x, names, labels, target, mode, truths)
         wanted = [i for i in range(len(rows)) if writer.count + i in reports]
         if wanted:
             write_reports(cfg, run, methods, rows, x, wanted, out)
@@ -470,6 +513,7 @@ def write_reports(
             reference_prob=row.recon_prob,
             target_prob=row.prob,
             guard=row.guard,
+            concepts=row.concepts,
         )
         log.info(f"[explain] report: {path}")
 

@@ -105,6 +105,7 @@ def write_report(
     reference_prob: float | None = None,
     target_prob: float | None = None,
     guard: Any = None,
+    concepts: Any = None,
 ) -> Path:
     """Write the report of one image to ``path`` (HTML, atomically); returns ``path``.
 
@@ -125,6 +126,7 @@ def write_report(
             frame flips when it is on the other side of 0.5 (the gallery's flip).
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
+        concepts: a capsule classifier's readings (``gallery.Concepts``); None for others.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
@@ -158,6 +160,7 @@ def write_report(
         reference_prob=None if reference_prob is None else float(reference_prob),
         target_prob=None if target_prob is None else float(target_prob),
         guard=guard,
+        concepts=concepts,
     )
     write_text(path, report_html(content))
     if pdf != "none":
@@ -247,6 +250,40 @@ def _section_said(c: _Content) -> str:
         f'<p class="note">Possible answers: {", ".join(esc(n) for n in c.class_names)}. '
         "This is the output of a computer model, not a diagnosis: read it together with "
         "the rest of this page.</p>"
+    )
+
+
+def _section_concepts(c: _Content) -> str:
+    """A capsule classifier's findings: each attribute's reading beside its ground truth, the
+    picture its capsule alone redraws, and how the reading moves along the counterfactual."""
+    from cfexplain.explain.gallery import gray_rgb
+    from cfexplain.utils.images import upscale
+
+    k = c.concepts
+    if k is None:
+        return ""
+    head = "<tr><th>finding</th><th>the model's reading</th><th>ground truth</th>"
+    moves = k.frames is not None and len(k.frames) > 1
+    head += "<th>along the steps below</th></tr>" if moves else "</tr>"
+    rows = []
+    for a, name in enumerate(k.names):
+        bar = f'<span class="bar" style="width:{100 * k.values[a]:.0f}px"></span>'
+        truth = "not known" if k.truth is None else f"{k.truth[a]:.2f}"
+        cells = [esc(name), f"{bar} {k.values[a]:.2f}", truth]
+        if moves:
+            cells.append(f"{k.frames[0][a]:.2f} → {k.frames[-1][a]:.2f}")
+        rows.append("<tr>" + "".join(f"<td>{v}</td>" for v in cells) + "</tr>")
+    figs = ""
+    if k.images is not None:
+        pics = [np.asarray(upscale(p, 96)) for p in gray_rgb(k.images)]
+        figs = "".join(_img(_uri(p), f"{n} capsule", size=96) for n, p in zip(k.names, pics))
+        figs = f'<div class="figs strip">{figs}</div>'
+    return (
+        "<h2>What it saw, finding by finding</h2>"
+        '<p class="note">This model reads named findings first and decides from them. Each '
+        "reading is between 0 (absent) and 1 (severe); 0.5 means definite. The pictures show "
+        "what each finding's part of the model redraws on its own.</p>"
+        f"<table>{head}{''.join(rows)}</table>{figs}"
     )
 
 
@@ -342,6 +379,7 @@ def report_html(c: _Content) -> str:
     sections = (
         _section_warning(c),
         _section_said(c),
+        _section_concepts(c),
         _section_looked(c),
         _section_change(c),
         _section_unusual(c),

@@ -1,13 +1,16 @@
 """Classifier stage: the black box to explain, trained here or brought by the user.
 
-Trained: a ResNet (``classifier=resnet``) with AdamW, warm-up + cosine learning rate, early
-stopping on validation AUC, resumable every ``checkpoint_every`` steps. External
+Trained: a ResNet (``classifier=resnet``) or concept capsules (``classifier=capsules``: the
+diagnosis plus, weighted by config, attribute lengths against ``meta["concepts"]`` and the
+reconstruction) with AdamW, warm-up + cosine learning rate, early stopping on validation AUC,
+resumable every ``checkpoint_every`` steps. External
 (``classifier=external``): the user's module or TorchScript file, checked with one forward pass.
 Either way the test split is scored and the model is saved in a form later stages load alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import shutil
 from pathlib import Path
@@ -23,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cfexplain.data import build_dataset, collate
+from cfexplain.data.concepts import attribute_metrics, concept_targets
+from cfexplain.nn.capsules import capsule_losses, capsule_net
 from cfexplain.nn.classifier import BinaryLogitAdapter, check_classifier, load_external
 from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
 from cfexplain.utils import distributed
@@ -49,6 +54,7 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         model, files, info = _train(cfg, run, splits, d)
     probs, labels = predict(model, splits["test"], int(c.eval_batch_size), d.device)
     metrics = {f"test/{k}": v for k, v in classification_metrics(probs, labels).items()}
+    metrics |= _attribute_metrics(model, splits["test"], int(c.eval_batch_size), d.device)
     info = {"data": splits["train"].source, "classes": list(splits["train"].class_names), **info}
     if run.is_main:
         run.log({k: v for k, v in metrics.items() if np.isscalar(v)})
@@ -64,7 +70,7 @@ def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed
     """Train with early stopping on validation AUC; the best epoch's model, files and info."""
     c = cfg.classifier
     _check_batch(int(c.batch_size), len(splits["train"]), d)
-    model, kwargs = _build(cfg, int(splits["train"].num_classes), d.device)
+    model, kwargs = _build(cfg, splits["train"], d.device)
     opt = instantiate(c.optimizer)(model.parameters())
     steps_per_epoch = len(splits["train"]) // int(c.batch_size)
     total = int(c.epochs) * steps_per_epoch
@@ -102,6 +108,12 @@ def _train(cfg: DictConfig, run: Run, splits: dict[str, Dataset], d: distributed
         "processes": d.world,
         "device": str(d.device),
     }
+    if c.name == "capsules":
+        info |= {
+            "attributes": kwargs["attributes"],
+            "attribute_weight": float(c.attribute_weight),
+            "reconstruction_weight": float(c.reconstruction_weight),
+        }
     return model.eval(), files, info
 
 
@@ -130,17 +142,55 @@ def _check_batch(batch: int, n_train: int, d: distributed.Dist) -> None:
 
 
 def _build(
-    cfg: DictConfig, num_classes: int, device: torch.device
+    cfg: DictConfig, train: Dataset, device: torch.device
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The untrained model and the constructor arguments it is saved with."""
     c = cfg.classifier
     kwargs = {
         k: v for k, v in OmegaConf.to_container(c.model, resolve=True).items() if k != "_target_"
     }
-    kwargs |= {"in_channels": int(cfg.data.channels), "num_classes": num_classes}
+    kwargs |= {"in_channels": int(cfg.data.channels), "num_classes": int(train.num_classes)}
+    if c.name == "capsules":
+        kwargs = _capsule_kwargs(c, kwargs, train)
+        model_cfg = OmegaConf.create({"_target_": c.model._target_, **kwargs})
+    else:
+        model_cfg = c.model
     torch.manual_seed(int(cfg.seed))  # initial weights: same on every rank, same for a seed
-    model = instantiate(c.model, **{k: kwargs[k] for k in ("in_channels", "num_classes")})
+    extra = {k: kwargs[k] for k in ("in_channels", "num_classes")}
+    model = instantiate(model_cfg, **extra)
     return model.to(device), kwargs
+
+
+def _capsule_kwargs(c: DictConfig, kwargs: dict[str, Any], train: Dataset) -> dict[str, Any]:
+    """The capsule classifier's constructor arguments: its attribute names (``attributes``, the
+    data's concepts, or ``capsules`` unnamed ones when unsupervised), without the ResNet keys a
+    preset sets (``blocks``, ``stem_stride``: said in the log)."""
+    from cfexplain.utils.artifacts import import_target
+    from cfexplain.utils.cli import ConfigError
+
+    accepted = inspect.signature(import_target(c.model._target_)).parameters
+    dropped = sorted(k for k in kwargs if k not in accepted)
+    if dropped:
+        log.info(
+            f"[classifier] classifier.model.{', '.join(dropped)}: not parameters of "
+            f"{c.model._target_} (a preset sets them for the ResNet); not used"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    concepts = train[0]["meta"].get("concepts") if len(train) else None
+    if c.attributes:
+        names = [str(a) for a in c.attributes]
+    elif concepts:
+        names = list(concepts)
+    elif float(c.attribute_weight) == 0:
+        names = [f"capsule_{i}" for i in range(int(c.capsules))]
+    else:
+        raise ConfigError(
+            "classifier=capsules: the data has no concept annotations (meta['concepts']); use a "
+            "phantom, data.attributes for a CSV, or classifier.attribute_weight=0"
+        )
+    if float(c.attribute_weight) > 0:
+        concept_targets([train[0]["meta"]], names)  # a missing concept fails here, named
+    return kwargs | {"attributes": names}
 
 
 def _train_epoch(
@@ -158,15 +208,21 @@ def _train_epoch(
     """The rest of epoch ``s['epoch']``: its batches not done before a resume."""
     c, seed, batch = cfg.classifier, int(cfg.seed), int(cfg.classifier.batch_size)
     loader = epoch_loader(ds, batch, seed, s["epoch"], s["step"], d, int(cfg.data.num_workers))
+    caps = capsule_net(ddp.module if hasattr(ddp, "module") else ddp)
     ddp.train()
-    for x, y, _ in loader:
+    for x, y, metas in loader:
         x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
         if c.hflip:
             draw = generator(seed, Stream.CLASSIFIER_FLIP, s["step"], d.rank)
             flip = torch.rand(len(x), generator=draw) < 0.5
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        terms: dict[str, torch.Tensor] = {}
         with distributed.autocast(d.device, bool(c.amp)):
-            loss = F.cross_entropy(ddp(x), y, label_smoothing=float(c.label_smoothing))
+            if caps is None:
+                loss = F.cross_entropy(ddp(x), y, label_smoothing=float(c.label_smoothing))
+            else:
+                terms = _capsule_terms(c, ddp, x, y, metas, caps.attributes, d.device)
+                loss = terms.pop("loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
@@ -176,11 +232,39 @@ def _train_epoch(
         bar.update()
         if s["step"] % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            more = {f"train/{k}_loss": v.item() for k, v in terms.items()}
             run.log(
-                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]}, step=s["step"]
+                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"], **more},
+                step=s["step"],
             )
         if s["step"] % int(cfg.checkpoint_every) == 0:
             ckpt.save(s["step"], loop=s)
+
+
+def _capsule_terms(
+    c: DictConfig,
+    ddp: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    metas: list[dict],
+    attributes: list[str],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """The capsule classifier's loss and its terms on one batch (through ``ddp``, so that the
+    gradients are averaged over the processes)."""
+    weight = float(c.attribute_weight)
+    targets = None
+    if weight > 0:
+        targets = torch.from_numpy(concept_targets(metas, attributes)).to(device)
+    return capsule_losses(
+        ddp(x, outputs=True),
+        x,
+        y,
+        targets,
+        weight,
+        float(c.reconstruction_weight),
+        float(c.label_smoothing),
+    )
 
 
 def _validate(
@@ -192,12 +276,19 @@ def _validate(
     d: distributed.Dist,
     bar: tqdm,
 ) -> None:
-    """End of an epoch: validation AUC, and the best model so far (early stopping)."""
+    """End of an epoch: validation AUC, and the best model so far (early stopping). Supervised
+    capsules are chosen on the mean of the diagnosis AUC and the mean attribute AUC: the
+    attributes are half of what they are for."""
     val = classification_metrics(*predict(model, val_ds, int(c.eval_batch_size), d.device))
+    score, extra = val["auc"], {}
+    if c.name == "capsules" and float(c.attribute_weight) > 0:
+        extra = _attribute_metrics(model, val_ds, int(c.eval_batch_size), d.device)
+        extra = {k.replace("test/", "val/"): v for k, v in extra.items()}
+        score = (val["auc"] + extra["val/attributes/auc"]) / 2
     s["epoch"] += 1
-    improved = val["auc"] > s["best_auc"]
+    improved = score > s["best_auc"]
     if improved:
-        s["best_auc"], s["best_epoch"], s["bad_epochs"] = val["auc"], s["epoch"], 0
+        s["best_auc"], s["best_epoch"], s["bad_epochs"] = score, s["epoch"], 0
         s["best"] = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
     else:
         s["bad_epochs"] += 1
@@ -205,12 +296,13 @@ def _validate(
         {"epoch": s["epoch"], "val_auc": val["auc"], "val_accuracy": val["accuracy"]}
     )
     run.log(
-        {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"]},
+        {"val/auc": val["auc"], "val/accuracy": val["accuracy"], "epoch": s["epoch"], **extra},
         step=s["step"],
     )
     if run.is_main:
+        more = f"  attribute AUC {extra['val/attributes/auc']:.4f}" if extra else ""
         bar.write(
-            f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{'  *' if improved else ''}"
+            f"epoch {s['epoch']:>3}  val AUC {val['auc']:.4f}  accuracy {val['accuracy']:.4f}{more}{'  *' if improved else ''}"
         )
 
 
@@ -254,6 +346,40 @@ def predict(
         labels.append(y)
     model.train(was_training)
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def predict_attributes(
+    model: torch.nn.Module, ds: Dataset, batch: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A capsule classifier's attribute readings ``[N, A]`` over a split, and the ground truth
+    ``[N, A]`` of its concepts (None when the data has none)."""
+    net = capsule_net(model)
+    assert net is not None, f"{type(model).__name__} has no attribute capsules"
+    was_training = net.training
+    net.eval()
+    pred, metas = [], []
+    for x, _, m in DataLoader(ds, batch_size=batch, collate_fn=collate):
+        pred.append(net.attribute_values(x.to(device)).float().cpu())
+        metas += m
+    net.train(was_training)
+    truth = None
+    if all(set(net.attributes) <= set(m.get("concepts") or {}) for m in metas):
+        truth = concept_targets(metas, net.attributes)
+    return torch.cat(pred).numpy(), truth
+
+
+def _attribute_metrics(
+    model: torch.nn.Module, ds: Dataset, batch: int, device: torch.device
+) -> dict[str, float]:
+    """``test/attributes/<name>/{mae,auc}`` of a capsule classifier with ground truth; {} else."""
+    if capsule_net(model) is None:
+        return {}
+    pred, truth = predict_attributes(model, ds, batch, device)
+    if truth is None:
+        return {}
+    names = capsule_net(model).attributes  # type: ignore[union-attr]
+    return {f"test/attributes/{k}": v for k, v in attribute_metrics(pred, truth, names).items()}
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

@@ -167,3 +167,31 @@ def test_flagged_rows_banner_header_counts_and_guard_filter_in_chromium(browser,
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_capsule_rows_show_the_attribute_table_and_capsule_images_in_chromium(browser, tmp_path):
+    from tests.explain.test_capsules import concept_row
+
+    w = GalleryWriter(tmp_path / "g", target="sick", size=32)
+    w.add_batch([concept_row("a.png"), concept_row("b.png")], {"run": "r"})
+    index = w.close({"run": "r"}, {})
+    page, errors = open_page(browser, index)
+    try:
+        tables = page.locator("table.concepts")
+        assert tables.count() == 2 and tables.first.is_visible()
+        # header: attribute, reading, truth, one column per frame; then one row per attribute
+        head = tables.first.locator("th").all_inner_texts()
+        assert head[:3] == ["attribute", "reading", "truth"] and len(head) == 3 + 5
+        spur = tables.first.locator("tr").nth(2).locator("td").all_inner_texts()
+        assert spur[0] == "<b>spur</b>" and spur[1].strip() == "0.75" and spur[2].strip() == "1.00"
+        assert spur[3:] == ["0.90", "0.80", "0.70", "0.60", "0.50"]
+        width = page.evaluate(
+            "document.querySelector('table.concepts tr:nth-child(3) .bar').getBoundingClientRect().width"
+        )
+        assert width == pytest.approx(45, abs=1)  # the reading's bar: 0.75 of 60 px
+        # with counterfactual: 12 images as before, plus one per attribute capsule
+        assert assert_images_decoded(page) == 2 * (12 + 2)
+        assert page.locator("figure.capsule figcaption").first.inner_text() == "capsule narrowing"
+        assert not errors, errors
+    finally:
+        page.close()

@@ -63,25 +63,74 @@ def test_same_seed_same_weights_other_seed_differs(smoke_cfg, tmp_path):
     assert not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
 
 
-def _train_cmd(runs):
+def _train_cmd(runs, classifier="resnet"):
     return smoke_train(
-        runs, "stages=[classifier]", "data.n_train=256", "classifier.epochs=3", "checkpoint_every=3"
+        runs,
+        "stages=[classifier]",
+        "data.n_train=256",
+        "classifier.epochs=3",
+        "checkpoint_every=3",
+        f"classifier={classifier}",
     )
 
 
 @pytest.mark.slow
-def test_kill_then_resume_gives_the_same_weights(tmp_path):
-    run_train(_train_cmd(tmp_path / "ref"))
+@pytest.mark.parametrize("classifier", ["resnet", "capsules"])
+def test_kill_then_resume_gives_the_same_weights(tmp_path, classifier):
+    run_train(_train_cmd(tmp_path / "ref", classifier))
     runs = tmp_path / "killed"
     state = runs / "knee" / ".classifier.partial" / "state.pt"
-    kill_when(_train_cmd(runs), state.exists)
+    kill_when(_train_cmd(runs, classifier), state.exists)
     assert not (runs / "knee" / "classifier").exists()
-    run_train(_train_cmd(runs))
+    run_train(_train_cmd(runs, classifier))
     art = Artifact.load(runs / "knee" / "classifier")
     assert art.info["resumed_from_step"] > 0
     a = load_file(str(Artifact.load(tmp_path / "ref" / "knee" / "classifier").path("weights")))
     b = load_file(str(art.path("weights")))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_capsules_train_on_the_phantom_concepts_and_load_like_any_classifier(smoke_cfg):
+    art = run_chain(smoke_cfg("stages=[classifier]", "classifier=capsules"))["classifier"]
+    names = ["narrowing_medial", "narrowing_lateral", "osteophytes", "sclerosis", "deformity"]
+    assert art.info["attributes"] == names
+    for name in names:
+        assert 0 <= art.metrics[f"test/attributes/{name}/mae"] <= 1
+        assert f"test/attributes/{name}/auc" in art.metrics
+    model = load_classifier(art.dir)
+    x = torch.zeros(3, 1, 32, 32)
+    assert model(x).shape == (3, 2) and model.attributes == names
+    # the smoke preset's ResNet keys were left out of the saved constructor arguments
+    assert "blocks" not in art.info["model"]
+
+
+def test_capsules_without_concepts_need_attribute_weight_0(smoke_cfg, tmp_path):
+    from PIL import Image
+
+    from cfexplain.utils.cli import ConfigError
+
+    root = tmp_path / "csv"
+    root.mkdir()
+    rows = ["path,label,split"]
+    for i in range(24):
+        Image.fromarray(np.full((8, 8), 10 * i, np.uint8)).save(root / f"{i}.png")
+        rows.append(f"{i}.png,{i % 2},{('train', 'val', 'test')[i % 3]}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    data = ["+dataset=csv", f"data.root={root}", "classifier.batch_size=4"]
+    cfg = smoke_cfg("stages=[classifier]", "classifier=capsules", *data[1:], dataset="csv")
+    with pytest.raises(ConfigError, match="no concept annotations"):
+        run_chain(cfg)
+    cfg = smoke_cfg(
+        "stages=[classifier]",
+        "classifier=capsules",
+        "classifier.attribute_weight=0",
+        "classifier.capsules=3",
+        *data[1:],
+        dataset="csv",
+    )
+    art = run_chain(cfg)["classifier"]
+    assert art.info["attributes"] == ["capsule_0", "capsule_1", "capsule_2"]
+    assert not any(k.startswith("test/attributes/") for k in art.metrics)
 
 
 def test_failed_run_keeps_the_finished_stage(smoke_cfg, monkeypatch):

@@ -305,4 +305,7 @@ class HistologyPhantom(CachedPhantom):
             "index": int(i),
             "split": self.split,
         }
+        from cfexplain.data.concepts import histology_concepts  # here: concepts reads this module
+
+        meta["concepts"] = histology_concepts(factors)
         return {"image": to_tensor_image(img), "label": int(factors["tumour"] >= 0.5), "meta": meta}

@@ -970,4 +970,7 @@ class KneePhantom(CachedPhantom):
             "index": int(i),
             "split": self.split,
         }
+        from cfexplain.data.concepts import knee_concepts  # here: concepts reads this module
+
+        meta["concepts"] = knee_concepts(factors)
         return {"image": to_tensor_image(img), "label": label, "meta": meta}
