@@ -50,6 +50,7 @@ def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
             channels=int(data["channels"]),
             classes=list(data["classes"]) if data["classes"] else None,
             on_bad_file=data["on_bad_file"],
+            reports=data.get("reports"),
         )
         return _binarise(ds, data) if data["task"] == "binary" else ds
     name = data["name"]
