@@ -122,10 +122,25 @@ def open_dataset(
     fit = dict(resolution=resolution, channels=channels)
     if kind in ("folder", "dicom"):
         items, names, described = _folder_items(root, split, classes, dicom_only=kind == "dicom")
-        return _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
+        return _EagerDataset(
+            items,
+            names,
+            described,
+            on_bad_file=on_bad_file,
+            resolution=resolution,
+            channels=channels,
+        )
     if kind == "csv":
         items, names, described, texts = _manifest_items(root, split, classes, reports)
-        return _EagerDataset(items, names, described, on_bad_file=on_bad_file, reports=texts, **fit)
+        return _EagerDataset(
+            items,
+            names,
+            described,
+            on_bad_file=on_bad_file,
+            resolution=resolution,
+            channels=channels,
+            reports=texts,
+        )
     if kind == "medmnist":
         return _MedMNISTDataset(root, split, classes, **fit)
     return _PCamDataset(root, split, classes, **fit)

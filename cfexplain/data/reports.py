@@ -211,7 +211,7 @@ def parse_report(kind: str, text: str) -> dict[str, int]:
     keeps its first statement."""
     if kind not in _SENTENCES:
         raise ValueError(f"report kind must be one of {KINDS}, got {kind!r}")
-    table, out = _SENTENCES[kind], {}
+    table, out = _SENTENCES[kind], dict[str, int]()
     for sentence in " ".join(tokenize(text)).split("."):
         sentence = sentence.strip()
         if sentence in table:
