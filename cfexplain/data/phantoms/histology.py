@@ -19,12 +19,12 @@ from scipy import ndimage
 from cfexplain.data.phantoms.knee import (
     SPLITS,
     CachedPhantom,
-    _report,
     area_down,
     band_noise,
     check_common,
     check_index,
     coverage_mask,
+    phantom_report,
     pixel_grid,
     resample,
     sample_seed,
@@ -306,6 +306,6 @@ class HistologyPhantom(CachedPhantom):
             "tumour_fraction": float(masks["tumour"].mean()),
             "index": int(i),
             "split": self.split,
-            "report": _report("histology", factors, (self.seed, SPLITS[self.split], i)),
+            "report": phantom_report("histology", factors, (self.seed, SPLITS[self.split], i)),
         }
         return {"image": to_tensor_image(img), "label": int(factors["tumour"] >= 0.5), "meta": meta}

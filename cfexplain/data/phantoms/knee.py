@@ -251,7 +251,9 @@ class CachedPhantom(ImageDataset):
         return self
 
 
-def _report(kind: str, factors: Mapping[str, float], seed: tuple, grade: int | None = None) -> str:
+def phantom_report(
+    kind: str, factors: Mapping[str, float], seed: tuple, grade: int | None = None
+) -> str:
     """The sample's report (cfexplain.data.reports; imported here, which imports this module)."""
     from cfexplain.data.reports import write_report
 
@@ -976,6 +978,6 @@ class KneePhantom(CachedPhantom):
             "masks": {k: torch.from_numpy(m) for k, m in masks.items()},
             "index": int(i),
             "split": self.split,
-            "report": _report("knee", factors, (self.seed, SPLITS[self.split], i), grade),
+            "report": phantom_report("knee", factors, (self.seed, SPLITS[self.split], i), grade),
         }
         return {"image": to_tensor_image(img), "label": label, "meta": meta}
