@@ -186,6 +186,7 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
         Number("pointing_tolerance", int, 0),
         *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("width", "embed", "hidden")),
         *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("attention", "max_len", "stem_stride")),
+        Number("model.blocks", **_POSITIVE_INT),
         Number("model.levels", int, 0),
         Number("model.dropout", low=0.0, high=1.0),
     ),

@@ -102,6 +102,7 @@ class Row:
         maps: method name -> (raw map ``[1, H, W]``, signed).
         drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
+        report: the report written for the image, with a map per finding word (``report``).
     """
 
     name: str
@@ -122,6 +123,8 @@ class Row:
     drawn: dict[str, np.ndarray] = field(default_factory=dict)
     # The guard's verdict (cfexplain.explain.guard.Verdict); None when the image went unchecked.
     guard: Any = None
+    # The generated report (cfexplain.explain.reporter.WrittenReport): text and word maps.
+    report: Any = None
 
     @property
     def status(self) -> str:
@@ -212,6 +215,14 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
     for name, (m, signed) in row.maps.items():
         files["maps"][name] = put(f"map_{name}.png", upscale(_map_rgb(row, name, m, signed), size))
     files["strip"] = put("strip.png", strip_image(row, size))
+    if row.report is not None:
+        files["words"] = {
+            col: put(
+                f"{col}.png",
+                upscale(overlay(row.image[None], wm.attention[None, None], False)[0], size),
+            )
+            for col, wm in row.report.word_columns()
+        }
     if row.has_counterfactual:
         files["reconstruction"] = put(
             "reconstruction.png", upscale(gray_rgb(row.reconstruction[None])[0], size)
@@ -268,6 +279,7 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         cells.append(_figure(files["plot"], "p vs λ", "plot"))
         cells.append(_figure(files["gif"], "sequence", "gif"))
     facts = [f"true: {esc(attrs['data-true'])}", f"pred: {esc(row.pred)}", f"flip: {flip}"]
+    written = _report_html(row, files)
     facts += [f"guard: {esc(row.status)}"]
     facts += [f"{esc(k)}: {esc(fmt(v))}" for k, v in row.metrics.items()]
     flagged = row.guard is not None and row.guard.flagged
@@ -276,7 +288,22 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         f"{guard_banner(row)}"
         f'<h3>{esc(row.name)}</h3><p class="facts">{" · ".join(facts)}'
         f' · <a href="{esc(files["strip"])}">strip</a></p>\n'
-        f'<div class="cells">{"".join(cells)}</div>\n</section>\n'
+        f'<div class="cells">{"".join(cells)}</div>\n{written}</section>\n'
+    )
+
+
+def _report_html(row: Row, files: Mapping[str, Any]) -> str:
+    """The generated report under the image, and a heatmap per finding word (its sentence's
+    attention; the word is the caption, with "(absent)" when its sentence denies it)."""
+    if row.report is None:
+        return ""
+    figures = [
+        _figure(files["words"][col], wm.word + ("" if wm.present else " (absent)"), "word")
+        for col, wm in row.report.word_columns()
+    ]
+    return (
+        f'<div class="report"><p class="report-text"><b>report:</b> {esc(row.report.text)}</p>'
+        f'<div class="cells words">{"".join(figures)}</div></div>\n'
     )
 
 
@@ -307,6 +334,7 @@ figcaption{font-size:11px;color:#444;max-width:110px}.frame figcaption{font-vari
 .row.flagged{border:2px solid #c0392b}.guard-banner{background:#fdecea;color:#7b1f14;
 border-left:6px solid #c0392b;padding:.4em .6em;margin:.2em 0 .4em;font-size:14px}
 .guard-banner ul{margin:.2em 0 0 1.2em;padding:0;font-size:12px}
+.report{margin:.3em 0 .1em}.report-text{margin:.1em 0 .3em;font-size:13px}
 """
 
 _SCRIPT = """
@@ -470,7 +498,8 @@ class GalleryWriter:
             "guard_status": row.status,
             "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
-        values = {**base, **row.metrics, "strip": files["strip"]}
+        written = {"report": row.report.text} if row.report is not None else {}
+        values = {**base, **row.metrics, **written, "strip": files["strip"]}
         path = self.out / "metrics.csv"
         if self.metric_columns is None:
             self.metric_columns = list(values)
@@ -498,6 +527,9 @@ class GalleryWriter:
             cells["frame_probs"] = json.dumps([round(float(p), 4) for p in row.frame_probs])
             cells["flip_index"] = row.flip
         cells |= {m: out / files["maps"][m] for m in files["maps"]}
+        if row.report is not None:
+            cells["report"] = row.report.text
+            cells |= {col: out / path for col, path in files["words"].items()}
         return cells | dict(row.metrics)
 
     def table(self) -> tuple[list[str], list[list[Any]]]:

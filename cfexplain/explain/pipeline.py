@@ -25,6 +25,7 @@ from cfexplain.explain.attribution import (
     Counterfactual,
     Method,
     MethodUnavailable,
+    Report,
     counterfactual_difference,
     get_method,
 )
@@ -227,6 +228,8 @@ def explain_batch(
         metrics = counterfactual_metrics(cf, cf_method.engine)
     maps = {name: m.attribute(x, target).float().cpu() for name, m in maps_of.items()}
     drawn = _drawn(maps_of, maps, x, classes)
+    writer = maps_of.get(Report.name)
+    written = writer.write(x) if isinstance(writer, Report) else None  # cached: no second pass
     rows = []
     for i in range(len(x)):
         row = Row(
@@ -238,6 +241,7 @@ def explain_batch(
             maps={name: (a[i], maps_of[name].signed) for name, a in maps.items()},
             drawn={name: pics[i] for name, pics in drawn.items()},
             guard=verdicts[i] if verdicts is not None else None,
+            report=written[i] if written is not None else None,
         )
         if cf is not None and i in at:
             j = at[i]
@@ -470,6 +474,7 @@ def write_reports(
             reference_prob=row.recon_prob,
             target_prob=row.prob,
             guard=row.guard,
+            written_report=row.report,
         )
         log.info(f"[explain] report: {path}")
 

@@ -219,3 +219,53 @@ def evaluate_reports(
         out |= finding_scores(kind, texts, factors)
         out |= pointing_scores(rows)
     return out
+
+
+# ----------------------------------------------------------------------------- under each image
+
+
+@dataclass
+class WrittenReport:
+    """The report written for one image: its text and its finding words with their maps."""
+
+    text: str
+    words: list[WordMap]
+
+    def word_columns(self) -> list[tuple[str, WordMap]]:
+        """``(column name, word map)`` per finding word: ``report_<word>``, numbered when a
+        word comes again (``report_narrowing_2``)."""
+        seen: Counter = Counter()
+        out = []
+        for wm in self.words:
+            seen[wm.word] += 1
+            n = seen[wm.word]
+            out.append((f"report_{wm.word}" + (f"_{n}" if n > 1 else ""), wm))
+        return out
+
+
+def write_reports(
+    model: ReporterNet,
+    x: Tensor,
+    kind: str,
+    decode: str = "greedy",
+    beam_size: int = 3,
+    span: str = "sentence",
+) -> list[WrittenReport]:
+    """The report of each image of ``x`` with a map per finding word (at the images' size)."""
+    from cfexplain.data.reports import detokenize
+
+    out = []
+    for dec in generate(model, x, decode, beam_size):
+        out.append(WrittenReport(detokenize(dec.words), word_maps(kind, dec, x.shape[-2:], span)))
+    return out
+
+
+def report_map(written: WrittenReport, size: tuple[int, int]) -> Tensor:
+    """One map ``[1, H, W]`` for a report: the mean of its present findings' word maps (of all
+    its finding words when none is present; zeros when it has none)."""
+    chosen = [w.attention for w in written.words if w.present] or [
+        w.attention for w in written.words
+    ]
+    if not chosen:
+        return torch.zeros(1, *size)
+    return torch.stack(chosen).mean(0)[None]

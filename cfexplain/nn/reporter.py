@@ -42,6 +42,8 @@ class ReporterNet(nn.Module):
             the resolution (channels ``2 * width``, then ``4 * width``).
         levels: halvings after the stem (``stem_stride=2, levels=1``: a 16 x 16 grid at 64 px).
         stem_stride: stride of the 3x3 stem.
+        blocks: residual blocks per stage (fewer: a smaller receptive field per grid cell, so
+            the attention has to find the evidence rather than a cell that sees all of it).
         embed: word embedding size.
         hidden: LSTM state size.
         attention: size of the attention's keys and queries (scaled dot-product scores).
@@ -56,6 +58,7 @@ class ReporterNet(nn.Module):
         width: int = 16,
         levels: int = 1,
         stem_stride: int = 2,
+        blocks: int = 2,
         embed: int = 64,
         hidden: int = 192,
         attention: int = 32,
@@ -74,15 +77,17 @@ class ReporterNet(nn.Module):
             nn.BatchNorm2d(width),
             nn.ReLU(inplace=True),
         )
-        blocks, c = [], width
+        layers: list[nn.Module] = []
+        c = width
         for i in range(levels):
             c_out = width * 2 ** min(i + 1, 2)
             down = nn.Sequential(
                 nn.Conv2d(c, c_out, 1, stride=2, bias=False), nn.BatchNorm2d(c_out)
             )
-            blocks += [BasicBlock(c, c_out, stride=2, downsample=down), BasicBlock(c_out, c_out)]
+            layers += [BasicBlock(c, c_out, stride=2, downsample=down)]
+            layers += [BasicBlock(c_out, c_out) for _ in range(blocks - 1)]
             c = c_out
-        self.encoder = nn.Sequential(*blocks)
+        self.encoder = nn.Sequential(*layers)
         # Where a grid cell is (x, y in [-1, 1]) joins its features: the words medial and
         # lateral depend on where the evidence lies.
         self.feature_dim = c + 2
