@@ -28,6 +28,8 @@ from cfexplain.runs import TrainedRun
 from cfexplain.utils.cli import ConfigError
 
 LOCALISATION = ("pointing_game", "relevance_mass", "relevance_rank", "iou_at_area")
+# Maps that do not read the classifier: the randomisation check shows exactly that.
+CLASSIFIER_FREE = ("normative", "report")
 # Maps whose sign is not "evidence for the target": scored by magnitude.
 MAGNITUDE = ("counterfactual", "normative")
 
@@ -64,6 +66,7 @@ def ground_truth(ds, n: int, target: int) -> dict[str, Any]:
         "pathology": torch.stack([pathology_mask(m) for m in metas]),
         "marker": torch.stack(marker),
         "factors": [m.get("factors", {}) for m in metas],
+        "metas": metas,
         "knee": "osteophyte" in metas[0]["masks"],
     }
 
@@ -129,10 +132,10 @@ def randomisation_checks(
                 cf = build(m)(x, target=target, lambdas=lambdas)
                 return relevance("counterfactual", counterfactual_difference(cf), True)
 
-        elif name == "normative":
-            # The residual does not read the classifier at all: the check shows exactly that.
-            def attribute(m, method=methods[name]):
-                return relevance("normative", method.attribute(x, target), False)
+        elif name in CLASSIFIER_FREE:
+            # The residual and the report's attention do not read the classifier at all.
+            def attribute(m, method=methods[name], name=name):
+                return relevance(name, method.attribute(x, target), False)
 
         else:
 
@@ -254,6 +257,23 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
     return out
 
 
+def reporter_summary(cfg: DictConfig, run: TrainedRun, method: Any, data: dict) -> dict[str, Any]:
+    """The written reports against the phantom: BLEU-4, the findings read back against the
+    factors, and word pointing in each finding's mask, strict and within
+    ``pointing_tolerance`` px (the report's decoding and word span are ``params.report``'s)."""
+    from cfexplain.explain.reporter import evaluate_reports
+
+    samples = [{"image": x, "meta": m} for x, m in zip(data["x"], data["metas"])]
+    args = dict(decode=method.decode, beam_size=method.beam_size, span=method.span)
+    strict = evaluate_reports(run.reporter, samples, int(cfg.batch_size), **args)
+    tol = int(cfg.pointing_tolerance)
+    loose = evaluate_reports(run.reporter, samples, int(cfg.batch_size), tolerance=tol, **args)
+    out = dict(strict)
+    out |= {f"{k} (±{tol} px)": v for k, v in loose.items() if k.startswith("pointing/")}
+    out["decode"], out["span"] = method.decode, method.span
+    return out
+
+
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     table = summary["table"]
     metrics = list(next(iter(table.values())))
@@ -299,6 +319,8 @@ def evaluate_run(
     summary = summarise(cfg, per, checks, names, data, target)
     if counterfactual is not None:
         summary["counterfactual"] = counterfactual_summary(cfg, per, model, data, device)
+    if "report" in methods:
+        summary["reporter"] = reporter_summary(cfg, run, methods["report"], data)
     if oracle_info is not None:
         summary["oracle"] = {k: oracle_info[k] for k in ("factors", "metrics") if k in oracle_info}
         from cfexplain.evaluate.factors import true_counterfactual_ratios
