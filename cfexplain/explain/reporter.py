@@ -96,7 +96,7 @@ def finding_scores(
 # ----------------------------------------------------------------------------- word maps
 
 
-SPANS = ("sentence", "word")
+SPANS = ("sentence", "peak", "word")
 
 
 @dataclass
@@ -117,11 +117,12 @@ def word_maps(
 ) -> list[WordMap]:
     """The finding words of a report with their attention maps at image ``size``.
 
-    ``span="word"``: the attention of the step that wrote the word. ``span="sentence"`` (the
-    default): the mean attention of the steps that wrote the word's sentence. A decoder looks
-    for the evidence of a finding at the first word that decides it ("no" or "large"); the
-    finding word itself may follow once the state already holds the answer, so the sentence's
-    attention is the word's evidence.
+    ``span="word"``: the attention of the step that wrote the word. A decoder looks for the
+    evidence of a finding at the word that decides it ("no", "large"); the finding word itself
+    often follows once the state already holds the answer, so the sentence is the unit:
+    ``span="sentence"``: the mean attention of the steps that wrote the word's sentence;
+    ``span="peak"``: the attention of the sentence's step that looked hardest (the highest
+    single weight), the step where the decoder read the image for this sentence.
     """
     if span not in SPANS:
         raise ValueError(f"span={span!r}: expected one of {SPANS}")
@@ -135,13 +136,20 @@ def word_maps(
         present = any(v > 0 for k, v in said.items() if k != "kl_grade")
         for j, word in enumerate(sentence, start=start):
             if word in FINDING_MASKS:
-                steps = (
-                    decoded.attention[j] if span == "word" else decoded.attention[start:i].mean(0)
-                )
-                maps = attention_at(steps, size)
+                maps = attention_at(_span_map(decoded.attention, start, i, j, span), size)
                 out.append(WordMap(word, j, FINDING_MASKS[word], present, maps))
         start = i + 1
     return out
+
+
+def _span_map(attention: Tensor, start: int, stop: int, at: int, span: str) -> Tensor:
+    """The grid map ``[h, w]`` of the word at ``at`` of the sentence ``start:stop``."""
+    if span == "word":
+        return attention[at]
+    steps = attention[start:stop]
+    if span == "peak":
+        return steps[int(steps.flatten(1).amax(1).argmax())]
+    return steps.mean(0)
 
 
 def pointing(

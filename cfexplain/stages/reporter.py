@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
@@ -50,6 +51,8 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     d = distributed.setup(cfg.device)
     r = cfg.reporter
     train_ds, test_ds = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
+    if r.get("redraw"):
+        train_ds = _Redrawn(train_ds, OmegaConf.to_container(r.redraw), int(cfg.seed))
     log.info(f"[reporter] {train_ds.source}")
     reports = _reports(train_ds)
     vocab = build_vocab((tokenize(t) for t in reports), int(r.min_count))
@@ -95,6 +98,39 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
             )
         )
     return write_artifact(run, metrics, files, info)
+
+
+class _Redrawn(Dataset):
+    """The training phantom with ``factors`` (name -> [low, high]) drawn anew for each sample,
+    uniformly and independently of the rest (the same for a seed), and the sample rendered
+    with them (the report follows): the phantom's disease factors all grow from one severity,
+    so without this a model could write every finding from the joint space alone."""
+
+    def __init__(self, ds: Any, factors: dict, seed: int) -> None:
+        if not hasattr(ds, "render"):
+            raise ValueError(
+                f"reporter.redraw: {ds.source} cannot redraw factors (only the phantoms can)"
+            )
+        known = ds.params(0)[0]
+        for name, span in factors.items():
+            if name not in known or not (isinstance(span, list) and len(span) == 2):
+                raise ValueError(
+                    f"reporter.redraw.{name}={span!r}: expected [low, high] of a factor of "
+                    f"{sorted(known)}"
+                )
+        self.ds, self.factors, self.seed = ds, factors, seed
+        self.source = f"{ds.source}; {', '.join(factors)} drawn independently"
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        if i not in self._cache:
+            rng = np.random.default_rng([self.seed, SEED_KEY, int(i)])
+            values = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in self.factors.items()}
+            self._cache[i] = self.ds.render(i, values)
+        return self._cache[i]
 
 
 def _reports(ds: Dataset) -> list[str]:
