@@ -264,12 +264,15 @@ def reporter_summary(cfg: DictConfig, run: TrainedRun, method: Any, data: dict) 
     from cfexplain.explain.reporter import evaluate_reports
 
     samples = [{"image": x, "meta": m} for x, m in zip(data["x"], data["metas"])]
-    args = dict(decode=method.decode, beam_size=method.beam_size, span=method.span)
-    strict = evaluate_reports(run.reporter, samples, int(cfg.batch_size), **args)
-    tol = int(cfg.pointing_tolerance)
-    loose = evaluate_reports(run.reporter, samples, int(cfg.batch_size), tolerance=tol, **args)
-    out = dict(strict)
-    out |= {f"{k} (±{tol} px)": v for k, v in loose.items() if k.startswith("pointing/")}
+    out: dict[str, Any] = evaluate_reports(
+        run.reporter,
+        samples,
+        int(cfg.batch_size),
+        decode=method.decode,
+        beam_size=method.beam_size,
+        tolerance=int(cfg.pointing_tolerance),
+        span=method.span,
+    )
     out["decode"], out["span"] = method.decode, method.span
     return out
 

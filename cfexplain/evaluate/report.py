@@ -117,8 +117,10 @@ def _reporter_section(summary: dict[str, Any]) -> list[str]:
         "phantom's own report; the findings read back from the text against the factors "
         "(an unstated finding counts as wrong); word pointing: for each finding word of a "
         "sentence that states the finding present and whose mask is non-empty, whether its "
-        "attention peaks in the mask (pointing/), the share of its attention in the mask "
-        "(mass/) and the mask's share of the image, what a uniform map would get (area/). "
+        "map (params.report.span; peak: the attention of the sentence's step that looked "
+        "hardest) peaks in the mask (pointing/) or within pointing_tolerance px of it "
+        "(pointing_&lt;t&gt;px/), the share of its attention in the mask (mass/) and the "
+        "mask's share of the image, what a uniform map would get (area/). "
         "The <i>report</i> row above scores the mean of the present words' maps as a "
         "heatmap.</p>",
         _kv_table(summary["reporter"]),

@@ -767,7 +767,7 @@ class Report(Method):
         kind: str = "knee",
         decode: str = "greedy",
         beam_size: int = 3,
-        span: str = "sentence",
+        span: str = "peak",
     ) -> None:
         super().__init__(model)
         from cfexplain.explain.reporter import DECODERS, SPANS

@@ -113,7 +113,7 @@ class WordMap:
 
 
 def word_maps(
-    kind: str, decoded: Decoded, size: tuple[int, int], span: str = "sentence"
+    kind: str, decoded: Decoded, size: tuple[int, int], span: str = "peak"
 ) -> list[WordMap]:
     """The finding words of a report with their attention maps at image ``size``.
 
@@ -122,7 +122,7 @@ def word_maps(
     often follows once the state already holds the answer, so the sentence is the unit:
     ``span="sentence"``: the mean attention of the steps that wrote the word's sentence;
     ``span="peak"``: the attention of the sentence's step that looked hardest (the highest
-    single weight), the step where the decoder read the image for this sentence.
+    single weight), the step where the decoder read the image for this sentence (the default).
     """
     if span not in SPANS:
         raise ValueError(f"span={span!r}: expected one of {SPANS}")
@@ -156,23 +156,25 @@ def pointing(
     words: Iterable[WordMap], masks: Mapping[str, Tensor], tolerance: int = 0
 ) -> list[dict[str, Any]]:
     """Per present finding word whose mask is non-empty: ``hit`` (the attention's peak lies in
-    the mask, dilated by ``tolerance`` px), ``mass`` (the share of the attention in the mask)
-    and ``area`` (the mask's share of the image: the mass of a uniform map)."""
+    the mask), ``near`` (... in the mask dilated by ``tolerance`` px), ``mass`` (the share of
+    the attention in the mask) and ``area`` (the mask's share of the image: the mass of a
+    uniform map)."""
     rows = []
     for wm in words:
         mask = masks.get(wm.mask)
         if not wm.present or mask is None or not bool(mask.any()):
             continue
         m = mask.bool()
-        if tolerance:
-            k = 2 * tolerance + 1
-            m = F.max_pool2d(m[None, None].float(), k, 1, tolerance)[0, 0] > 0
+        k = 2 * tolerance + 1
+        near = F.max_pool2d(m[None, None].float(), k, 1, tolerance)[0, 0] > 0
         peak = int(wm.attention.flatten().argmax())
         rows.append(
             {
                 "word": wm.word,
                 "mask": wm.mask,
                 "hit": bool(m.flatten()[peak]),
+                "near": bool(near.flatten()[peak]),
+                "tolerance": tolerance,
                 "mass": float(wm.attention[mask.bool()].sum()),
                 "area": float(mask.float().mean()),
             }
@@ -181,12 +183,14 @@ def pointing(
 
 
 def pointing_scores(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Per mask (``pointing/<mask>``, ``mass/<mask>``, ``area/<mask>``, ``words/<mask>``): the
-    hit rate, the mean attention mass in the mask, the mean mask area, the words scored."""
+    """Per mask: the hit rate (``pointing/<mask>``), the hit rate within the tolerance
+    (``pointing_<t>px/<mask>``), the mean attention mass in the mask (``mass/``), the mean mask
+    area (``area/``), the words scored (``words/``)."""
     out: dict[str, float] = {}
     for name in sorted({r["mask"] for r in rows}):
         mine = [r for r in rows if r["mask"] == name]
         out[f"pointing/{name}"] = sum(r["hit"] for r in mine) / len(mine)
+        out[f"pointing_{mine[0]['tolerance']}px/{name}"] = sum(r["near"] for r in mine) / len(mine)
         out[f"mass/{name}"] = sum(r["mass"] for r in mine) / len(mine)
         out[f"area/{name}"] = sum(r["area"] for r in mine) / len(mine)
         out[f"words/{name}"] = len(mine)
@@ -204,7 +208,7 @@ def evaluate_reports(
     decode: str = "greedy",
     beam_size: int = 3,
     tolerance: int = 0,
-    span: str = "sentence",
+    span: str = "peak",
 ) -> dict[str, float]:
     """BLEU-4 against the samples' reports, finding scores (phantoms) and word pointing
     (samples with masks) of the reports ``model`` writes for ``samples`` (dataset items)."""
@@ -257,7 +261,7 @@ def write_reports(
     kind: str,
     decode: str = "greedy",
     beam_size: int = 3,
-    span: str = "sentence",
+    span: str = "peak",
 ) -> list[WrittenReport]:
     """The report of each image of ``x`` with a map per finding word (at the images' size)."""
     from cfexplain.data.reports import detokenize

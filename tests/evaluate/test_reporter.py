@@ -19,6 +19,6 @@ def test_evaluation_page_has_the_reporter_section_beside_the_heatmaps(reporter_r
     rep = summary["reporter"]
     assert rep["images"] == 8 and 0.0 <= rep["bleu4"] <= 1.0
     assert 0.0 <= rep["finding_accuracy"] <= 1.0 and "accuracy/osteophyte" in rep
-    assert rep["decode"] == "greedy" and rep["span"] == "sentence"
+    assert rep["decode"] == "greedy" and rep["span"] == "peak"
     page = index.read_text()
     assert "Generated reports (reporter stage)" in page and "finding_accuracy" in page
