@@ -120,18 +120,14 @@ def open_dataset(
     if reports and kind != "csv":
         raise DataError(f"data.reports={reports!r}: only a CSV manifest has a reports column")
     fit = dict(resolution=resolution, channels=channels)
-    if kind in ("folder", "dicom"):
-        items, names, described = _folder_items(root, split, classes, dicom_only=kind == "dicom")
-        return _EagerDataset(
-            items,
-            names,
-            described,
-            on_bad_file=on_bad_file,
-            resolution=resolution,
-            channels=channels,
-        )
-    if kind == "csv":
-        items, names, described, texts = _manifest_items(root, split, classes, reports)
+    if kind in ("folder", "dicom", "csv"):
+        texts = None
+        if kind == "csv":
+            items, names, described, texts = _manifest_items(root, split, classes, reports)
+        else:
+            items, names, described = _folder_items(
+                root, split, classes, dicom_only=kind == "dicom"
+            )
         return _EagerDataset(
             items,
             names,

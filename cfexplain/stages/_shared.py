@@ -72,6 +72,29 @@ def epoch_loader(
     )
 
 
+def check_batch(field: str, batch: int, n: int, d: distributed.Dist) -> int:
+    """``batch`` (config ``field``) when the processes share it evenly and the split of ``n``
+    images holds a batch; a ValueError naming the field otherwise."""
+    if batch % d.world:
+        raise ValueError(
+            f"{field}={batch} must be divisible by the number of processes ({d.world})"
+        )
+    if n < batch:
+        raise ValueError(f"{field}={batch} is larger than the training split ({n} images)")
+    return batch
+
+
+def resume_loop(ckpt: Checkpoint) -> dict[str, Any]:
+    """The loop state ``{"step", "train_seconds", "finished"}`` that ``ckpt`` resumes (restoring
+    its states and saying so), or a fresh one."""
+    saved = ckpt.load()
+    if not saved:
+        return {"step": 0, "train_seconds": 0.0, "finished": False}
+    loop: dict[str, Any] = saved["loop"]
+    ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
+    return loop
+
+
 def real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:
     """Reals ``[n, C, H, W]`` for this rank and step, drawn with replacement: the same after a resume."""
     idx = torch.randint(

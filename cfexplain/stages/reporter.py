@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from cfexplain.data.reports import detokenize, tokenize
 from cfexplain.explain.reporter import evaluate_reports, generate
 from cfexplain.nn.reporter import ReporterNet, build_vocab, pad_tokens, report_loss
-from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
+from cfexplain.stages._shared import (
+    Checkpoint,
+    check_batch,
+    epoch_loader,
+    lr_at,
+    resume_loop,
+    write_artifact,
+)
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model, write_json, write_text
 from cfexplain.utils.seeding import Stream, derived_seed
@@ -186,25 +193,12 @@ def _train(
     d: distributed.Dist,
 ) -> tuple[ReporterNet, dict[str, Any]]:
     r = cfg.reporter
-    batch = int(r.batch_size)
-    if batch % d.world:
-        raise ValueError(
-            f"reporter.batch_size={batch} must be divisible by the number of processes ({d.world})"
-        )
-    if len(ds) < batch:
-        raise ValueError(
-            f"reporter.batch_size={batch} is larger than the training split ({len(ds)} images)"
-        )
+    check_batch("reporter.batch_size", int(r.batch_size), len(ds), d)
     torch.manual_seed(int(cfg.seed))  # initial weights: same on every rank, same for a seed
     model = ReporterNet(**kwargs).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=float(r.lr), weight_decay=float(r.weight_decay))
     ckpt = Checkpoint(run, d, model=model, optimizer=opt)
-    saved = ckpt.load()
-    loop: dict[str, Any] = (
-        saved["loop"] if saved else {"step": 0, "train_seconds": 0.0, "finished": False}
-    )
-    if saved:
-        ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
+    loop = resume_loop(ckpt)
     if loop["finished"]:
         return model.eval(), loop
     ddp = distributed.wrap_ddp(model, d)

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from cfexplain.data.masks import mask_names, stack_masks
 from cfexplain.nn.segmentation import UNet, dice_scores, predict_masks, segmentation_loss
-from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
+from cfexplain.stages._shared import (
+    Checkpoint,
+    check_batch,
+    epoch_loader,
+    lr_at,
+    resume_loop,
+    write_artifact,
+)
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
@@ -107,25 +114,12 @@ def _train(
     d: distributed.Dist,
 ) -> tuple[UNet, dict[str, Any]]:
     s = cfg.segmentation
-    batch = int(s.batch_size)
-    if batch % d.world:
-        raise ValueError(
-            f"segmentation.batch_size={batch} must be divisible by the number of processes ({d.world})"
-        )
-    if len(ds) < batch:
-        raise ValueError(
-            f"segmentation.batch_size={batch} is larger than the training split ({len(ds)} images)"
-        )
+    check_batch("segmentation.batch_size", int(s.batch_size), len(ds), d)
     torch.manual_seed(int(cfg.seed))  # initial weights: same on every rank, same for a seed
     model = UNet(**kwargs).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=float(s.lr), weight_decay=float(s.weight_decay))
     ckpt = Checkpoint(run, d, rng=True, model=model, optimizer=opt)
-    saved = ckpt.load()
-    loop: dict[str, Any] = (
-        saved["loop"] if saved else {"step": 0, "train_seconds": 0.0, "finished": False}
-    )
-    if saved:
-        ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
+    loop = resume_loop(ckpt)
     if loop["finished"]:
         return model.eval(), loop
     ddp = distributed.wrap_ddp(model, d)

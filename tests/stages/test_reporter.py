@@ -7,14 +7,12 @@ import json
 import pytest
 import torch
 from omegaconf import open_dict
-from safetensors.torch import load_file
 
 from cfexplain.data import build_dataset
 from cfexplain.nn.reporter import ReporterNet, load_reporter
 from cfexplain.stages import reporter as stage
 from cfexplain.train import run_chain
-from cfexplain.utils.artifacts import Artifact, torch_load
-from tests.conftest import kill_when, run_train, smoke_train
+from tests.conftest import killed_and_resumed
 
 SMOKE = ("stages=[reporter]",)
 
@@ -48,29 +46,8 @@ def test_missing_reports_and_config_are_named(smoke_cfg, monkeypatch):
         stage._reports(ds)
 
 
-def _train_cmd(runs):
-    return smoke_train(runs, *SMOKE, "reporter.steps=16", "checkpoint_every=2")
-
-
-def _mid_run(state_file) -> bool:
-    try:
-        return 0 < torch_load(state_file)["loop"]["step"] < 16
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
-        return False
-
-
 @pytest.mark.slow
 def test_kill_then_resume_gives_the_same_weights(tmp_path):
-    run_train(_train_cmd(tmp_path / "ref"))
-    runs = tmp_path / "killed"
-    state = runs / "knee" / ".reporter.partial" / "state.pt"
-    kill_when(_train_cmd(runs), lambda: _mid_run(state))
-    assert not (runs / "knee" / "reporter").exists()
-    run_train(_train_cmd(runs))
-    art = Artifact.load(runs / "knee" / "reporter")
-    assert 0 < art.info["resumed_from_step"] < 16
-    ref = Artifact.load(tmp_path / "ref" / "knee" / "reporter")
-    a, b = load_file(str(ref.path("weights"))), load_file(str(art.path("weights")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref, art = killed_and_resumed(tmp_path, "reporter", 16)
     assert art.metrics["test/bleu4"] == ref.metrics["test/bleu4"]
     assert art.path("vocab").read_text() == ref.path("vocab").read_text()
