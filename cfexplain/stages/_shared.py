@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -93,6 +94,35 @@ def resume_loop(ckpt: Checkpoint) -> dict[str, Any]:
     loop: dict[str, Any] = saved["loop"]
     ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
     return loop
+
+
+def count_step(
+    run: Run,
+    loop: dict[str, Any],
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    ckpt: Checkpoint,
+    t0: float,
+    bar: Any,
+    checkpoint_every: int,
+) -> None:
+    """After an optimiser step of a one-loss stage: stop on a diverged loss (the checkpoint is
+    untouched), count the step and its time, log loss and learning rate every 10 steps and
+    checkpoint every ``checkpoint_every``."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"{run.stage} diverged at step {loop['step']} (loss {value}); the last checkpoint "
+            f"{ckpt.path} is untouched: lower {run.stage}.lr"
+        )
+    loop["step"] += 1
+    loop["train_seconds"] = time.time() - t0
+    bar.update()
+    if loop["step"] % 10 == 0:
+        bar.set_postfix(loss=f"{value:.4f}")
+        run.log({"train/loss": value, "train/lr": opt.param_groups[0]["lr"]}, step=loop["step"])
+    if loop["step"] % checkpoint_every == 0:
+        ckpt.save(loop["step"], loop=loop)
 
 
 def real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:

@@ -12,7 +12,6 @@ in the ground-truth masks (phantoms).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from cfexplain.nn.reporter import ReporterNet, build_vocab, pad_tokens, report_l
 from cfexplain.stages._shared import (
     Checkpoint,
     check_batch,
+    count_step,
     epoch_loader,
     lr_at,
     resume_loop,
@@ -254,21 +254,6 @@ def _train_epoch(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ddp.parameters(), float(r.grad_clip))
         opt.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"reporter diverged at step {loop['step']} (loss {loss.item()}); the last "
-                f"checkpoint {ckpt.path} is untouched: lower reporter.lr"
-            )
-        loop["step"] += 1
-        loop["train_seconds"] = time.time() - t0
-        bar.update()
-        if loop["step"] % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            run.log(
-                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
-                step=loop["step"],
-            )
-        if loop["step"] % int(cfg.checkpoint_every) == 0:
-            ckpt.save(loop["step"], loop=loop)
+        count_step(run, loop, loss, opt, ckpt, t0, bar, int(cfg.checkpoint_every))
         if loop["step"] >= total:
             break

@@ -26,6 +26,7 @@ from cfexplain.nn.segmentation import UNet, dice_scores, predict_masks, segmenta
 from cfexplain.stages._shared import (
     Checkpoint,
     check_batch,
+    count_step,
     epoch_loader,
     lr_at,
     resume_loop,
@@ -175,22 +176,7 @@ def _train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"segmentation diverged at step {loop['step']} (loss {loss.item()}); the last "
-                f"checkpoint {ckpt.path} is untouched: lower segmentation.lr"
-            )
-        loop["step"] += 1
-        loop["train_seconds"] = time.time() - t0
-        bar.update()
-        if loop["step"] % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            run.log(
-                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
-                step=loop["step"],
-            )
-        if loop["step"] % int(cfg.checkpoint_every) == 0:
-            ckpt.save(loop["step"], loop=loop)
+        count_step(run, loop, loss, opt, ckpt, t0, bar, int(cfg.checkpoint_every))
         if loop["step"] >= total:
             break
 
