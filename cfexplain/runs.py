@@ -2,7 +2,7 @@
 
 A run holds one folder per finished stage, ``<stage>/artifact.json`` beside the stage's
 ``config.yaml`` and weights (classifier, generator, encoder, direction, normative,
-segmentation), and one folder per command that wrote into it (``explain/``, ``evaluation/``,
+segmentation, reporter), and one folder per command that wrote into it (``explain/``, ``evaluation/``,
 ``inspect/``, ``sensitivity/``). :class:`TrainedRun` opens it, says which stages it has, and
 loads each model once, on first use, on its device.
 """
