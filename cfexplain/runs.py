@@ -2,7 +2,7 @@
 
 A run holds one folder per finished stage, ``<stage>/artifact.json`` beside the stage's
 ``config.yaml`` and weights (classifier, generator, encoder, direction, normative,
-segmentation), and one folder per command that wrote into it (``explain/``, ``evaluation/``,
+segmentation, reporter), and one folder per command that wrote into it (``explain/``, ``evaluation/``,
 ``inspect/``, ``sensitivity/``). :class:`TrainedRun` opens it, says which stages it has, and
 loads each model once, on first use, on its device.
 """
@@ -30,9 +30,10 @@ STAGES = (
     "normative",
     "guard",
     "segmentation",
+    "reporter",
 )
 # The stages whose config.yaml is the run's training config, in order of preference.
-CONFIG_STAGES = ("classifier", "segmentation")
+CONFIG_STAGES = ("classifier", "segmentation", "reporter")
 
 
 def open_dataset(data_cfg: DictConfig, split: str) -> Dataset:
@@ -213,6 +214,13 @@ class TrainedRun:
         from cfexplain.nn.segmentation import load_segmentation
 
         return load_segmentation(self.stage_dir("segmentation"), self.device)
+
+    @cached_property
+    def reporter(self) -> nn.Module:
+        """The report writer: images -> words with an attention map each, eval mode."""
+        from cfexplain.nn.reporter import load_reporter
+
+        return load_reporter(self.stage_dir("reporter"), self.device)
 
     @cached_property
     def perceptual(self) -> nn.Module:

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -121,3 +122,37 @@ def kill_when(cmd: list[str], ready: Callable[[], bool], settle: float = 0.0) ->
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+
+
+def killed_and_resumed(tmp_path: Path, stage: str, steps: int) -> tuple[Any, Any]:
+    """Train the knee smoke ``stage`` for ``steps`` steps (``<stage>.steps``, a checkpoint every
+    2) once to the end, and once killed mid-run then resumed; their artifacts ``(ref, resumed)``,
+    the resumed one checked to have resumed mid-run and to hold the reference's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cfexplain.utils.artifacts import Artifact, torch_load
+
+    def cmd(runs: Path) -> list[str]:
+        return smoke_train(
+            runs, f"stages=[{stage}]", f"{stage}.steps={steps}", "checkpoint_every=2"
+        )
+
+    def mid_run(state_file: Path) -> bool:
+        try:
+            return 0 < torch_load(state_file)["loop"]["step"] < steps
+        except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+            return False
+
+    run_train(cmd(tmp_path / "ref"))
+    runs = tmp_path / "killed"
+    state = runs / "knee" / f".{stage}.partial" / "state.pt"
+    kill_when(cmd(runs), lambda: mid_run(state))
+    assert not (runs / "knee" / stage).exists()
+    run_train(cmd(runs))
+    art = Artifact.load(runs / "knee" / stage)
+    assert 0 < art.info["resumed_from_step"] < steps
+    ref = Artifact.load(tmp_path / "ref" / "knee" / stage)
+    a, b = load_file(str(ref.path("weights"))), load_file(str(art.path("weights")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return ref, art

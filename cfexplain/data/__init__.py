@@ -53,6 +53,7 @@ def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
             # Only the CSV config has them: concept annotations for classifier=capsules.
             attributes=list(data["attributes"]) if data.get("attributes") else None,
             attributes_file=data.get("attributes_file"),
+            reports=data.get("reports"),
         )
         return _binarise(ds, data) if data["task"] == "binary" else ds
     name = data["name"]

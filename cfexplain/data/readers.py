@@ -88,6 +88,7 @@ def open_dataset(
     on_bad_file: str = "error",
     attributes: Sequence[str] | None = None,
     attributes_file: str | Path | None = None,
+    reports: str | None = None,
 ) -> ImageDataset:
     """The ``split`` of the dataset at ``root`` as samples with images [channels, R, R] in [-1, 1].
 
@@ -98,7 +99,8 @@ def open_dataset(
     files in ``dataset.skipped`` instead of raising ``DataError``. ``attributes`` (CSV
     manifests only) names columns of numbers in [0, 1], of the manifest or of
     ``attributes_file`` (a CSV with a ``path`` column, paths as in the manifest), that every
-    sample then carries as ``meta["concepts"]`` (see :func:`read_attributes`).
+    sample then carries as ``meta["concepts"]`` (see :func:`read_attributes`). ``reports`` names a
+    CSV manifest's column of report texts (``meta["report"]``; csv only).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -120,15 +122,17 @@ def open_dataset(
         raise DataError(f"dataset root {root} does not exist (data.root)")
 
     kind = _detect_format(root) if format == "auto" else format
+    if reports and kind != "csv":
+        raise DataError(f"data.reports={reports!r}: only a CSV manifest has a reports column")
     fit = dict(resolution=resolution, channels=channels)
+    if attributes and kind != "csv":
+        raise DataError(f"data.attributes: only CSV manifests carry attributes, {root} is {kind}")
     if kind in ("folder", "dicom"):
         items, names, described = _folder_items(root, split, classes, dicom_only=kind == "dicom")
         return _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
-    if attributes and kind != "csv":
-        raise DataError(f"data.attributes: only CSV manifests carry attributes, {root} is {kind}")
     if kind == "csv":
-        items, names, described = _manifest_items(root, split, classes)
-        ds = _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
+        items, names, described, texts = _manifest_items(root, split, classes, reports)
+        ds = _EagerDataset(items, names, described, on_bad_file=on_bad_file, reports=texts, **fit)
         if attributes:
             manifest = root if root.is_file() else root / "manifest.csv"
             table = read_attributes(Path(attributes_file or manifest).expanduser(), attributes)
@@ -153,7 +157,7 @@ def class_counts(
         items, names, _ = _folder_items(root, split, classes, dicom_only=kind == "dicom")
         where = " or ".join(str(root / name) for name in _SPLIT_DIRS[split])
     elif kind == "csv":
-        items, names, _ = _manifest_items(root, split, classes)
+        items, names, _, _ = _manifest_items(root, split, classes)
         where = f"{root} (split {split})"
     else:
         return None
@@ -287,22 +291,44 @@ def _is_int(text: str) -> bool:
 
 
 def _manifest_items(
-    root: Path, split: str, classes: list[str] | None
-) -> tuple[list[tuple[Path, int]], list[str], str]:
+    root: Path, split: str, classes: list[str] | None, reports: str | None = None
+) -> tuple[list[tuple[Path, int]], list[str], str, list[str] | None]:
+    """Items, class names, a description and, with a ``reports`` column, each item's report."""
     manifest = root if root.is_file() else root / "manifest.csv"
     if not manifest.is_file():
         raise DataError(f"{root}: expected a CSV manifest file or a folder holding manifest.csv")
     rows, has_split = _read_manifest(manifest)
     names, label_of = _manifest_classes(manifest, rows, classes)
+    texts = _manifest_reports(manifest, reports) if reports else None
 
-    items = []
+    items, kept = [], []
     for line, path, label, row_split in rows:
         if (row_split if has_split else _hash_split(path)) == split:
             items.append((manifest.parent / path, label_of(label, line)))
+            kept.append(line)
     if not items:
         raise DataError(f"no images for split {split} in {manifest} ({len(rows)} rows in all)")
     how = "split column" if has_split else "no split column: 80/10/10 by a hash of the path"
-    return items, names, f"CSV manifest {manifest}, split {split} ({how})"
+    described = f"CSV manifest {manifest}, split {split} ({how})"
+    return items, names, described, [texts[line] for line in kept] if texts else None
+
+
+def _manifest_reports(manifest: Path, column: str) -> dict[int, str]:
+    """``{line: report text}`` of the manifest's ``column``; every row needs a non-empty text."""
+    with manifest.open(newline="", encoding="utf-8-sig") as f:
+        table = list(csv.reader(f))
+    header = [name.strip().lower() for name in table[0]]
+    if column.strip().lower() not in header:
+        raise DataError(f"{manifest}: no {column!r} column (data.reports) in the header {table[0]}")
+    k = header.index(column.strip().lower())
+    out = {}
+    for line, cells in enumerate(table[1:], start=2):
+        if not any(c.strip() for c in cells):
+            continue
+        if not cells[k].strip():
+            raise DataError(f"{manifest} line {line}: empty {column!r} cell (data.reports)")
+        out[line] = cells[k].strip()
+    return out
 
 
 def _read_manifest(manifest: Path) -> tuple[list[tuple[int, str, str, str]], bool]:
@@ -737,16 +763,18 @@ class _EagerDataset(_Readable):
         resolution: int,
         channels: int,
         on_bad_file: str,
+        reports: list[str] | None = None,
     ) -> None:
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.channels, self.resolution = channels, resolution
         self.skipped = []
         fitted, labels, self._paths = [], [], []
+        self._reports: list[str] | None = [] if reports is not None else None
         small: list[str] = []
         progress = tqdm(
             items, desc="reading images", unit="img", disable=len(items) <= _PROGRESS_MIN_FILES
         )
-        for path, label in progress:
+        for n, (path, label) in enumerate(progress):
             try:
                 pixels, eight_bit = decode_image(path)
             except BadFile as err:
@@ -759,6 +787,8 @@ class _EagerDataset(_Readable):
             fitted.append((_fit(_as_batch(pixels), resolution, channels)[0], eight_bit))
             labels.append(label)
             self._paths.append(str(path))
+            if self._reports is not None and reports is not None:
+                self._reports.append(reports[n])
         if not fitted:
             first_path, first_reason = self.skipped[0]
             raise DataError(
@@ -787,6 +817,8 @@ class _EagerDataset(_Readable):
         meta: dict[str, Any] = {"path": self._paths[index], "index": index}
         if self.concepts is not None:
             meta["concepts"] = dict(self.concepts[index])
+        if self._reports is not None:
+            meta["report"] = self._reports[index]
         return {
             "image": _with_channels(image, self.channels),
             "label": int(self.labels[index]),

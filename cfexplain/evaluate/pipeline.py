@@ -29,6 +29,8 @@ from cfexplain.runs import TrainedRun
 from cfexplain.utils.cli import ConfigError
 
 LOCALISATION = ("pointing_game", "relevance_mass", "relevance_rank", "iou_at_area")
+# Maps that do not read the classifier: the randomisation check shows exactly that.
+CLASSIFIER_FREE = ("normative", "report")
 # Maps whose sign is not "evidence for the target": scored by magnitude.
 MAGNITUDE = ("counterfactual", "normative")
 
@@ -66,6 +68,7 @@ def ground_truth(ds, n: int, target: int) -> dict[str, Any]:
         "marker": torch.stack(marker),
         "factors": [m.get("factors", {}) for m in metas],
         "concepts": [m.get("concepts") for m in metas],
+        "metas": metas,
         "knee": "osteophyte" in metas[0]["masks"],
     }
 
@@ -131,10 +134,10 @@ def randomisation_checks(
                 cf = build(m)(x, target=target, lambdas=lambdas)
                 return relevance("counterfactual", counterfactual_difference(cf), True)
 
-        elif name == "normative":
-            # The residual does not read the classifier at all: the check shows exactly that.
-            def attribute(m, method=methods[name]):
-                return relevance("normative", method.attribute(x, target), False)
+        elif name in CLASSIFIER_FREE:
+            # The residual and the report's attention do not read the classifier at all.
+            def attribute(m, method=methods[name], name=name):
+                return relevance(name, method.attribute(x, target), False)
 
         else:
 
@@ -303,6 +306,25 @@ def concept_summary(
             for j, n in enumerate(names)
         }
         out["mean_mae"], out["mean_auc"] = m["mae"], m["auc"]
+
+
+def reporter_summary(cfg: DictConfig, run: TrainedRun, method: Any, data: dict) -> dict[str, Any]:
+    """The written reports against the phantom: BLEU-4, the findings read back against the
+    factors, and word pointing in each finding's mask, strict and within
+    ``pointing_tolerance`` px (the report's decoding and word span are ``params.report``'s)."""
+    from cfexplain.explain.reporter import evaluate_reports
+
+    samples = [{"image": x, "meta": m} for x, m in zip(data["x"], data["metas"])]
+    out: dict[str, Any] = evaluate_reports(
+        run.reporter,
+        samples,
+        int(cfg.batch_size),
+        decode=method.decode,
+        beam_size=method.beam_size,
+        tolerance=int(cfg.pointing_tolerance),
+        span=method.span,
+    )
+    out["decode"], out["span"] = method.decode, method.span
     return out
 
 
@@ -360,6 +382,8 @@ def evaluate_run(
         summary["concepts"] = concept_summary(net, data, target, device, batch, baseline)
         if baseline is not None:
             summary["concepts"]["baseline"] = str(cfg.baseline)
+    if "report" in methods:
+        summary["reporter"] = reporter_summary(cfg, run, methods["report"], data)
     if oracle_info is not None:
         summary["oracle"] = {k: oracle_info[k] for k in ("factors", "metrics") if k in oracle_info}
         from cfexplain.evaluate.factors import true_counterfactual_ratios

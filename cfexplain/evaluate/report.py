@@ -107,6 +107,26 @@ _CSS = (
 )
 
 
+def _reporter_section(summary: dict[str, Any]) -> list[str]:
+    """The reporter's scores (``evaluate methods=[...,report]``), or nothing."""
+    if "reporter" not in summary:
+        return []
+    return [
+        "<h2>Generated reports (reporter stage)</h2>",
+        "<p>The reports the reporter writes for the evaluated images: BLEU-4 against the "
+        "phantom's own report; the findings read back from the text against the factors "
+        "(an unstated finding counts as wrong); word pointing: for each finding word of a "
+        "sentence that states the finding present and whose mask is non-empty, whether its "
+        "map (params.report.span; peak: the attention of the sentence's step that looked "
+        "hardest) peaks in the mask (pointing/) or within pointing_tolerance px of it "
+        "(pointing_&lt;t&gt;px/), the share of its attention in the mask (mass/) and the "
+        "mask's share of the image, what a uniform map would get (area/). "
+        "The <i>report</i> row above scores the mean of the present words' maps as a "
+        "heatmap.</p>",
+        _kv_table(summary["reporter"]),
+    ]
+
+
 def page_html(summary: dict[str, Any], gallery: str | None) -> str:
     table = summary["table"]
     head = "".join(f"<th>{_cell(h)} {_cell(a)}</th>" for _, h, a in COLUMNS)
@@ -155,6 +175,7 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
                 "flipping frame (factor std units; probability for binary factors):</p>",
                 _kv_table(cf["mean_change"]),
             ]
+    parts += _reporter_section(summary)
     oracle = summary.get("oracle")
     if oracle and "metrics" in oracle:
         rows = {

@@ -759,3 +759,67 @@ class DominantClass(Method):
 
 METHODS[AttentionMap.name] = AttentionMap
 METHODS[DominantClass.name] = DominantClass
+
+
+class Report(Method):
+    """The report the run's ``reporter`` stage writes for each image, with an attention map per
+    finding word (:mod:`cfexplain.explain.reporter`). As a map (``attribute``): the mean of the
+    present findings' word maps (unsigned; ``target`` unused). The words and their maps are
+    :meth:`write`'s; the last batch is kept, so the gallery asks for both without a second pass.
+    """
+
+    name = "report"
+    signed = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        reporter: nn.Module,
+        kind: str = "knee",
+        decode: str = "greedy",
+        beam_size: int = 3,
+        span: str = "peak",
+    ) -> None:
+        super().__init__(model)
+        from cfexplain.explain.reporter import DECODERS, SPANS
+
+        if decode not in DECODERS:
+            raise ValueError(f"decode={decode!r}: expected one of {DECODERS}")
+        if span not in SPANS:
+            raise ValueError(f"span={span!r}: expected one of {SPANS}")
+        self.reporter, self.kind, self.decode = reporter, kind, decode
+        self.beam_size, self.span = int(beam_size), span
+        self._last: tuple[Tensor, list[Any]] | None = None
+
+    @classmethod
+    def from_run(cls, run: Any, **params: Any) -> Report:
+        """The run's report writer; the phantom's kind of findings from its training data."""
+        if not run.has("reporter"):
+            raise MethodUnavailable(
+                f"No report: {run.dir} has no reporter stage (train it: stages=[reporter])."
+            )
+        kind = "histology" if str(run.config.data.get("name")) == "histology" else "knee"
+        return cls(run.classifier, run.reporter, kind=params.pop("kind", kind), **params)
+
+    def write(self, x: Tensor) -> list[Any]:
+        """The :class:`~cfexplain.explain.reporter.WrittenReport` of each image of ``x``."""
+        from cfexplain.explain.reporter import write_reports
+
+        last = self._last
+        if last is not None and last[0].shape == x.shape and torch.equal(last[0], x):
+            return last[1]
+        written = write_reports(
+            self.reporter, x.detach(), self.kind, self.decode, self.beam_size, self.span
+        )
+        self._last = (x.detach().clone(), written)
+        return written
+
+    def attribute(self, x: Tensor, target: int) -> Tensor:
+        from cfexplain.explain.reporter import report_map
+
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        maps = [report_map(w, size) for w in self.write(x)]
+        return torch.stack(maps).to(x.device, x.dtype)
+
+
+METHODS[Report.name] = Report

@@ -121,6 +121,7 @@ class Row:
         maps: method name -> (raw map ``[1, H, W]``, signed).
         drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
+        report: the report written for the image, with a map per finding word (``report``).
     """
 
     name: str
@@ -143,6 +144,8 @@ class Row:
     guard: Any = None
     # A capsule classifier's attribute readings (None for other classifiers).
     concepts: Concepts | None = None
+    # The generated report (cfexplain.explain.reporter.WrittenReport): text and word maps.
+    report: Any = None
 
     @property
     def status(self) -> str:
@@ -244,6 +247,14 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
             upscale(pic, size).save(buf, format="PNG")
             write_bytes(folder / f"capsule_{k:02d}.png", buf.getvalue())
             files["concepts"][name] = f"{rel}/capsule_{k:02d}.png"
+    if row.report is not None:
+        files["words"] = {
+            col: put(
+                f"{col}.png",
+                upscale(overlay(row.image[None], wm.attention[None, None], False)[0], size),
+            )
+            for col, wm in row.report.word_columns()
+        }
     if row.has_counterfactual:
         files["reconstruction"] = put(
             "reconstruction.png", upscale(gray_rgb(row.reconstruction[None])[0], size)
@@ -302,6 +313,7 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
     for name, src in files.get("concepts", {}).items():
         cells.append(_figure(src, f"capsule {name}", "capsule"))
     facts = [f"true: {esc(attrs['data-true'])}", f"pred: {esc(row.pred)}", f"flip: {flip}"]
+    written = _report_html(row, files)
     facts += [f"guard: {esc(row.status)}"]
     facts += [f"{esc(k)}: {esc(fmt(v))}" for k, v in row.metrics.items()]
     flagged = row.guard is not None and row.guard.flagged
@@ -310,7 +322,22 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         f"{guard_banner(row)}"
         f'<h3>{esc(row.name)}</h3><p class="facts">{" · ".join(facts)}'
         f' · <a href="{esc(files["strip"])}">strip</a></p>\n'
-        f'<div class="cells">{"".join(cells)}</div>\n{concepts_html(row)}</section>\n'
+        f'<div class="cells">{"".join(cells)}</div>\n{concepts_html(row)}{written}</section>\n'
+    )
+
+
+def _report_html(row: Row, files: Mapping[str, Any]) -> str:
+    """The generated report under the image, and a heatmap per finding word (its sentence's
+    attention; the word is the caption, with "(absent)" when its sentence denies it)."""
+    if row.report is None:
+        return ""
+    figures = [
+        _figure(files["words"][col], wm.word + ("" if wm.present else " (absent)"), "word")
+        for col, wm in row.report.word_columns()
+    ]
+    return (
+        f'<div class="report"><p class="report-text"><b>report:</b> {esc(row.report.text)}</p>'
+        f'<div class="cells words">{"".join(figures)}</div></div>\n'
     )
 
 
@@ -372,6 +399,7 @@ border-left:6px solid #c0392b;padding:.4em .6em;margin:.2em 0 .4em;font-size:14p
 table.concepts{border-collapse:collapse;font-size:12px;margin:.4em 0 .2em;font-variant-numeric:tabular-nums}
 table.concepts td,table.concepts th{border:1px solid #ddd;padding:1px 6px;text-align:left}
 table.concepts th{background:#f2f2f2}.bar{display:inline-block;height:8px;background:#1f5fa8;vertical-align:middle}
+.report{margin:.3em 0 .1em}.report-text{margin:.1em 0 .3em;font-size:13px}
 """
 
 _SCRIPT = """
@@ -549,6 +577,8 @@ class GalleryWriter:
             "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
         values = {**base, **row.metrics, **concept_columns(row), "strip": files["strip"]}
+        written = {"report": row.report.text} if row.report is not None else {}
+        values = {**base, **row.metrics, **written, "strip": files["strip"]}
         path = self.out / "metrics.csv"
         if self.metric_columns is None:
             self.metric_columns = list(values)
@@ -581,6 +611,9 @@ class GalleryWriter:
         if row.concepts is not None and row.concepts.frames is not None:
             frames = [[round(v, 4) for v in f] for f in row.concepts.frames]
             cells["frame_concepts"] = json.dumps(dict(zip(row.concepts.names, zip(*frames))))
+        if row.report is not None:
+            cells["report"] = row.report.text
+            cells |= {col: out / path for col, path in files["words"].items()}
         return cells | dict(row.metrics)
 
     def table(self) -> tuple[list[str], list[list[Any]]]:

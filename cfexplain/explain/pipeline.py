@@ -25,6 +25,7 @@ from cfexplain.explain.attribution import (
     Counterfactual,
     Method,
     MethodUnavailable,
+    Report,
     counterfactual_difference,
     get_method,
 )
@@ -240,6 +241,8 @@ def explain_batch(
     if net is not None:
         frames = {i: cf.images[at[i]] for i in at} if cf is not None else {}
         concepts = capsule_concepts(net, x, truths or [None] * len(x), frames)
+    writer = maps_of.get(Report.name)
+    written = writer.write(x) if isinstance(writer, Report) else None  # cached: no second pass
     rows = []
     for i in range(len(x)):
         row = Row(
@@ -252,6 +255,7 @@ def explain_batch(
             drawn={name: pics[i] for name, pics in drawn.items()},
             guard=verdicts[i] if verdicts is not None else None,
             concepts=concepts[i] if concepts is not None else None,
+            report=written[i] if written is not None else None,
         )
         if cf is not None and i in at:
             j = at[i]
@@ -514,6 +518,7 @@ def write_reports(
             target_prob=row.prob,
             guard=row.guard,
             concepts=row.concepts,
+            written_report=row.report,
         )
         log.info(f"[explain] report: {path}")
 

@@ -106,6 +106,7 @@ def write_report(
     target_prob: float | None = None,
     guard: Any = None,
     concepts: Any = None,
+    written_report: Any = None,
 ) -> Path:
     """Write the report of one image to ``path`` (HTML, atomically); returns ``path``.
 
@@ -127,6 +128,8 @@ def write_report(
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
         concepts: a capsule classifier's readings (``gallery.Concepts``); None for others.
+        written_report: the generated report (``WrittenReport`` of
+            :mod:`cfexplain.explain.reporter`): its text and a map per finding word.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
@@ -161,6 +164,7 @@ def write_report(
         target_prob=None if target_prob is None else float(target_prob),
         guard=guard,
         concepts=concepts,
+        written_report=written_report,
     )
     write_text(path, report_html(content))
     if pdf != "none":
@@ -304,6 +308,29 @@ def _section_looked(c: _Content) -> str:
     )
 
 
+def _section_written(c: _Content) -> str:
+    """The report a second model wrote for the image, and where it looked for each finding."""
+    written = getattr(c, "written_report", None)
+    if written is None:
+        return ""
+    from cfexplain.explain.gallery import overlay
+    from cfexplain.utils.images import upscale
+
+    figs = []
+    for wm in written.words:
+        heat = overlay(c.image[None], wm.attention[None, None].float(), signed=False)[0]
+        caption = f"“{wm.word}”" + ("" if wm.present else " (said to be absent)")
+        figs.append(_img(_uri(np.asarray(upscale(heat, _SIZE))), caption))
+    return (
+        "<h2>What a report-writing model wrote</h2>"
+        f'<p class="answer">{esc(written.text)}</p>'
+        f'<div class="figs">{"".join(figs)}</div>'
+        '<p class="note">A second model, trained to write reports, wrote this text. Under each '
+        "finding word: where that model looked while writing the word's sentence (bright: "
+        "most attention). It is not a diagnosis.</p>"
+    )
+
+
 def _section_change(c: _Content) -> str:
     from cfexplain.explain.gallery import gif_bytes, gray_rgb
     from cfexplain.utils.images import upscale
@@ -381,6 +408,7 @@ def report_html(c: _Content) -> str:
         _section_said(c),
         _section_concepts(c),
         _section_looked(c),
+        _section_written(c),
         _section_change(c),
         _section_unusual(c),
         _section_provenance(c),

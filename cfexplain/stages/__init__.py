@@ -52,5 +52,7 @@ CHAIN: tuple[Stage, ...] = (
     ),
     # Not in the default `stages`: the built-in segmentation model for sensitivity analysis.
     Stage("segmentation", keys=("data", "segmentation", "seed")),
+    # Not in the default `stages`: the report writer (explain methods=[...,report]).
+    Stage("reporter", keys=("data", "reporter", "seed")),
 )
 STAGES = {s.name: s for s in CHAIN}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -70,6 +71,58 @@ def epoch_loader(
     return DataLoader(
         ds, batch_sampler=batches[skip:], collate_fn=collate_fn, num_workers=num_workers
     )
+
+
+def check_batch(field: str, batch: int, n: int, d: distributed.Dist) -> int:
+    """``batch`` (config ``field``) when the processes share it evenly and the split of ``n``
+    images holds a batch; a ValueError naming the field otherwise."""
+    if batch % d.world:
+        raise ValueError(
+            f"{field}={batch} must be divisible by the number of processes ({d.world})"
+        )
+    if n < batch:
+        raise ValueError(f"{field}={batch} is larger than the training split ({n} images)")
+    return batch
+
+
+def resume_loop(ckpt: Checkpoint) -> dict[str, Any]:
+    """The loop state ``{"step", "train_seconds", "finished"}`` that ``ckpt`` resumes (restoring
+    its states and saying so), or a fresh one."""
+    saved = ckpt.load()
+    if not saved:
+        return {"step": 0, "train_seconds": 0.0, "finished": False}
+    loop: dict[str, Any] = saved["loop"]
+    ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
+    return loop
+
+
+def count_step(
+    run: Run,
+    loop: dict[str, Any],
+    loss: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    ckpt: Checkpoint,
+    t0: float,
+    bar: Any,
+    checkpoint_every: int,
+) -> None:
+    """After an optimiser step of a one-loss stage: stop on a diverged loss (the checkpoint is
+    untouched), count the step and its time, log loss and learning rate every 10 steps and
+    checkpoint every ``checkpoint_every``."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(
+            f"{run.stage} diverged at step {loop['step']} (loss {value}); the last checkpoint "
+            f"{ckpt.path} is untouched: lower {run.stage}.lr"
+        )
+    loop["step"] += 1
+    loop["train_seconds"] = time.time() - t0
+    bar.update()
+    if loop["step"] % 10 == 0:
+        bar.set_postfix(loss=f"{value:.4f}")
+        run.log({"train/loss": value, "train/lr": opt.param_groups[0]["lr"]}, step=loop["step"])
+    if loop["step"] % checkpoint_every == 0:
+        ckpt.save(loop["step"], loop=loop)
 
 
 def real_batch(ds: Dataset, n: int, seed: int, step: int, d: distributed.Dist) -> torch.Tensor:

@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 
 from cfexplain.data.masks import mask_names, stack_masks
 from cfexplain.nn.segmentation import UNet, dice_scores, predict_masks, segmentation_loss
-from cfexplain.stages._shared import Checkpoint, epoch_loader, lr_at, write_artifact
+from cfexplain.stages._shared import (
+    Checkpoint,
+    check_batch,
+    count_step,
+    epoch_loader,
+    lr_at,
+    resume_loop,
+    write_artifact,
+)
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, save_model
 from cfexplain.utils.images import save_grid
@@ -107,25 +115,12 @@ def _train(
     d: distributed.Dist,
 ) -> tuple[UNet, dict[str, Any]]:
     s = cfg.segmentation
-    batch = int(s.batch_size)
-    if batch % d.world:
-        raise ValueError(
-            f"segmentation.batch_size={batch} must be divisible by the number of processes ({d.world})"
-        )
-    if len(ds) < batch:
-        raise ValueError(
-            f"segmentation.batch_size={batch} is larger than the training split ({len(ds)} images)"
-        )
+    check_batch("segmentation.batch_size", int(s.batch_size), len(ds), d)
     torch.manual_seed(int(cfg.seed))  # initial weights: same on every rank, same for a seed
     model = UNet(**kwargs).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=float(s.lr), weight_decay=float(s.weight_decay))
     ckpt = Checkpoint(run, d, rng=True, model=model, optimizer=opt)
-    saved = ckpt.load()
-    loop: dict[str, Any] = (
-        saved["loop"] if saved else {"step": 0, "train_seconds": 0.0, "finished": False}
-    )
-    if saved:
-        ckpt.announce(f"at step {loop['step']}", resumed_from_step=loop["step"])
+    loop = resume_loop(ckpt)
     if loop["finished"]:
         return model.eval(), loop
     ddp = distributed.wrap_ddp(model, d)
@@ -181,22 +176,7 @@ def _train_epoch(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"segmentation diverged at step {loop['step']} (loss {loss.item()}); the last "
-                f"checkpoint {ckpt.path} is untouched: lower segmentation.lr"
-            )
-        loop["step"] += 1
-        loop["train_seconds"] = time.time() - t0
-        bar.update()
-        if loop["step"] % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            run.log(
-                {"train/loss": loss.item(), "train/lr": opt.param_groups[0]["lr"]},
-                step=loop["step"],
-            )
-        if loop["step"] % int(cfg.checkpoint_every) == 0:
-            ckpt.save(loop["step"], loop=loop)
+        count_step(run, loop, loss, opt, ckpt, t0, bar, int(cfg.checkpoint_every))
         if loop["step"] >= total:
             break
 

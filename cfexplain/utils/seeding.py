@@ -36,6 +36,7 @@ class Stream:
     DIRECTION_EVAL_REAL = 51  # real test images of the direction's evaluation
     ORACLE_STEP = 71  # augmentation draws of each oracle training step
     GUARD_FEATURES = 80  # training images whose classifier features the guard's Gaussian fits
+    REPORTER_STEP = 90  # the global torch seed of each reporter step (dropout)
 
 
 # The seed of the generated images every generator's metrics share, whatever the run's seed.

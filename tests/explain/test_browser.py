@@ -195,3 +195,25 @@ def test_capsule_rows_show_the_attribute_table_and_capsule_images_in_chromium(br
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_report_text_and_word_heatmaps_render_in_chromium(browser, tmp_path):
+    from tests.explain.test_reporter import report_row
+
+    w = GalleryWriter(tmp_path / "g", target="sick", size=32)
+    w.add_batch([report_row(EVIL), make_row("b.png", counterfactual=False)], {"run": "r"})
+    index = w.close({"run": "r"}, {})
+    page, errors = open_page(browser, index)
+    try:
+        text = page.locator(".report-text")
+        assert text.count() == 1 and text.first.is_visible()
+        assert "Severe medial joint-space narrowing." in text.first.inner_text()
+        assert EVIL in text.first.inner_text()  # shown as text, never parsed as an element
+        assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+        words = page.locator(".words figcaption").all_inner_texts()
+        assert words == ["osteophyte", "narrowing", "sclerosis (absent)"]
+        # input + 2 maps per row, and the report row's 3 word heatmaps
+        assert assert_images_decoded(page) == 2 * 3 + 3
+        assert not errors, errors
+    finally:
+        page.close()

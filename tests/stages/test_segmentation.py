@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from omegaconf import open_dict
-from safetensors.torch import load_file
 
 from cfexplain.data import build_dataset, collate
 from cfexplain.data.phantoms.knee import MASK_NAMES
 from cfexplain.nn.segmentation import UNet, load_segmentation, segmentation_loss
 from cfexplain.stages import segmentation as stage
 from cfexplain.train import run_chain
-from cfexplain.utils.artifacts import Artifact, torch_load
-from tests.conftest import kill_when, run_train, smoke_train
+from tests.conftest import killed_and_resumed
 
 SMOKE = ("stages=[segmentation]",)
 
@@ -65,28 +63,7 @@ def test_missing_config_and_loss_on_known_logits(smoke_cfg):
     assert segmentation_loss(right, target) < 0.01 < 1.5 < segmentation_loss(wrong, target)
 
 
-def _train_cmd(runs):
-    return smoke_train(runs, *SMOKE, "segmentation.steps=16", "checkpoint_every=2")
-
-
-def _mid_run(state_file) -> bool:
-    try:
-        return 0 < torch_load(state_file)["loop"]["step"] < 16
-    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
-        return False
-
-
 @pytest.mark.slow
 def test_kill_then_resume_gives_the_same_weights(tmp_path):
-    run_train(_train_cmd(tmp_path / "ref"))
-    runs = tmp_path / "killed"
-    state = runs / "knee" / ".segmentation.partial" / "state.pt"
-    kill_when(_train_cmd(runs), lambda: _mid_run(state))
-    assert not (runs / "knee" / "segmentation").exists()
-    run_train(_train_cmd(runs))
-    art = Artifact.load(runs / "knee" / "segmentation")
-    assert 0 < art.info["resumed_from_step"] < 16
-    ref = Artifact.load(tmp_path / "ref" / "knee" / "segmentation")
-    a, b = load_file(str(ref.path("weights"))), load_file(str(art.path("weights")))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ref, art = killed_and_resumed(tmp_path, "segmentation", 16)
     assert art.metrics["test/dice_mean"] == ref.metrics["test/dice_mean"]

@@ -17,12 +17,14 @@ import torch
 from scipy import ndimage
 
 from cfexplain.data.phantoms.knee import (
+    SPLITS,
     CachedPhantom,
     area_down,
     band_noise,
     check_common,
     check_index,
     coverage_mask,
+    phantom_report,
     pixel_grid,
     resample,
     sample_seed,
@@ -304,6 +306,7 @@ class HistologyPhantom(CachedPhantom):
             "tumour_fraction": float(masks["tumour"].mean()),
             "index": int(i),
             "split": self.split,
+            "report": phantom_report("histology", factors, (self.seed, SPLITS[self.split], i)),
         }
         from cfexplain.data.concepts import histology_concepts  # here: concepts reads this module
 

@@ -251,6 +251,15 @@ class CachedPhantom(ImageDataset):
         return self
 
 
+def phantom_report(
+    kind: str, factors: Mapping[str, float], seed: tuple, grade: int | None = None
+) -> str:
+    """The sample's report (cfexplain.data.reports; imported here, which imports this module)."""
+    from cfexplain.data.reports import write_report
+
+    return write_report(kind, factors, seed, grade)
+
+
 def to_tensor_image(img: np.ndarray) -> torch.Tensor:
     """[H, W] or [H, W, C] float in [0, 1] -> float32 [C, H, W] in [-1, 1]."""
     arr = np.clip(img, 0.0, 1.0) * 2.0 - 1.0
@@ -969,6 +978,7 @@ class KneePhantom(CachedPhantom):
             "masks": {k: torch.from_numpy(m) for k, m in masks.items()},
             "index": int(i),
             "split": self.split,
+            "report": phantom_report("knee", factors, (self.seed, SPLITS[self.split], i), grade),
         }
         from cfexplain.data.concepts import knee_concepts  # here: concepts reads this module
 
