@@ -306,6 +306,7 @@ def concept_summary(
             for j, n in enumerate(names)
         }
         out["mean_mae"], out["mean_auc"] = m["mae"], m["auc"]
+    return out
 
 
 def reporter_summary(cfg: DictConfig, run: TrainedRun, method: Any, data: dict) -> dict[str, Any]:

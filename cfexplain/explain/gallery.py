@@ -576,9 +576,8 @@ class GalleryWriter:
             "guard_status": row.status,
             "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
-        values = {**base, **row.metrics, **concept_columns(row), "strip": files["strip"]}
         written = {"report": row.report.text} if row.report is not None else {}
-        values = {**base, **row.metrics, **written, "strip": files["strip"]}
+        values = {**base, **row.metrics, **concept_columns(row), **written, "strip": files["strip"]}
         path = self.out / "metrics.csv"
         if self.metric_columns is None:
             self.metric_columns = list(values)

@@ -128,15 +128,12 @@ def write_report(
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
         concepts: a capsule classifier's readings (``gallery.Concepts``); None for others.
-        written_report: the generated report (``WrittenReport`` of
-            :mod:`cfexplain.explain.reporter`): its text and a map per finding word.
+        written_report: the generated report (``reporter.WrittenReport``): text, word maps.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
         raise ValueError(f"write_report: pdf must be one of {PDF_MODES}, got {pdf!r}")
-    image = torch.as_tensor(image).detach().float().cpu()
-    if image.ndim != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"write_report: image must be [1|3, H, W], got {tuple(image.shape)}")
+    image = _as_image(image)
     hw = tuple(image.shape[-2:])
     names = [str(c) for c in class_names]
     _check_answer(int(prediction), float(probability), names)
@@ -170,6 +167,13 @@ def write_report(
     if pdf != "none":
         write_pdf(path, content, mode=pdf)
     return path
+
+
+def _as_image(image: Tensor) -> Tensor:
+    image = torch.as_tensor(image).detach().float().cpu()
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"write_report: image must be [1|3, H, W], got {tuple(image.shape)}")
+    return image
 
 
 def _check_answer(prediction: int, probability: float, names: list[str]) -> None:
