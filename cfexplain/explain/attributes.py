@@ -351,3 +351,149 @@ def table_markdown(attributes: Sequence[Attribute], classes: Sequence[str]) -> s
             f"{'+' if a.sign > 0 else '-'} | {a.effect:.3f} | {a.flip_share:.3f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- a trained run
+
+SOURCES = ("encoded", "samples")
+
+
+@torch.no_grad()
+def run_styles(run: Any, source: str, split: str, limit: int, seed: int, batch: int) -> Tensor:
+    """``s [N, S]`` of ``limit`` images of a trained run: its ``split`` encoded through E
+    (``encoded``) or G's own samples (``samples``)."""
+    from cfexplain.utils.cli import ConfigError
+
+    G = run.generator
+    if source == "encoded":
+        ds = run.dataset(split)
+        n = min(limit, len(ds))
+        x = torch.stack([ds[i]["image"] for i in range(n)]).to(run.device)
+        w = torch.cat([run.encoder(b) for b in x.split(batch)])
+    elif source == "samples":
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(limit, G.z_dim, generator=gen).to(run.device)
+        w = torch.cat([G.mapping(b) for b in z.split(batch)])
+    else:
+        raise ConfigError(f"source={source}: choose one of {', '.join(SOURCES)}")
+    return to_styles(G, w)
+
+
+def find_for_run(
+    run: Any,
+    *,
+    source: str = "encoded",
+    split: str = "test",
+    limit: int = 64,
+    k: int = 8,
+    shift: float = 3.0,
+    layers: str = "all",
+    std_samples: int = 2000,
+    batch: int = 128,
+    seed: int = 0,
+) -> tuple[AttributeSet, Effects]:
+    """AttFind on a trained run's G and classifier (every class), and the effects it ranked."""
+    G, f = run.generator, run.classifier
+    layout = style_layout(G)
+    std = style_std(G, std_samples, seed)
+    s = run_styles(run, source, split, limit, seed, batch)
+    try:
+        coords = layout.mask(layers).nonzero()[:, 0]
+    except ValueError as e:
+        from cfexplain.utils.cli import ConfigError
+
+        raise ConfigError(f"layers={layers}: {e}") from e
+    effects = shift_effects(G, f, s, std.to(s.device), shift, coords, batch)
+    found = att_find(effects, layout, k)
+    info = {
+        "source": source,
+        "split": split if source == "encoded" else None,
+        "images": len(s),
+        "k": k,
+        "layers": layers,
+        "coordinates_scored": len(coords),
+        "std_samples": std_samples,
+        "seed": seed,
+        "classes": run.classes,
+        "predicted": [int((effects.base.argmax(1) == c).sum()) for c in range(len(run.classes))],
+    }
+    return AttributeSet(found, std, float(shift), layout, info), effects
+
+
+# ----------------------------------------------------------------------------- per image
+
+
+@dataclass
+class AttributeStrips:
+    """Each image's top attributes for a class, walked from ``-d`` to ``+d`` (``steps [F]``, in
+    units of the attribute's shift; the frame at 0 is the reconstruction, at +1 the attribute's
+    counterfactual)."""
+
+    reconstruction: Tensor  # [N, C, H, W] G(s)
+    recon_probs: Tensor  # [N] f's probability of the target for G(s)
+    frames: Tensor  # [N, T, F, C, H, W]
+    probs: Tensor  # [N, T, F]
+    steps: Tensor  # [F]
+    attributes: list[list[Attribute]]  # [N][T], ranked by the change of p at +1
+    target: int
+
+    def difference(self) -> Tensor:
+        """``[N, 1, H, W]``: the top attribute's counterfactual (+d) minus the reconstruction."""
+        last = self.frames[:, 0, -1]
+        return (last - self.reconstruction).float().sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def attribute_strips(
+    G: nn.Module,
+    classifier: nn.Module,
+    s: Tensor,
+    found: AttributeSet,
+    target: int,
+    top: int = 4,
+    num_frames: int = 5,
+    max_batch: int = 64,
+) -> AttributeStrips:
+    """The ``top`` attributes of class ``target`` that raise its probability most for each image
+    ``s [N, S]`` (each tried at +d), each walked over ``num_frames`` steps in [-d, +d]."""
+    candidates = found.of_class(target)
+    if not candidates:
+        raise ValueError(f"no attributes for class {target} (the set has classes "
+                         f"{sorted({a.cls for a in found.attributes})})")  # fmt: skip
+    n, device = len(s), s.device
+
+    def probs_of(styles: Tensor) -> tuple[Tensor, Tensor]:
+        imgs, ps = [], []
+        for b in styles.split(max_batch):
+            x = render(G, b)
+            imgs.append(x)
+            ps.append(torch.softmax(classifier(x).float(), 1)[:, target])
+        return torch.cat(imgs), torch.cat(ps)
+
+    rec, p0 = probs_of(s)
+    coords = torch.tensor([a.coordinate for a in candidates], device=device)
+    steps_c = torch.tensor([found.step(a) for a in candidates], device=device)
+    tried = s[:, None].repeat(1, len(candidates), 1)  # [N, A, S]
+    tried[:, torch.arange(len(candidates)), coords] += steps_c
+    _, p_tried = probs_of(tried.flatten(0, 1))
+    gain = p_tried.view(n, -1) - p0[:, None]
+    t = min(top, len(candidates))
+    order = gain.argsort(dim=1, descending=True)[:, :t].cpu()  # [N, T]
+    steps = torch.linspace(-1.0, 1.0, num_frames)
+    if num_frames % 2:
+        steps[num_frames // 2] = 0.0
+    chosen = coords[order.to(device)]  # [N, T]
+    amount = steps_c[order.to(device)][..., None] * steps.to(device)  # [N, T, F]
+    walked = s[:, None, None].repeat(1, t, num_frames, 1)  # [N, T, F, S]
+    idx = chosen[..., None].expand(-1, -1, num_frames)
+    walked.scatter_add_(3, idx[..., None], amount[..., None])
+    frames, p = probs_of(walked.flatten(0, 2))
+    return AttributeStrips(
+        reconstruction=rec,
+        recon_probs=p0,
+        frames=frames.view(n, t, num_frames, *frames.shape[1:]),
+        probs=p.view(n, t, num_frames),
+        steps=steps,
+        attributes=[[candidates[int(j)] for j in row] for row in order],
+        target=int(target),
+    )

@@ -105,6 +105,7 @@ def write_report(
     reference_prob: float | None = None,
     target_prob: float | None = None,
     guard: Any = None,
+    attributes: Sequence[Any] = (),
 ) -> Path:
     """Write the report of one image to ``path`` (HTML, atomically); returns ``path``.
 
@@ -125,6 +126,9 @@ def write_report(
             frame flips when it is on the other side of 0.5 (the gallery's flip).
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
+        attributes: the image's StyleSpace attribute walks
+            (:class:`~cfexplain.explain.gallery.AttributeStrip`: ``label``, ``frames [F, C, H, W]``,
+            ``probs [F]`` of ``frame_target``), one strip each.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
@@ -158,6 +162,7 @@ def write_report(
         reference_prob=None if reference_prob is None else float(reference_prob),
         target_prob=None if target_prob is None else float(target_prob),
         guard=guard,
+        attributes=list(attributes),
     )
     write_text(path, report_html(content))
     if pdf != "none":
@@ -301,6 +306,33 @@ def _section_change(c: _Content) -> str:
     )
 
 
+def _section_attributes(c: _Content) -> str:
+    """One strip per attribute (a single style feature of the generator), with p under each frame."""
+    from cfexplain.explain.gallery import gray_rgb
+    from cfexplain.utils.images import upscale
+
+    if not c.attributes:
+        return ""
+    target = c.class_names[c.frame_target]
+    strips = []
+    for k, a in enumerate(c.attributes):
+        figs = [
+            _img(_uri(np.asarray(upscale(frame, 80))), f"{_percent(float(p))} {target}", size=80)
+            for frame, p in zip(gray_rgb(a.frames), a.probs, strict=True)
+        ]
+        strips.append(
+            f'<h3 class="attribute">{k + 1}. {esc(a.label)}</h3>'
+            f'<div class="figs strip">{"".join(figs)}</div>'
+        )
+    return (
+        "<h2>Single features that would change its mind</h2>"
+        '<p class="note">Each row changes one feature of the redrawing (one style channel of '
+        "the generative model) from less to more, with the model's probability of "
+        f"“{esc(target)}” under each picture; the middle picture is the redrawing itself. The "
+        "features are those that moved the model most over many images.</p>" + "".join(strips)
+    )
+
+
 def _section_unusual(c: _Content) -> str:
     from cfexplain.explain.gallery import overlay
     from cfexplain.utils.images import upscale
@@ -344,6 +376,7 @@ def report_html(c: _Content) -> str:
         _section_said(c),
         _section_looked(c),
         _section_change(c),
+        _section_attributes(c),
         _section_unusual(c),
         _section_provenance(c),
     )
