@@ -276,8 +276,10 @@ def evaluate_run(
     (:func:`ground_truth`); the summary holds the table and, with a counterfactual, its
     factor-by-factor changes read by the phantom's oracles (knee only: ``notes`` says so)."""
     model, device, target = run.classifier, run.device, int(cfg.target)
+    # The attributes are judged by the factors they change (below), not as a map.
+    attr = methods.pop("attributes", None)
     oracle = oracle_info = None
-    if counterfactual is not None and data["knee"]:
+    if (counterfactual is not None or attr is not None) and data["knee"]:
         from cfexplain.evaluate.oracles import fit_or_load
 
         res = int(run.config.data.resolution)
@@ -289,7 +291,7 @@ def evaluate_run(
             seed=int(cfg.seed),
             **OmegaConf.to_container(cfg.oracle, resolve=True),
         )
-    elif counterfactual is not None:
+    elif counterfactual is not None or attr is not None:
         notes.append("No factor oracles: they read the knee phantom's factors.")
     per = per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
     params = OmegaConf.to_container(cfg.params, resolve=True) or {}
@@ -303,9 +305,46 @@ def evaluate_run(
         summary["oracle"] = {k: oracle_info[k] for k in ("factors", "metrics") if k in oracle_info}
         from cfexplain.evaluate.factors import true_counterfactual_ratios
 
+        calibration = true_counterfactual_ratios(oracle, seed=int(cfg.seed))
         # What the ratio and MNAC read on true one-factor edits: the scale for the goal.
         summary["oracle_calibration"] = {
             edit: {k: r[k] for k in ("kind", "ratio", "mnac_mean")}
-            for edit, r in true_counterfactual_ratios(oracle, seed=int(cfg.seed)).items()
+            for edit, r in calibration.items()
         }
+        if attr is not None:
+            summary["attributes"] = attribute_summary(cfg, attr, oracle, data, calibration)
     return summary, per, checks
+
+
+def attribute_summary(
+    cfg: DictConfig, attr: Any, oracle: nn.Module, data: dict[str, Any], calibration: dict
+) -> dict[str, Any]:
+    """The attribute × factor table of the target's attributes on the evaluated images (encoded
+    through E), and the true one-factor edits as its calibration rows."""
+    from cfexplain.evaluate.factors import attribute_factors, calibration_rows
+    from cfexplain.explain.attributes import to_styles
+
+    target, found = int(cfg.target), attr.found
+    device = next(attr.G.parameters()).device
+    with torch.no_grad():
+        x = data["x"].to(device)
+        w = torch.cat([attr.E(b) for b in x.split(int(cfg.batch_size))])
+        s = to_styles(attr.G, w)
+    chosen = found.of_class(target)
+    rows = attribute_factors(
+        oracle,
+        attr.G,
+        s,
+        chosen,
+        [found.step(a) for a in chosen],
+        has_marker=data["marker"].flatten(1).any(1),
+        batch_size=int(cfg.batch_size),
+    )
+    return {
+        "shift": found.shift,
+        "images": len(s),
+        "images_with_marker": int(data["marker"].flatten(1).any(1).sum()),
+        "factors": list(oracle.factors),
+        "rows": rows,
+        "calibration": calibration_rows(calibration),
+    }

@@ -140,3 +140,29 @@ def test_explain_without_attributes_says_how_to_find_them(full_run, tmp_path):  
     )
     notes = json.loads((out / "summary.json").read_text())["notes"]
     assert any("python -m cfexplain.attributes" in n for n in notes), notes
+
+
+def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
+    from cfexplain.evaluate.__main__ import evaluate
+    from tests.evaluate.test_command import TINY as EVAL_TINY
+    from tests.evaluate.test_command import evaluate_cfg
+
+    out = tmp_path / "e"
+    evaluate(
+        evaluate_cfg(f"run={attr_run}", f"out={out}", "methods=[gradcam,attributes]", *EVAL_TINY)
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["table"]) == ["gradcam"]  # judged by its factors, not as a map
+    attrs = summary["attributes"]
+    assert attrs["images"] == 8 and attrs["shift"] == 4.0
+    found = TrainedRun(attr_run).attributes.of_class(1)
+    assert [r["rank"] for r in attrs["rows"]] == [a.rank for a in found]
+    for r in attrs["rows"]:
+        assert set(r["change"]) == set(attrs["factors"]) and r["dominant"] in attrs["factors"]
+        assert r["abs_change"][r["dominant"]] == max(r["abs_change"].values())
+        assert 0.0 < r["specificity"] <= 1.0 and 0.0 <= r["marker_toggled_all"] <= 1.0
+    edits = [r["attribute"] for r in attrs["calibration"]]
+    assert "true edit: sclerosis" in edits and "true edit: marker" in edits
+    page = (out / "index.html").read_text()
+    assert "StyleSpace attributes, factor by factor" in page
+    assert page.count("true edit:") == len(edits)
