@@ -126,9 +126,8 @@ def write_report(
             frame flips when it is on the other side of 0.5 (the gallery's flip).
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
-        attributes: the image's StyleSpace attribute walks
-            (:class:`~cfexplain.explain.gallery.AttributeStrip`: ``label``, ``frames [F, C, H, W]``,
-            ``probs [F]`` of ``frame_target``), one strip each.
+        attributes: StyleSpace attribute walks (gallery ``AttributeStrip``s: ``label``,
+            ``frames [F, C, H, W]``, ``probs [F]`` of ``frame_target``), a strip each.
     """
     path = Path(path)
     if pdf not in PDF_MODES:

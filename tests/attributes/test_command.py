@@ -17,7 +17,12 @@ from cfexplain.explain.__main__ import explain
 from cfexplain.explain.attributes import AttributeSet, render, to_styles
 from cfexplain.runs import TrainedRun
 from tests.conftest import run_cli
-from tests.explain.test_command import classifier_run, explain_cfg, full_run  # noqa: F401
+from tests.explain.test_command import (  # noqa: F401 (fixtures)
+    classifier_run,
+    explain_cfg,
+    full_run,
+    logged_table,
+)
 from tests.utils.test_tracking import finished_run_records
 
 TINY = ("limit=3", "k=2", "std_samples=64", "batch_size=64", "shift=4", "logger=none")
@@ -111,14 +116,7 @@ def test_explain_shows_attribute_strips_and_reports(attr_run, tmp_path, monkeypa
     records = finished_run_records(
         Path(json.loads((out / "summary.json").read_text())["wandb_dir"])
     )
-    (art,) = [
-        r.artifact
-        for r in records
-        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
-    ]
-    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
-    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
-    table = json.loads(table_file.read_text())
+    table, entries = logged_table(records)
     cols = table["columns"]
     assert {"attribute_0", "attribute_1", "attribute_0_name", "attribute_1_probs"} <= set(cols)
     cells = [row[cols.index("attribute_1")] for row in table["data"]]

@@ -122,11 +122,12 @@ def test_writer_streams_rows_csv_and_summary(tmp_path):
     assert table[0][columns.index("saliency")] == tmp_path / "g" / "images/00000/map_saliency.png"
 
 
-def test_attribute_strips_in_files_page_csv_and_table(tmp_path):
-    from cfexplain.explain.gallery import AttributeStrip, attribute_strip_image
+def attribute_row(name: str = "a.png") -> Row:
+    """A counterfactual row with three attribute strips of five frames."""
+    from cfexplain.explain.gallery import AttributeStrip
 
     g = torch.Generator().manual_seed(1)
-    row = make_row("a.png")
+    row = make_row(name)
     row.attributes = [
         AttributeStrip(
             label=f"b8.conv0[{k}]+ -> sick",
@@ -136,6 +137,13 @@ def test_attribute_strips_in_files_page_csv_and_table(tmp_path):
         )
         for k in range(3)
     ]
+    return row
+
+
+def test_attribute_strips_in_files_page_csv_and_table(tmp_path):
+    from cfexplain.explain.gallery import attribute_strip_image
+
+    row = attribute_row()
     assert attribute_strip_image(row.attributes[0], size=32).size[0] == 5 * (32 + 2)
     w = GalleryWriter(tmp_path / "g", target="sick", size=16)
     w.add_batch([row, make_row("b.png", counterfactual=False)], {"run": "r"})
