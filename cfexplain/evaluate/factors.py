@@ -173,7 +173,8 @@ def true_counterfactual_ratios(
     disease-only edit should give a large ratio, a nuisance-only edit a small one; the latter
     is the floor that the oracle's reading noise sets. Images: split ``val`` of the oracle's
     seed (:data:`ORACLE_SEED_OFFSET` + ``seed``), which it was neither trained nor tested on.
-    Returns ``{edit: {"kind", "ratio", "mnac_mean", "changes": {factor: mean change}}}``.
+    Returns ``{edit: {"kind", "ratio", "mnac_mean", "changes": {factor: mean change}}}`` and
+    ``"signed_changes"``, the mean signed change per factor.
     """
     from cfexplain.data.phantoms.knee import KneePhantom
     from cfexplain.evaluate.oracles import ORACLE_SEED_OFFSET
@@ -183,15 +184,15 @@ def true_counterfactual_ratios(
     for name, kind, a, b in TRUE_EDITS:
         before = torch.stack([ds.render(i, a)["image"] for i in range(n)])
         after = torch.stack([ds.render(i, b)["image"] for i in range(n)])
-        ch = _standardise(
-            read_factors(oracle, after, batch_size) - read_factors(oracle, before, batch_size),
-            oracle.change_scale,
-        )
+        delta = read_factors(oracle, after, batch_size) - read_factors(oracle, before, batch_size)
+        ch = _standardise(delta, oracle.change_scale)
+        signed = delta / oracle.change_scale.detach().float().cpu()
         out[name] = {
             "kind": kind,
             "ratio": causal_nuisance_ratio(ch, oracle.factors),
             "mnac_mean": mnac(ch).float().mean().item(),
             "changes": dict(zip(oracle.factors, ch.mean(0).tolist())),
+            "signed_changes": dict(zip(oracle.factors, signed.mean(0).tolist())),
         }
     return out
 
@@ -235,7 +236,8 @@ def attribute_factors(
     by ``steps[i]`` (``sign · d · σ``: its counterfactual); the opposite move is read too. Per
     attribute: ``change`` (mean standardised change per factor, signed, towards the class),
     ``abs_change`` (mean |change|), the ``dominant`` factor and its ``specificity`` (share of
-    the summed mean |changes|), and with a marker factor ``marker_toggled``: the share of the
+    the summed mean |changes|; ``dominant_mean`` and ``specificity_mean`` the same of the
+    mean signed changes), and with a marker factor ``marker_toggled``: the share of the
     images (with a marker, ``has_marker [N]``, when given) whose marker reading crosses 0.5 at
     +d or at -d.
     """
@@ -258,6 +260,10 @@ def attribute_factors(
         delta = (after[1.0] - before) / oracle.change_scale.float().cpu()
         abs_change = dict(zip(names, delta.abs().mean(0).tolist()))
         factor, specificity = dominant_factor(abs_change)
+        # Of the mean signed changes: the reading noise of single images averages out here.
+        signed_factor, signed_specificity = dominant_factor(
+            dict(zip(names, delta.mean(0).tolist()))
+        )
         row: dict[str, Any] = {
             "attribute": a.label(),
             "rank": a.rank,
@@ -268,6 +274,8 @@ def attribute_factors(
             "abs_change": abs_change,
             "dominant": factor,
             "specificity": specificity,
+            "dominant_mean": signed_factor,
+            "specificity_mean": signed_specificity,
         }
         if "marker" in names:
             j = names.index("marker")
@@ -286,12 +294,14 @@ def calibration_rows(calibration: dict[str, dict[str, Any]]) -> list[dict[str, A
     rows = []
     for edit, r in calibration.items():
         factor, specificity = dominant_factor(r["changes"])
-        rows.append(
-            {
-                "attribute": f"true edit: {edit}",
-                "abs_change": r["changes"],
-                "dominant": factor,
-                "specificity": specificity,
-            }
-        )
+        row = {
+            "attribute": f"true edit: {edit}",
+            "abs_change": r["changes"],
+            "dominant": factor,
+            "specificity": specificity,
+        }
+        if "signed_changes" in r:
+            row["change"] = r["signed_changes"]
+            row["dominant_mean"], row["specificity_mean"] = dominant_factor(r["signed_changes"])
+        rows.append(row)
     return rows

@@ -256,7 +256,7 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
 
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     table = summary["table"]
-    metrics = list(next(iter(table.values())))
+    metrics = list(next(iter(table.values()), {}))  # no map methods: no columns
     return ["method", *metrics], [[name, *row.values()] for name, row in table.items()]
 
 

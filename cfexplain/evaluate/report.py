@@ -112,13 +112,14 @@ def attribute_table(attrs: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     units; probability for binary factors), dominant factor, specificity, marker toggles; then
     the calibration rows (true one-factor edits: mean |change|)."""
     factors = list(attrs["factors"])
-    columns = ["attribute", *factors, "dominant", "specificity", "marker_toggled"]
+    columns = ["attribute", *factors, "dominant", "specificity", "dominant_mean",
+               "specificity_mean", "marker_toggled"]  # fmt: skip
     rows = []
     for r in [*attrs["rows"], *attrs["calibration"]]:
         values = r.get("change", r["abs_change"])
         rows.append(
             [r["attribute"], *[values[f] for f in factors], r["dominant"], r["specificity"],
-             r.get("marker_toggled", "")]
+             r.get("dominant_mean", ""), r.get("specificity_mean", ""), r.get("marker_toggled", "")]
         )  # fmt: skip
     return columns, rows
 
@@ -133,11 +134,13 @@ def attributes_html(attrs: dict[str, Any]) -> list[str]:
         f"{_cell(attrs['images'])} test images encoded through E: the oracles read every factor "
         "before and after each attribute's counterfactual. Factor columns: mean signed change "
         "(factor std units; probability for binary factors). Dominant: the factor with the "
-        "largest mean |change|; specificity: its share of the summed mean |changes|. Marker "
+        "largest mean |change|; specificity: its share of the summed mean |changes| (the "
+        "same of the mean signed changes, where single images' reading noise averages out: "
+        "dominant_mean, specificity_mean). Marker "
         f"toggled: share of the {_cell(attrs['images_with_marker'])} images with a marker whose "
         "marker reading crosses 0.5 at +d or -d. The rows “true edit” are pairs of phantoms "
-        "that differ in one factor only (mean |change|): what a perfectly specific change reads "
-        "through the same oracles.</p>",
+        "that differ in one factor only: what a perfectly specific change reads "
+        "through the same oracles (mean signed change).</p>",
         f'<table class="attributes"><tr>{head}</tr>{body}</table>',
     ]
 

@@ -66,6 +66,10 @@ def test_planted_attribute_is_specific_to_its_factor_and_toggles_the_marker():
     # the share of the |changes| on exposure, exactly: the marker's part is the rest
     exp, mk = r["abs_change"]["exposure"], r["abs_change"]["marker"]
     assert r["specificity"] == pytest.approx(exp / (exp + mk))
+    signed = r["change"]
+    assert r["dominant_mean"] == "exposure" and r["specificity_mean"] == pytest.approx(
+        abs(signed["exposure"]) / (abs(signed["exposure"]) + abs(signed["marker"]))
+    )
     with torch.no_grad():
         moved = s.clone()
         moved[:, planted] += 20.0
