@@ -34,7 +34,7 @@ def attributes(cfg: DictConfig) -> Path:
     needs = ["generator"] + (["encoder"] if str(cfg.source) == "encoded" else [])
     for stage in needs:
         run.stage_dir(stage)  # a ConfigError naming the run and the missing stage
-    for field in ("limit", "k", "std_samples"):
+    for field in ("limit", "k", "std_samples") + (("screen",) if cfg.screen is not None else ()):
         if int(cfg[field]) < 1:
             raise ConfigError(f"{field}={cfg[field]}: expected at least 1")
     if not float(cfg.shift) > 0:
@@ -55,6 +55,7 @@ def attributes(cfg: DictConfig) -> Path:
                 std_samples=int(cfg.std_samples),
                 batch=int(cfg.batch_size),
                 seed=int(cfg.seed),
+                screen=None if cfg.screen is None else int(cfg.screen),
             )
             found.info["seconds"] = round(time.time() - start, 1)
             found.save(work)

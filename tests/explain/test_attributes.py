@@ -17,6 +17,7 @@ from cfexplain.explain.attributes import (
     Effects,
     att_find,
     render,
+    screen_coordinates,
     shift_effects,
     style_layout,
     style_std,
@@ -154,3 +155,19 @@ def test_attribute_set_round_trips_with_its_table(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="nope"):
         AttributeSet.load(tmp_path / "nope.safetensors")
+
+
+def test_screening_keeps_the_planted_coordinate_and_the_exact_ranking():
+    G = generator(1)
+    layout = style_layout(G)
+    with torch.no_grad():
+        G.synthesis.blocks()[-1].torgb.weight[:, 3] *= 30.0
+        s = to_styles(G, G.mapping(torch.randn(12, 16, generator=torch.Generator().manual_seed(2))))
+        f = Brightness(float(render(G, s).mean()))
+    std = style_std(G, n=400)
+    kept = screen_coordinates(G, f, s, std, keep=6, batch=5)
+    assert len(kept) == 6 and layout.offsets[-1] + 3 in kept.tolist()
+    full = att_find(shift_effects(G, f, s, std, 2.0, progress=False), layout, k=1)
+    screened = att_find(shift_effects(G, f, s, std, 2.0, kept, progress=False), layout, k=1)
+    assert [(a.coordinate, a.sign) for a in screened] == [(a.coordinate, a.sign) for a in full]
+    assert [a.effect for a in screened] == pytest.approx([a.effect for a in full])
