@@ -174,7 +174,7 @@ def shift_effects(
     # One row per (coordinate, sign): the shift to add to an image's styles.
     rows = torch.cat([coords, coords])
     signs = torch.cat([-torch.ones(len(coords)), torch.ones(len(coords))]).to(device)
-    base = log_odds(classifier(render(G, s)))
+    base = torch.cat([log_odds(classifier(render(G, b))) for b in s.split(batch)])
     out = torch.empty(len(s), 2, len(coords), base.shape[1])
     bar = tqdm(total=len(s) * len(rows), desc="attfind", unit="img", disable=not progress)
     for n in range(len(s)):
