@@ -276,10 +276,12 @@ def evaluate_run(
     (:func:`ground_truth`); the summary holds the table and, with a counterfactual, its
     factor-by-factor changes read by the phantom's oracles (knee only: ``notes`` says so)."""
     model, device, target = run.classifier, run.device, int(cfg.target)
-    # The attributes are judged by the factors they change (below), not as a map.
-    attr = methods.pop("attributes", None)
+    # The attributes are judged by the factors they change (below), not as a map; without an
+    # encoder (the method is then unavailable) they are judged on G's samples.
+    methods.pop("attributes", None)
+    attr = "attributes" in [str(m) for m in cfg.methods] and run.has("attributes")
     oracle = oracle_info = None
-    if (counterfactual is not None or attr is not None) and data["knee"]:
+    if (counterfactual is not None or attr) and data["knee"]:
         from cfexplain.evaluate.oracles import fit_or_load
 
         res = int(run.config.data.resolution)
@@ -291,7 +293,7 @@ def evaluate_run(
             seed=int(cfg.seed),
             **OmegaConf.to_container(cfg.oracle, resolve=True),
         )
-    elif counterfactual is not None or attr is not None:
+    elif counterfactual is not None or attr:
         notes.append("No factor oracles: they read the knee phantom's factors.")
     per = per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
     params = OmegaConf.to_container(cfg.params, resolve=True) or {}
@@ -311,39 +313,41 @@ def evaluate_run(
             edit: {k: r[k] for k in ("kind", "ratio", "mnac_mean")}
             for edit, r in calibration.items()
         }
-        if attr is not None:
-            summary["attributes"] = attribute_summary(cfg, attr, oracle, data, calibration)
+        if attr:
+            summary["attributes"] = attribute_summary(cfg, run, oracle, data, calibration)
     return summary, per, checks
 
 
 def attribute_summary(
-    cfg: DictConfig, attr: Any, oracle: nn.Module, data: dict[str, Any], calibration: dict
+    cfg: DictConfig, run: TrainedRun, oracle: nn.Module, data: dict[str, Any], calibration: dict
 ) -> dict[str, Any]:
     """The attribute × factor table of the target's attributes on the evaluated images (encoded
-    through E), and the true one-factor edits as its calibration rows."""
-    from cfexplain.evaluate.factors import attribute_factors, calibration_rows
-    from cfexplain.explain.attributes import to_styles
+    through E; without an encoder, as many G samples, whose marker the oracle reads), and the
+    true one-factor edits as its calibration rows."""
+    from cfexplain.evaluate.factors import attribute_factors, calibration_rows, read_factors
+    from cfexplain.explain.attributes import render, run_styles, to_styles
 
-    target, found = int(cfg.target), attr.found
-    device = next(attr.G.parameters()).device
+    target, found, G = int(cfg.target), run.attributes, run.generator
+    size, n = int(cfg.batch_size), len(data["x"])
     with torch.no_grad():
-        x = data["x"].to(device)
-        w = torch.cat([attr.E(b) for b in x.split(int(cfg.batch_size))])
-        s = to_styles(attr.G, w)
+        if run.has("encoder"):
+            x = data["x"].to(run.device)
+            s = to_styles(G, torch.cat([run.encoder(b) for b in x.split(size)]))
+            images, has_marker = "test images encoded through E", data["marker"].flatten(1).any(1)
+        else:
+            # Other samples than a `source=samples` AttFind with the same seed chose them on.
+            s = run_styles(run, "samples", "", n, int(cfg.seed) + 1, size)
+            reading = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
+            has_marker = reading[:, list(oracle.factors).index("marker")] > 0.5
+            images = "G samples (the run has no encoder)"
     chosen = found.of_class(target)
-    rows = attribute_factors(
-        oracle,
-        attr.G,
-        s,
-        chosen,
-        [found.step(a) for a in chosen],
-        has_marker=data["marker"].flatten(1).any(1),
-        batch_size=int(cfg.batch_size),
-    )
+    steps = [found.step(a) for a in chosen]
+    rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, batch_size=size)
     return {
         "shift": found.shift,
-        "images": len(s),
-        "images_with_marker": int(data["marker"].flatten(1).any(1).sum()),
+        "images": n,
+        "source": images,
+        "images_with_marker": int(has_marker.sum()),
         "factors": list(oracle.factors),
         "rows": rows,
         "calibration": calibration_rows(calibration),

@@ -131,7 +131,7 @@ def attributes_html(attrs: dict[str, Any]) -> list[str]:
     return [
         "<h2>StyleSpace attributes, factor by factor</h2>",
         f"<p>The target's attributes (AttFind, shift d = {_cell(attrs['shift'])} std) on "
-        f"{_cell(attrs['images'])} test images encoded through E: the oracles read every factor "
+        f"{_cell(attrs['images'])} {_cell(attrs.get('source', 'images'))}: the oracles read every factor "
         "before and after each attribute's counterfactual. Factor columns: mean signed change "
         "(factor std units; probability for binary factors). Dominant: the factor with the "
         "largest mean |change|; specificity: its share of the summed mean |changes| (the "

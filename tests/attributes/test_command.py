@@ -166,3 +166,27 @@ def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
     page = (out / "index.html").read_text()
     assert "StyleSpace attributes, factor by factor" in page
     assert page.count("true edit:") == len(edits)
+
+
+def test_without_an_encoder_attributes_come_from_and_are_judged_on_g_samples(
+    full_run,  # noqa: F811
+    tmp_path,
+):
+    import shutil
+
+    from cfexplain.evaluate.__main__ import evaluate
+    from tests.evaluate.test_command import TINY as EVAL_TINY
+    from tests.evaluate.test_command import evaluate_cfg
+
+    run = tmp_path / "knee"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("encoder", "attributes"))
+    with pytest.raises(ConfigError, match="no finished encoder stage"):
+        attributes(attributes_cfg(f"run={run}", *TINY))
+    attributes(attributes_cfg(f"run={run}", "source=samples", *TINY))
+    assert TrainedRun(run).attributes.info["source"] == "samples"
+    out = tmp_path / "e"
+    evaluate(evaluate_cfg(f"run={run}", f"out={out}", "methods=[attributes]", *EVAL_TINY))
+    summary = json.loads((out / "summary.json").read_text())
+    attrs = summary["attributes"]
+    assert attrs["source"].startswith("G samples") and len(attrs["rows"]) == 2
+    assert any("lacks encoder" in n for n in summary["notes"])
