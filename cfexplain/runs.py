@@ -202,6 +202,14 @@ class TrainedRun:
         return load_file(str(self.artifact("direction").path("directions")))
 
     @cached_property
+    def attributes(self) -> Any:
+        """The :class:`~cfexplain.explain.attributes.AttributeSet` that
+        ``python -m cfexplain.attributes`` wrote into ``<run>/attributes/``."""
+        from cfexplain.explain.attributes import AttributeSet
+
+        return AttributeSet.load(self.artifact("attributes").path("attributes"))
+
+    @cached_property
     def normative(self) -> dict[str, nn.Module]:
         """The normative models by kind (``vae``, ``aae``), eval mode."""
         from cfexplain.nn.normative import load_normative

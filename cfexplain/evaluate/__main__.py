@@ -80,6 +80,10 @@ def evaluate(cfg: DictConfig) -> Path:
             write_report(work, summary, per, sanity, gallery=latest_gallery(run, out))
             columns, rows = E.table_rows(summary)
             tracking.log_table("evaluation/table", columns, rows)
+            if "attributes" in summary:
+                from cfexplain.evaluate.report import attribute_table
+
+                tracking.log_table("evaluation/attributes", *attribute_table(summary["attributes"]))
             tracking.summary(E.flat(summary["table"]))
     log.info(f"[evaluate] {n} images, {len(names)} methods, {time.time() - start:.0f} s → {out}")
     _print_table(summary)
@@ -131,6 +135,12 @@ def _print_table(summary: dict[str, Any]) -> None:
             "capsules: diagnosis AUC "
             + f"{concepts['diagnosis_auc']:.3f}  "
             + "  ".join(f"{n} AUC {m['auc']:.3f} MAE {m['mae']:.3f}" for n, m in per.items())
+        )
+    for r in summary.get("attributes", {}).get("rows", []):
+        marker = f"  marker toggled {r['marker_toggled']:.2f}" if "marker_toggled" in r else ""
+        print(
+            f"attribute {r['rank'] + 1} {r['attribute']}: {r['dominant']} "
+            f"(specificity {r['specificity']:.2f}){marker}"
         )
 
 

@@ -173,7 +173,8 @@ def true_counterfactual_ratios(
     disease-only edit should give a large ratio, a nuisance-only edit a small one; the latter
     is the floor that the oracle's reading noise sets. Images: split ``val`` of the oracle's
     seed (:data:`ORACLE_SEED_OFFSET` + ``seed``), which it was neither trained nor tested on.
-    Returns ``{edit: {"kind", "ratio", "mnac_mean", "changes": {factor: mean change}}}``.
+    Returns ``{edit: {"kind", "ratio", "mnac_mean", "changes": {factor: mean change}}}`` and
+    ``"signed_changes"``, the mean signed change per factor.
     """
     from cfexplain.data.phantoms.knee import KneePhantom
     from cfexplain.evaluate.oracles import ORACLE_SEED_OFFSET
@@ -183,15 +184,15 @@ def true_counterfactual_ratios(
     for name, kind, a, b in TRUE_EDITS:
         before = torch.stack([ds.render(i, a)["image"] for i in range(n)])
         after = torch.stack([ds.render(i, b)["image"] for i in range(n)])
-        ch = _standardise(
-            read_factors(oracle, after, batch_size) - read_factors(oracle, before, batch_size),
-            oracle.change_scale,
-        )
+        delta = read_factors(oracle, after, batch_size) - read_factors(oracle, before, batch_size)
+        ch = _standardise(delta, oracle.change_scale)
+        signed = delta / oracle.change_scale.detach().float().cpu()
         out[name] = {
             "kind": kind,
             "ratio": causal_nuisance_ratio(ch, oracle.factors),
             "mnac_mean": mnac(ch).float().mean().item(),
             "changes": dict(zip(oracle.factors, ch.mean(0).tolist())),
+            "signed_changes": dict(zip(oracle.factors, signed.mean(0).tolist())),
         }
     return out
 
@@ -206,3 +207,101 @@ def realism_fd(features: FeatureStats, frames: Tensor, real: Tensor) -> float:
             f"realism_fd needs at least 2 frames and 2 real images, got {len(fake)} and {len(real)}"
         )
     return features.compare(features.features(fake), features.features(real))["fd_classifier"]
+
+
+# ----------------------------------------------------------------------------- attributes
+
+
+def dominant_factor(mean_abs_change: dict[str, float]) -> tuple[str, float]:
+    """``(factor, specificity)``: the factor with the largest mean |change| and the share of the
+    summed mean |changes| that falls on it (1: the change is that factor alone)."""
+    total = sum(abs(v) for v in mean_abs_change.values())
+    name = max(mean_abs_change, key=lambda f: abs(mean_abs_change[f]))
+    return name, (abs(mean_abs_change[name]) / total if total > 0 else math.nan)
+
+
+@torch.no_grad()
+def attribute_factors(
+    oracle: FactorOracle,
+    G: nn.Module,
+    s: Tensor,
+    attributes: Sequence[Any],
+    steps: Sequence[float],
+    has_marker: Tensor | None = None,
+    batch_size: int = 64,
+) -> list[dict[str, Any]]:
+    """Every factor read before and after each attribute's change, over the images ``s [N, S]``.
+
+    ``attributes[i]`` (an :class:`~cfexplain.explain.attributes.Attribute`) moves its coordinate
+    by ``steps[i]`` (``sign · d · σ``: its counterfactual); the opposite move is read too. Per
+    attribute: ``change`` (mean standardised change per factor, signed, towards the class),
+    ``abs_change`` (mean |change|), the ``dominant`` factor and its ``specificity`` (share of
+    the summed mean |changes|; ``dominant_mean`` and ``specificity_mean`` the same of the
+    mean signed changes), and with a marker factor ``marker_toggled``: the share of the
+    images (with a marker, ``has_marker [N]``, when given) whose marker reading crosses 0.5 at
+    +d or at -d.
+    """
+    from cfexplain.explain.attributes import render
+
+    names = list(oracle.factors)
+
+    def read(styles: Tensor) -> Tensor:
+        imgs = torch.cat([render(G, b) for b in styles.split(batch_size)])
+        return read_factors(oracle, imgs, batch_size)
+
+    before = read(s)
+    out = []
+    for a, step in zip(attributes, steps):
+        after = {}
+        for sign in (1.0, -1.0):
+            moved = s.clone()
+            moved[:, a.coordinate] += sign * step
+            after[sign] = read(moved)
+        delta = (after[1.0] - before) / oracle.change_scale.float().cpu()
+        abs_change = dict(zip(names, delta.abs().mean(0).tolist()))
+        factor, specificity = dominant_factor(abs_change)
+        # Of the mean signed changes: the reading noise of single images averages out here.
+        signed_factor, signed_specificity = dominant_factor(
+            dict(zip(names, delta.mean(0).tolist()))
+        )
+        row: dict[str, Any] = {
+            "attribute": a.label(),
+            "rank": a.rank,
+            "layer": a.layer,
+            "channel": a.channel,
+            "sign": a.sign,
+            "change": dict(zip(names, delta.mean(0).tolist())),
+            "abs_change": abs_change,
+            "dominant": factor,
+            "specificity": specificity,
+            "dominant_mean": signed_factor,
+            "specificity_mean": signed_specificity,
+        }
+        if "marker" in names:
+            j = names.index("marker")
+            was = before[:, j] > 0.5
+            toggled = ((after[1.0][:, j] > 0.5) != was) | ((after[-1.0][:, j] > 0.5) != was)
+            pool = has_marker.cpu() if has_marker is not None else torch.ones_like(was)
+            row["marker_toggled"] = float(toggled[pool].float().mean()) if pool.any() else math.nan
+            row["marker_toggled_all"] = float(toggled.float().mean())
+        out.append(row)
+    return out
+
+
+def calibration_rows(calibration: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The true one-factor edits of :func:`true_counterfactual_ratios` as rows of the attribute
+    × factor table: what a perfectly specific change reads through the same oracles."""
+    rows = []
+    for edit, r in calibration.items():
+        factor, specificity = dominant_factor(r["changes"])
+        row = {
+            "attribute": f"true edit: {edit}",
+            "abs_change": r["changes"],
+            "dominant": factor,
+            "specificity": specificity,
+        }
+        if "signed_changes" in r:
+            row["change"] = r["signed_changes"]
+            row["dominant_mean"], row["specificity_mean"] = dominant_factor(r["signed_changes"])
+        rows.append(row)
+    return rows

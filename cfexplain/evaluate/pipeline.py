@@ -331,7 +331,7 @@ def reporter_summary(cfg: DictConfig, run: TrainedRun, method: Any, data: dict) 
 
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     table = summary["table"]
-    metrics = list(next(iter(table.values())))
+    metrics = list(next(iter(table.values()), {}))  # no map methods: no columns
     return ["method", *metrics], [[name, *row.values()] for name, row in table.items()]
 
 
@@ -351,8 +351,12 @@ def evaluate_run(
     (:func:`ground_truth`); the summary holds the table and, with a counterfactual, its
     factor-by-factor changes read by the phantom's oracles (knee only: ``notes`` says so)."""
     model, device, target = run.classifier, run.device, int(cfg.target)
+    # The attributes are judged by the factors they change (below), not as a map; without an
+    # encoder (the method is then unavailable) they are judged on G's samples.
+    methods.pop("attributes", None)
+    attr = "attributes" in [str(m) for m in cfg.methods] and run.has("attributes")
     oracle = oracle_info = None
-    if counterfactual is not None and data["knee"]:
+    if (counterfactual is not None or attr) and data["knee"]:
         from cfexplain.evaluate.oracles import fit_or_load
 
         res = int(run.config.data.resolution)
@@ -364,7 +368,7 @@ def evaluate_run(
             seed=int(cfg.seed),
             **OmegaConf.to_container(cfg.oracle, resolve=True),
         )
-    elif counterfactual is not None:
+    elif counterfactual is not None or attr:
         notes.append("No factor oracles: they read the knee phantom's factors.")
     per = per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
     params = OmegaConf.to_container(cfg.params, resolve=True) or {}
@@ -389,9 +393,48 @@ def evaluate_run(
         summary["oracle"] = {k: oracle_info[k] for k in ("factors", "metrics") if k in oracle_info}
         from cfexplain.evaluate.factors import true_counterfactual_ratios
 
+        calibration = true_counterfactual_ratios(oracle, seed=int(cfg.seed))
         # What the ratio and MNAC read on true one-factor edits: the scale for the goal.
         summary["oracle_calibration"] = {
             edit: {k: r[k] for k in ("kind", "ratio", "mnac_mean")}
-            for edit, r in true_counterfactual_ratios(oracle, seed=int(cfg.seed)).items()
+            for edit, r in calibration.items()
         }
+        if attr:
+            summary["attributes"] = attribute_summary(cfg, run, oracle, data, calibration)
     return summary, per, checks
+
+
+def attribute_summary(
+    cfg: DictConfig, run: TrainedRun, oracle: nn.Module, data: dict[str, Any], calibration: dict
+) -> dict[str, Any]:
+    """The attribute × factor table of the target's attributes on the evaluated images (encoded
+    through E; without an encoder, as many G samples, whose marker the oracle reads), and the
+    true one-factor edits as its calibration rows."""
+    from cfexplain.evaluate.factors import attribute_factors, calibration_rows, read_factors
+    from cfexplain.explain.attributes import render, run_styles, to_styles
+
+    target, found, G = int(cfg.target), run.attributes, run.generator
+    size, n = int(cfg.batch_size), len(data["x"])
+    with torch.no_grad():
+        if run.has("encoder"):
+            x = data["x"].to(run.device)
+            s = to_styles(G, torch.cat([run.encoder(b) for b in x.split(size)]))
+            images, has_marker = "test images encoded through E", data["marker"].flatten(1).any(1)
+        else:
+            # Other samples than a `source=samples` AttFind with the same seed chose them on.
+            s = run_styles(run, "samples", "", n, int(cfg.seed) + 1, size)
+            reading = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
+            has_marker = reading[:, list(oracle.factors).index("marker")] > 0.5
+            images = "G samples (the run has no encoder)"
+    chosen = found.of_class(target)
+    steps = [found.step(a) for a in chosen]
+    rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, batch_size=size)
+    return {
+        "shift": found.shift,
+        "images": n,
+        "source": images,
+        "images_with_marker": int(has_marker.sum()),
+        "factors": list(oracle.factors),
+        "rows": rows,
+        "calibration": calibration_rows(calibration),
+    }

@@ -127,6 +127,44 @@ def _reporter_section(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def attribute_table(attrs: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """``(columns, rows)`` of the attribute × factor table: mean signed change per factor (std
+    units; probability for binary factors), dominant factor, specificity, marker toggles; then
+    the calibration rows (true one-factor edits: mean |change|)."""
+    factors = list(attrs["factors"])
+    columns = ["attribute", *factors, "dominant", "specificity", "dominant_mean",
+               "specificity_mean", "marker_toggled"]  # fmt: skip
+    rows = []
+    for r in [*attrs["rows"], *attrs["calibration"]]:
+        values = r.get("change", r["abs_change"])
+        rows.append(
+            [r["attribute"], *[values[f] for f in factors], r["dominant"], r["specificity"],
+             r.get("dominant_mean", ""), r.get("specificity_mean", ""), r.get("marker_toggled", "")]
+        )  # fmt: skip
+    return columns, rows
+
+
+def attributes_html(attrs: dict[str, Any]) -> list[str]:
+    columns, rows = attribute_table(attrs)
+    head = "".join(f"<th>{_cell(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in r) + "</tr>" for r in rows)
+    return [
+        "<h2>StyleSpace attributes, factor by factor</h2>",
+        f"<p>The target's attributes (AttFind, shift d = {_cell(attrs['shift'])} std) on "
+        f"{_cell(attrs['images'])} {_cell(attrs.get('source', 'images'))}: the oracles read every factor "
+        "before and after each attribute's counterfactual. Factor columns: mean signed change "
+        "(factor std units; probability for binary factors). Dominant: the factor with the "
+        "largest mean |change|; specificity: its share of the summed mean |changes| (the "
+        "same of the mean signed changes, where single images' reading noise averages out: "
+        "dominant_mean, specificity_mean). Marker "
+        f"toggled: share of the {_cell(attrs['images_with_marker'])} images with a marker whose "
+        "marker reading crosses 0.5 at +d or -d. The rows “true edit” are pairs of phantoms "
+        "that differ in one factor only: what a perfectly specific change reads "
+        "through the same oracles (mean signed change).</p>",
+        f'<table class="attributes"><tr>{head}</tr>{body}</table>',
+    ]
+
+
 def page_html(summary: dict[str, Any], gallery: str | None) -> str:
     table = summary["table"]
     head = "".join(f"<th>{_cell(h)} {_cell(a)}</th>" for _, h, a in COLUMNS)
@@ -176,6 +214,8 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
                 _kv_table(cf["mean_change"]),
             ]
     parts += _reporter_section(summary)
+    if "attributes" in summary:
+        parts += attributes_html(summary["attributes"])
     oracle = summary.get("oracle")
     if oracle and "metrics" in oracle:
         rows = {

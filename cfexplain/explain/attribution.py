@@ -633,6 +633,64 @@ def counterfactual_difference(cf: Any) -> Tensor:
     return to_map((frames - cf.reconstruction).float(), tuple(frames.shape[-2:]), "sum")
 
 
+class Attributes(Method):
+    """StyleSpace attribute counterfactuals (Lang et al. 2021): per image, the ``top`` attributes
+    of the run's ``attributes/`` (found by ``python -m cfexplain.attributes``) that raise the
+    target most, each walked over ``num_frames`` steps from -d to +d.
+
+    :meth:`strips` gives the walks; the map is the top attribute's counterfactual minus the
+    reconstruction G(E(x)).
+    """
+
+    name = "attributes"
+    stages: ClassVar[tuple[str, ...]] = ("generator", "encoder", "attributes")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        G: nn.Module | None = None,
+        E: nn.Module | None = None,
+        found: Any = None,
+        top: int = 4,
+        num_frames: int = 5,
+        max_batch: int = 64,
+    ) -> None:
+        super().__init__(model)
+        if G is None or E is None or found is None:
+            raise ValueError(
+                "attributes needs a generator, an encoder and an AttributeSet "
+                "(python -m cfexplain.attributes writes one into the run)"
+            )
+        self.G, self.E, self.found = G, E, found
+        self.top = whole_number("params.attributes.top", top)
+        self.num_frames = whole_number("params.attributes.num_frames", num_frames, 2)
+        self.max_batch = whole_number("params.attributes.max_batch", max_batch)
+
+    @classmethod
+    def from_run(cls, run: Any, **params: Any) -> Attributes:
+        missing = [s for s in cls.stages if not run.has(s)]
+        if missing:
+            raise MethodUnavailable(
+                f"No attribute counterfactuals: {run.dir} lacks {', '.join(missing)} "
+                "(python -m cfexplain.attributes run=... finds the attributes of a trained run)."
+            )
+        return cls(run.classifier, run.generator, run.encoder, run.attributes, **params)
+
+    def strips(self, x: Tensor, target: int) -> Any:
+        """The :class:`~cfexplain.explain.attributes.AttributeStrips` of ``x [N, C, H, W]``."""
+        from cfexplain.explain.attributes import attribute_strips, to_styles
+
+        with torch.no_grad():
+            w = torch.cat([self.E(b) for b in x.split(self.max_batch)])
+            s = to_styles(self.G, w)
+        return attribute_strips(
+            self.G, self.model, s, self.found, target, self.top, self.num_frames, self.max_batch
+        )
+
+    def attribute(self, x: Tensor, target: int) -> Tensor:
+        return self.strips(x, target).difference()
+
+
 def _device_of(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -823,3 +881,4 @@ class Report(Method):
 
 
 METHODS[Report.name] = Report
+METHODS[Attributes.name] = Attributes

@@ -105,6 +105,17 @@ class Concepts:
 
 
 @dataclass
+class AttributeStrip:
+    """One StyleSpace attribute walked over one image: ``frames [F, C, H, W]`` at ``steps`` (units
+    of the attribute's shift d; 0 is the reconstruction) with f's probability of the target."""
+
+    label: str
+    frames: Tensor
+    steps: Sequence[float]
+    probs: Sequence[float]
+
+
+@dataclass
 class Row:
     """Everything drawn for one image. Tensors are on any device; maps are raw (not normalised).
 
@@ -146,6 +157,8 @@ class Row:
     concepts: Concepts | None = None
     # The generated report (cfexplain.explain.reporter.WrittenReport): text and word maps.
     report: Any = None
+    # The image's top StyleSpace attribute counterfactuals, best first.
+    attributes: list[AttributeStrip] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -182,6 +195,20 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
     if c is not None and c.images is not None:
         for name, value, pic in zip(c.names, c.values, gray_rgb(c.images), strict=True):
             tiles.append((pic, name[:14], f"{value:.2f}"))
+    return tiles_image(tiles, size)
+
+
+def attribute_strip_image(a: AttributeStrip, size: int = 96) -> Image.Image:
+    """One attribute's frames side by side, its step (d units) over and p(target) under each."""
+    tiles = [
+        (frame, f"{step:+.2f} d", f"p={p:.2f}")
+        for frame, step, p in zip(gray_rgb(a.frames), a.steps, a.probs)
+    ]
+    return tiles_image(tiles, size)
+
+
+def tiles_image(tiles: Sequence[tuple[np.ndarray, str, str]], size: int = 96) -> Image.Image:
+    """uint8 RGB tiles ``[H, W, 3]`` in a row, two short lines of text under each."""
     imgs = [upscale(t, size) for t, _, _ in tiles]
     w, h = imgs[0].size
     text_h = 26
@@ -270,6 +297,10 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
         png = plot_png(list(row.lambdas), list(row.frame_probs), row.flip, target)
         write_bytes(folder / "plot.png", png)
         files["plot"] = f"{rel}/plot.png"
+    files["attributes"] = [
+        put(f"attribute_{k}.png", attribute_strip_image(a, size))
+        for k, a in enumerate(row.attributes)
+    ]
     return files
 
 
@@ -322,7 +353,8 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
         f"{guard_banner(row)}"
         f'<h3>{esc(row.name)}</h3><p class="facts">{" · ".join(facts)}'
         f' · <a href="{esc(files["strip"])}">strip</a></p>\n'
-        f'<div class="cells">{"".join(cells)}</div>\n{concepts_html(row)}{written}</section>\n'
+        f'<div class="cells">{"".join(cells)}</div>\n{concepts_html(row)}{written}'
+        f"{attributes_html(row, files)}</section>\n"
     )
 
 
@@ -369,6 +401,22 @@ def concepts_html(row: Row) -> str:
     return f'<table class="concepts">{"".join(lines)}</table>\n'
 
 
+def attributes_html(row: Row, files: Mapping[str, Any]) -> str:
+    """The attribute strips of a row: one figure per attribute, p(target) from -d to +d."""
+    if not row.attributes:
+        return ""
+    figs = []
+    for k, (a, src) in enumerate(zip(row.attributes, files["attributes"])):
+        probs = json.dumps([round(float(p), 4) for p in a.probs])
+        figs.append(
+            f'<figure class="attribute" data-attribute="{esc(a.label)}" data-probs="{esc(probs)}">'
+            f'<img src="{esc(src)}" alt="{esc(a.label)}" loading="eager">'
+            f"<figcaption>{k + 1}. {esc(a.label)} · p {a.probs[0]:.2f} → {a.probs[-1]:.2f}"
+            "</figcaption></figure>"
+        )
+    return f'<div class="attributes">{"".join(figs)}</div>\n'
+
+
 def guard_banner(row: Row) -> str:
     """The warning at the top of a flagged row: the status in plain words and its reasons."""
     if row.guard is None or not row.guard.flagged:
@@ -391,6 +439,9 @@ background:#fff;border-radius:3px;cursor:pointer}.controls button.on{background:
 .cells{display:flex;flex-wrap:wrap;gap:4px}figure{margin:0;text-align:center}
 figure img{display:block;width:96px;height:auto;image-rendering:pixelated}
 figure.plot img{width:auto;height:96px;image-rendering:auto}
+.attributes{display:flex;flex-direction:column;gap:2px;margin-top:4px}
+figure.attribute{text-align:left}figure.attribute img{width:auto;height:122px}
+figure.attribute figcaption{max-width:none}
 figcaption{font-size:11px;color:#444;max-width:110px}.frame figcaption{font-variant-numeric:tabular-nums}
 .note{color:#8a5300}
 .row.flagged{border:2px solid #c0392b}.guard-banner{background:#fdecea;color:#7b1f14;
@@ -495,6 +546,15 @@ def concept_columns(row: Row) -> dict[str, Any]:
     return out
 
 
+def _attribute_cells(row: Row) -> dict[str, Any]:
+    """Per attribute of a row: its name and p(target) at every frame (JSON)."""
+    out: dict[str, Any] = {}
+    for k, a in enumerate(row.attributes):
+        out[f"attribute_{k}_name"] = a.label
+        out[f"attribute_{k}_probs"] = json.dumps([round(float(p), 4) for p in a.probs])
+    return out
+
+
 def csv_safe(value: Any) -> Any:
     """A CSV cell a spreadsheet will not run: text starting with ``= + - @`` (a formula to
     Excel or LibreOffice) gets a leading apostrophe. Numbers are left alone."""
@@ -577,7 +637,8 @@ class GalleryWriter:
             "guard_reasons": "; ".join(row.guard.reasons) if row.guard is not None else "",
         }
         written = {"report": row.report.text} if row.report is not None else {}
-        values = {**base, **row.metrics, **concept_columns(row), **written, "strip": files["strip"]}
+        extra = {**concept_columns(row), **written, **_attribute_cells(row)}
+        values = {**base, **row.metrics, **extra, "strip": files["strip"]}
         path = self.out / "metrics.csv"
         if self.metric_columns is None:
             self.metric_columns = list(values)
@@ -613,7 +674,8 @@ class GalleryWriter:
         if row.report is not None:
             cells["report"] = row.report.text
             cells |= {col: out / path for col, path in files["words"].items()}
-        return cells | dict(row.metrics)
+        cells |= {f"attribute_{k}": out / f for k, f in enumerate(files["attributes"])}
+        return cells | _attribute_cells(row) | dict(row.metrics)
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """``(columns, rows)`` of the W&B table: every column any row has, None where a row lacks it."""

@@ -29,7 +29,7 @@ from cfexplain.explain.attribution import (
     counterfactual_difference,
     get_method,
 )
-from cfexplain.explain.gallery import UNCHECKED, Concepts, GalleryWriter, Row
+from cfexplain.explain.gallery import UNCHECKED, AttributeStrip, Concepts, GalleryWriter, Row
 from cfexplain.nn.capsules import CapsuleClassifier, capsule_net
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.cli import ConfigError
@@ -226,6 +226,7 @@ def explain_batch(
         probs = torch.softmax(run.classifier(x).float(), dim=1).cpu()
     verdicts = judge_batch(run, x, guard)
     cf_method, maps_of = split_counterfactual(methods)
+    attr_method = maps_of.pop("attributes", None)
     keep = [i for i in range(len(x)) if guard != "skip" or not (verdicts and verdicts[i].flagged)]
     at = {i: j for j, i in enumerate(keep)}  # image index -> position among the kept
     cf = flip = diff = None
@@ -234,6 +235,9 @@ def explain_batch(
         cf = cf_method.sequences(x[keep], target)
         flip, diff = cf.flip_index().cpu(), counterfactual_difference(cf).cpu()
         metrics = counterfactual_metrics(cf, cf_method.engine)
+    strips = None
+    if attr_method is not None and keep:
+        strips = attr_method.strips(x[keep], target)  # type: ignore[attr-defined]
     maps = {name: m.attribute(x, target).float().cpu() for name, m in maps_of.items()}
     drawn = _drawn(maps_of, maps, x, classes)
     net = capsule_net(run.classifier)
@@ -261,6 +265,8 @@ def explain_batch(
             j = at[i]
             row.metrics = {k: float(v[j]) for k, v in metrics.items()}
             _add_sequence(row, cf, j, int(flip[j]), diff[j])
+        if strips is not None and i in at:
+            row.attributes = attribute_rows(strips, at[i], classes)
         rows.append(row)
     return rows
 
@@ -292,6 +298,21 @@ def capsule_concepts(
             )
         )
     return out
+
+
+def attribute_rows(strips: Any, i: int, classes: list[str]) -> list[AttributeStrip]:
+    """Image ``i``'s attribute walks (:class:`~cfexplain.explain.attributes.AttributeStrips`)
+    as gallery strips."""
+    steps = [float(v) for v in strips.steps]
+    return [
+        AttributeStrip(
+            label=a.label(classes),
+            frames=strips.frames[i, t].cpu(),
+            steps=steps,
+            probs=[float(p) for p in strips.probs[i, t]],
+        )
+        for t, a in enumerate(strips.attributes[i])
+    ]
 
 
 def _drawn(
@@ -511,7 +532,7 @@ def write_reports(
             guided_gradcam=guided.attribute(x[i : i + 1], pred)[0].cpu(),
             counterfactual_frames=row.frames,
             frame_probs=row.frame_probs,
-            frame_target=int(cfg.target) if row.frames is not None else None,
+            frame_target=int(cfg.target) if row.frames is not None or row.attributes else None,
             normative_residual=normative.attribute(x[i : i + 1], 0)[0].cpu() if normative else None,
             provenance=provenance,
             reference_prob=row.recon_prob,
@@ -519,6 +540,7 @@ def write_reports(
             guard=row.guard,
             concepts=row.concepts,
             written_report=row.report,
+            attributes=row.attributes,
         )
         log.info(f"[explain] report: {path}")
 

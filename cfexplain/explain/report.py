@@ -107,6 +107,7 @@ def write_report(
     guard: Any = None,
     concepts: Any = None,
     written_report: Any = None,
+    attributes: Sequence[Any] = (),
 ) -> Path:
     """Write the report of one image to ``path`` (HTML, atomically); returns ``path``.
 
@@ -129,6 +130,8 @@ def write_report(
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
         concepts: a capsule classifier's readings (``gallery.Concepts``); None for others.
         written_report: the generated report (``reporter.WrittenReport``): text, word maps.
+        attributes: StyleSpace attribute walks (gallery ``AttributeStrip``s: ``label``,
+            ``frames [F, C, H, W]``, ``probs [F]`` of ``frame_target``), a strip each.
     """
     path = Path(path)
     if pdf not in PDF_MODES:
@@ -143,26 +146,19 @@ def write_report(
     target = int(prediction if frame_target is None else frame_target)
     if not 0 <= target < len(names):
         raise ValueError(f"write_report: frame_target {target} is not an index into {names}")
-
+    # What a classifier or method adds beside the classic sections.
+    extras = {
+        "concepts": concepts,
+        "written_report": written_report,
+        "attributes": list(attributes),
+    }
     content = _Content(
-        name=str(name),
-        image=image,
-        prediction=int(prediction),
-        probability=float(probability),
-        class_names=names,
-        guided_gradcam=gg,
-        frames=frames,
-        probs=probs,
-        frame_target=target,
-        residual=residual,
-        provenance=dict(provenance),
-        written=time.strftime("%Y-%m-%d %H:%M"),
+        name=str(name), image=image, prediction=int(prediction), probability=float(probability),
+        class_names=names, guided_gradcam=gg, frames=frames, probs=probs, frame_target=target,
+        residual=residual, provenance=dict(provenance), written=time.strftime("%Y-%m-%d %H:%M"),
         reference_prob=None if reference_prob is None else float(reference_prob),
-        target_prob=None if target_prob is None else float(target_prob),
-        guard=guard,
-        concepts=concepts,
-        written_report=written_report,
-    )
+        target_prob=None if target_prob is None else float(target_prob), guard=guard, **extras,
+    )  # fmt: skip
     write_text(path, report_html(content))
     if pdf != "none":
         write_pdf(path, content, mode=pdf)
@@ -369,6 +365,33 @@ def _section_change(c: _Content) -> str:
     )
 
 
+def _section_attributes(c: _Content) -> str:
+    """One strip per attribute (a single style feature of the generator), with p under each frame."""
+    from cfexplain.explain.gallery import gray_rgb
+    from cfexplain.utils.images import upscale
+
+    if not c.attributes:
+        return ""
+    target = c.class_names[c.frame_target]
+    strips = []
+    for k, a in enumerate(c.attributes):
+        figs = [
+            _img(_uri(np.asarray(upscale(frame, 80))), f"{_percent(float(p))} {target}", size=80)
+            for frame, p in zip(gray_rgb(a.frames), a.probs, strict=True)
+        ]
+        strips.append(
+            f'<h3 class="attribute">{k + 1}. {esc(a.label)}</h3>'
+            f'<div class="figs strip">{"".join(figs)}</div>'
+        )
+    return (
+        "<h2>Single features that would change its mind</h2>"
+        '<p class="note">Each row changes one feature of the redrawing (one style channel of '
+        "the generative model) from less to more, with the model's probability of "
+        f"“{esc(target)}” under each picture; the middle picture is the redrawing itself. The "
+        "features are those that moved the model most over many images.</p>" + "".join(strips)
+    )
+
+
 def _section_unusual(c: _Content) -> str:
     from cfexplain.explain.gallery import overlay
     from cfexplain.utils.images import upscale
@@ -414,6 +437,7 @@ def report_html(c: _Content) -> str:
         _section_looked(c),
         _section_written(c),
         _section_change(c),
+        _section_attributes(c),
         _section_unusual(c),
         _section_provenance(c),
     )

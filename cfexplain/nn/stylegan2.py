@@ -294,8 +294,13 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        return self.modulate(x, self.affine(w), noise_mode)
+
+    def modulate(
+        self, x: torch.Tensor, styles: torch.Tensor, noise_mode: str = "const"
+    ) -> torch.Tensor:
+        """The layer from its StyleSpace coordinates ``styles [N, in_channels]`` (= ``affine(w)``)."""
         N = x.shape[0]
-        styles = self.affine(w)
         if noise_mode == "const":
             noise = self.noise_const * self.noise_strength
         elif noise_mode == "random":
@@ -347,7 +352,11 @@ class ToRGBLayer(nn.Module):
         self.weight_gain = 1.0 / math.sqrt(in_channels)  # no demodulation: equalised lr instead
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        styles = self.affine(w) * self.weight_gain
+        return self.modulate(x, self.affine(w))
+
+    def modulate(self, x: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
+        """The layer from its StyleSpace coordinates ``styles [N, in_channels]`` (= ``affine(w)``)."""
+        styles = styles * self.weight_gain
         x = modulated_conv2d(
             x,
             self.weight,
@@ -395,17 +404,36 @@ class SynthesisBlock(nn.Module):
         self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor, noise_mode: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``ws [N, num_conv + 1, w_dim]``; returns features ``[N, O, r, r]`` and image ``[N, C, r, r]``."""
+        return self.modulate(x, img, self.styles(ws), noise_mode)
+
+    def layers(self) -> list[nn.Module]:
+        """The modulated layers in the order their ws are read: [conv0,] conv1, torgb."""
+        convs = [self.conv1] if self.in_channels == 0 else [self.conv0, self.conv1]
+        return [*convs, self.torgb]
+
+    def styles(self, ws: torch.Tensor) -> list[torch.Tensor]:
+        """StyleSpace coordinates ``[N, in_channels]`` of each of :meth:`layers`."""
+        return [layer.affine(ws[:, i]) for i, layer in enumerate(self.layers())]
+
+    def modulate(
+        self,
+        x: torch.Tensor | None,
+        img: torch.Tensor | None,
+        styles: list[torch.Tensor],
+        noise_mode: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` from the StyleSpace coordinates of :meth:`styles`."""
         if self.in_channels == 0:
-            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = self.const.unsqueeze(0).expand(styles[0].shape[0], -1, -1, -1)
             if x.device.type == "cpu":
                 # oneDNN's transposed and depthwise convolutions are much faster channels-last;
                 # every later op keeps the layout. Measured: +12-18% inference, training even.
                 x = x.contiguous(memory_format=torch.channels_last)
-            x = self.conv1(x, ws[:, 0], noise_mode)
+            x = self.conv1.modulate(x, styles[0], noise_mode)
         else:
-            x = self.conv0(x, ws[:, 0], noise_mode)
-            x = self.conv1(x, ws[:, 1], noise_mode)
-        y = self.torgb(x, ws[:, self.num_conv])
+            x = self.conv0.modulate(x, styles[0], noise_mode)
+            x = self.conv1.modulate(x, styles[1], noise_mode)
+        y = self.torgb.modulate(x, styles[self.num_conv])
         img = y if img is None else y.add_(upsample2d(img, self.resample_filter))
         return x, img
 
@@ -452,12 +480,34 @@ class SynthesisNetwork(nn.Module):
         _check_shape(ws, (None, self.num_ws, self.w_dim), "synthesis input ws")
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        x = img = None
+        return self.from_styles(self.styles(ws), noise_mode)
+
+    def blocks(self) -> list[SynthesisBlock]:
+        return [getattr(self, f"b{res}") for res in self.block_resolutions]
+
+    def styles(self, ws: torch.Tensor) -> list[torch.Tensor]:
+        """StyleSpace (Wu et al. 2021): ``ws [N, num_ws, w_dim]`` -> the output of every modulated
+        layer's ``affine``, ``[N, in_channels]`` each, block by block ([conv0,] conv1, torgb).
+        A block's ToRGB reads the same w as the next block's conv0, but has its own coordinates."""
+        _check_shape(ws, (None, self.num_ws, self.w_dim), "synthesis input ws")
+        out: list[torch.Tensor] = []
         w_idx = 0
-        for res in self.block_resolutions:
-            block = getattr(self, f"b{res}")
-            x, img = block(x, img, ws[:, w_idx : w_idx + block.num_conv + 1], noise_mode)
+        for block in self.blocks():
+            out += block.styles(ws[:, w_idx : w_idx + block.num_conv + 1])
             w_idx += block.num_conv
+        return out
+
+    def from_styles(self, styles: list[torch.Tensor], noise_mode: str = "const") -> torch.Tensor:
+        """``img [N, C, H, W]`` from StyleSpace coordinates (:meth:`styles`):
+        ``from_styles(styles(ws)) == forward(ws)``."""
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        x = img = None
+        i = 0
+        for block in self.blocks():
+            n = block.num_conv + block.num_torgb
+            x, img = block.modulate(x, img, styles[i : i + n], noise_mode)
+            i += n
         return img.contiguous()  # callers get the standard layout (a small copy for RGB)
 
 

@@ -21,7 +21,7 @@ from cfexplain.explain.attribution import (
 from cfexplain.nn.classifier import ResNetClassifier
 
 # Methods that take only the classifier (normative/counterfactual need later stages).
-CLASSIFIER_METHODS = [n for n in METHODS if n not in ("normative", "counterfactual")]
+CLASSIFIER_METHODS = [n for n in METHODS if n not in ("normative", "counterfactual", "attributes")]
 FAST = {
     "integrated_gradients": {"n_steps": 8},
     "occlusion": {"window": 8, "stride": 8},
@@ -69,6 +69,7 @@ def test_registry_names_and_unknown_method():
         "normative",
         "attention",
         "dominant_class",
+        "attributes",
     ]
     with pytest.raises(ValueError, match="unknown attribution method 'gradcum'"):
         get_method("gradcum")

@@ -217,3 +217,29 @@ def test_report_text_and_word_heatmaps_render_in_chromium(browser, tmp_path):
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_attribute_strips_read_back_in_chromium(browser, tmp_path):
+    from tests.explain.test_gallery import attribute_row
+
+    rows = [attribute_row(EVIL), make_row("b.png", counterfactual=False)]
+    w = GalleryWriter(tmp_path / "g", target="sick", size=32)
+    w.add_batch(rows, {"run": "r"})
+    index = w.close({"run": "r"}, {})
+    page, errors = open_page(browser, index)
+    try:
+        found = page.evaluate(
+            "Array.from(document.querySelectorAll('section.row')).map(r => "
+            "Array.from(r.querySelectorAll('figure.attribute')).map(f => "
+            "[f.dataset.attribute, JSON.parse(f.dataset.probs), f.querySelector('img').naturalWidth]))"
+        )
+        assert [[(n, p) for n, p, _ in row] for row in found] == [
+            [(a.label, pytest.approx(list(a.probs))) for a in rows[0].attributes],
+            [],
+        ]
+        assert all(width == 5 * (32 + 2) for _, _, width in found[0])
+        # the input, reconstruction, 5 frames, difference, 2 maps, plot, gif; 3 strips; input, 2 maps
+        assert assert_images_decoded(page) == 12 + 3 + 3
+        assert not errors, errors
+    finally:
+        page.close()

@@ -245,6 +245,19 @@ def test_config_errors_name_the_field(classifier_run, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def logged_table(records: list) -> tuple[dict, dict[str, Path]]:
+    """The one W&B table of an offline run's records, and its files by their path there: the
+    full table with its image cells travels in the run_table artifact the log lists."""
+    (art,) = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
+    ]
+    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
+    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
+    return json.loads(table_file.read_text()), entries
+
+
 def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode=offline, the default
     out = tmp_path / "g"
@@ -264,14 +277,7 @@ def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, 
     assert ref["_type"] == "table-file" and ref["nrows"] == 3
     # The run folder's copy names the columns; the full table with its image cells travels in
     # the run_table artifact that the log's artifact record lists (file by file).
-    (art,) = [
-        r.artifact
-        for r in records
-        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
-    ]
-    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
-    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
-    table = json.loads(table_file.read_text())
+    table, entries = logged_table(records)
     columns = table["columns"]
     assert columns[:4] == ["name", "true", "pred", "prob"]
     assert [row[0] for row in table["data"]] == ["test #0", "test #1", "test #2"]

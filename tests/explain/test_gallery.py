@@ -120,3 +120,48 @@ def test_writer_streams_rows_csv_and_summary(tmp_path):
     assert [r[0] for r in table] == ["a.png", "b.png", "c.png"]
     assert table[2][columns.index("frame_0")] is None  # no counterfactual for c.png
     assert table[0][columns.index("saliency")] == tmp_path / "g" / "images/00000/map_saliency.png"
+
+
+def attribute_row(name: str = "a.png") -> Row:
+    """A counterfactual row with three attribute strips of five frames."""
+    from cfexplain.explain.gallery import AttributeStrip
+
+    g = torch.Generator().manual_seed(1)
+    row = make_row(name)
+    row.attributes = [
+        AttributeStrip(
+            label=f"b8.conv0[{k}]+ -> sick",
+            frames=torch.rand(5, 1, 16, 16, generator=g) * 2 - 1,
+            steps=[-1.0, -0.5, 0.0, 0.5, 1.0],
+            probs=[0.1 * k, 0.2, 0.3, 0.4, 0.5 + 0.1 * k],
+        )
+        for k in range(3)
+    ]
+    return row
+
+
+def test_attribute_strips_in_files_page_csv_and_table(tmp_path):
+    from cfexplain.explain.gallery import attribute_strip_image
+
+    row = attribute_row()
+    assert attribute_strip_image(row.attributes[0], size=32).size[0] == 5 * (32 + 2)
+    w = GalleryWriter(tmp_path / "g", target="sick", size=16)
+    w.add_batch([row, make_row("b.png", counterfactual=False)], {"run": "r"})
+    w.close({"run": "r"}, {})
+    folder = tmp_path / "g" / "images" / "00000"
+    for k in range(3):
+        with Image.open(folder / f"attribute_{k}.png") as im:
+            assert im.size == (5 * (16 + 2), 16 + 26)
+    assert not (tmp_path / "g" / "images" / "00001" / "attribute_0.png").exists()
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert page.count('class="attribute"') == 3
+    assert 'data-attribute="b8.conv0[2]+ -&gt; sick"' in page and "p 0.20 → 0.70" in page
+    with open(tmp_path / "g" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["attribute_1_name"] == "b8.conv0[1]+ -> sick"
+    assert json.loads(rows[0]["attribute_2_probs"]) == [0.2, 0.2, 0.3, 0.4, 0.7]
+    assert rows[1]["attribute_0_name"] == ""
+    columns, table = w.table()
+    assert {"attribute_0", "attribute_0_name", "attribute_0_probs"} <= set(columns)
+    assert table[0][columns.index("attribute_2")] == folder / "attribute_2.png"
+    assert table[1][columns.index("attribute_0")] is None

@@ -1,0 +1,1 @@
+"""``python -m cfexplain.attributes``: StyleSpace attributes of a trained run (AttFind)."""

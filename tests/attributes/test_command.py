@@ -1,0 +1,192 @@
+"""``python -m cfexplain.attributes`` on a run with real (untrained) G and E, and what explain
+shows of its attributes: gallery strips, metrics.csv, the W&B table and the per-image report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from cfexplain.attributes.__main__ import ConfigError, attributes
+from cfexplain.explain.__main__ import explain
+from cfexplain.explain.attributes import AttributeSet, render, to_styles
+from cfexplain.runs import TrainedRun
+from tests.conftest import run_cli
+from tests.explain.test_command import (  # noqa: F401 (fixtures)
+    classifier_run,
+    explain_cfg,
+    full_run,
+    logged_table,
+)
+from tests.utils.test_tracking import finished_run_records
+
+TINY = ("limit=3", "k=2", "std_samples=64", "batch_size=64", "shift=4", "logger=none")
+
+
+def attributes_cfg(*overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="cfexplain.conf", version_base="1.3"):
+        return compose(config_name="attributes", overrides=["device=cpu", *overrides])
+
+
+@pytest.fixture(scope="module")
+def attr_run(full_run) -> Path:  # noqa: F811
+    table = attributes(attributes_cfg(f"run={full_run}", *TINY))
+    assert table == full_run / "attributes" / "attributes.csv"
+    return full_run
+
+
+def test_command_writes_the_attributes_into_the_run(attr_run):
+    folder = attr_run / "attributes"
+    run = TrainedRun(attr_run)
+    assert run.has("attributes") and not list(attr_run.glob(".attributes*"))
+    found = run.attributes
+    assert isinstance(found, AttributeSet) and found.shift == 4.0
+    assert found.info["images"] == 3 and found.info["source"] == "encoded"
+    assert sorted({a.cls for a in found.attributes}) == [0, 1]
+    assert len(found.of_class(1)) == 2 and len(found.std) == found.layout.size
+    with open(folder / "attributes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["layer"], int(r["channel"])) for r in rows] == [
+        (a.layer, a.channel) for a in found.attributes
+    ]
+    # the effect the table gives is the one the shift has on the same images
+    a = found.of_class(1)[0]
+    ds = run.dataset("test")
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        s = to_styles(run.generator, run.encoder(x))
+        moved = s.clone()
+        moved[:, a.coordinate] += found.step(a)
+
+        def log_odds(s):
+            z = run.classifier(render(run.generator, s)).float()
+            return z[:, 1] - z[:, 0]
+
+        delta = log_odds(moved) - log_odds(s)
+    pred = run.classifier(render(run.generator, s)).argmax(1)
+    images = pred != 1 if (pred != 1).any() else torch.ones(3, dtype=torch.bool)
+    assert float(delta[images].mean()) == pytest.approx(a.effect, abs=1e-4)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["style_coordinates"] == found.layout.size
+    assert "| rank |" in (folder / "attributes.md").read_text()
+
+
+def test_command_errors_name_the_field(classifier_run, tmp_path):  # noqa: F811
+    with pytest.raises(ConfigError, match="no finished generator stage"):
+        attributes(attributes_cfg(f"run={classifier_run}", *TINY))
+    r = run_cli("cfexplain.attributes", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)
+    assert r.returncode == 2 and "no finished classifier stage" in r.stderr
+
+
+def test_explain_shows_attribute_strips_and_reports(attr_run, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode=offline
+    out = tmp_path / "g"
+    explain(
+        explain_cfg(
+            f"run={attr_run}",
+            f"out={out}",
+            "limit=3",
+            "batch_size=2",
+            "methods=[gradcam,attributes]",
+            "params.attributes.top=2",
+            "params.attributes.num_frames=3",
+            "reports=[0]",
+        )  # fmt: skip
+    )
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3
+    found = TrainedRun(attr_run).attributes
+    labels = {a.label(["KL<2", "KL>=2"]) for a in found.of_class(1)}
+    for i, r in enumerate(rows):
+        assert {r["attribute_0_name"], r["attribute_1_name"]} == labels
+        probs = json.loads(r["attribute_0_probs"])
+        assert len(probs) == 3
+        assert (out / "images" / f"{i:05d}" / "attribute_1.png").is_file()
+    page = (out / "index.html").read_text()
+    assert page.count('class="attribute"') == 3 * 2
+    report = next((out / "reports").glob("*.html")).read_text()
+    assert "Single features that would change its mind" in report
+    # the W&B table, read back from the offline run's files
+    records = finished_run_records(
+        Path(json.loads((out / "summary.json").read_text())["wandb_dir"])
+    )
+    table, entries = logged_table(records)
+    cols = table["columns"]
+    assert {"attribute_0", "attribute_1", "attribute_0_name", "attribute_1_probs"} <= set(cols)
+    cells = [row[cols.index("attribute_1")] for row in table["data"]]
+    assert all(c["_type"] == "image-file" and entries[c["path"]].is_file() for c in cells)
+    names = [row[cols.index("attribute_0_name")] for row in table["data"]]
+    assert names == [r["attribute_0_name"] for r in rows]
+
+
+def test_explain_without_attributes_says_how_to_find_them(full_run, tmp_path):  # noqa: F811
+    import shutil
+
+    run = tmp_path / "knee"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("attributes"))
+    out = tmp_path / "g"
+    explain(
+        explain_cfg(
+            f"run={run}", f"out={out}", "limit=1", "methods=[cam,attributes]", "logger=none"
+        )
+    )
+    notes = json.loads((out / "summary.json").read_text())["notes"]
+    assert any("python -m cfexplain.attributes" in n for n in notes), notes
+
+
+def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
+    from cfexplain.evaluate.__main__ import evaluate
+    from tests.evaluate.test_command import TINY as EVAL_TINY
+    from tests.evaluate.test_command import evaluate_cfg
+
+    out = tmp_path / "e"
+    evaluate(evaluate_cfg(f"run={attr_run}", f"out={out}", "methods=[attributes]", *EVAL_TINY))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["table"] == {}  # judged by its factors, not as a map
+    attrs = summary["attributes"]
+    assert attrs["images"] == 8 and attrs["shift"] == 4.0
+    found = TrainedRun(attr_run).attributes.of_class(1)
+    assert [r["rank"] for r in attrs["rows"]] == [a.rank for a in found]
+    for r in attrs["rows"]:
+        assert set(r["change"]) == set(attrs["factors"]) and r["dominant"] in attrs["factors"]
+        assert r["abs_change"][r["dominant"]] == max(r["abs_change"].values())
+        assert 0.0 < r["specificity"] <= 1.0 and 0.0 <= r["marker_toggled_all"] <= 1.0
+    edits = [r["attribute"] for r in attrs["calibration"]]
+    assert "true edit: sclerosis" in edits and "true edit: marker" in edits
+    sclerosis = attrs["calibration"][edits.index("true edit: sclerosis")]
+    # a 20-step oracle reads little, so only the shape: signed changes of every factor
+    assert set(sclerosis["change"]) == set(attrs["factors"])
+    assert 0.0 < sclerosis["specificity_mean"] <= 1.0
+    page = (out / "index.html").read_text()
+    assert "StyleSpace attributes, factor by factor" in page
+    assert page.count("true edit:") == len(edits)
+
+
+def test_without_an_encoder_attributes_come_from_and_are_judged_on_g_samples(
+    full_run,  # noqa: F811
+    tmp_path,
+):
+    import shutil
+
+    from cfexplain.evaluate.__main__ import evaluate
+    from tests.evaluate.test_command import TINY as EVAL_TINY
+    from tests.evaluate.test_command import evaluate_cfg
+
+    run = tmp_path / "knee"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("encoder", "attributes"))
+    with pytest.raises(ConfigError, match="no finished encoder stage"):
+        attributes(attributes_cfg(f"run={run}", *TINY))
+    attributes(attributes_cfg(f"run={run}", "source=samples", *TINY))
+    assert TrainedRun(run).attributes.info["source"] == "samples"
+    out = tmp_path / "e"
+    evaluate(evaluate_cfg(f"run={run}", f"out={out}", "methods=[attributes]", *EVAL_TINY))
+    summary = json.loads((out / "summary.json").read_text())
+    attrs = summary["attributes"]
+    assert attrs["source"].startswith("G samples") and len(attrs["rows"]) == 2
+    assert any("lacks encoder" in n for n in summary["notes"])

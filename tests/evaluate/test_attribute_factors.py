@@ -1,0 +1,79 @@
+"""The attribute × factor table: dominant factor, specificity and marker toggles on a planted G
+read by an oracle whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cfexplain.evaluate.factors import attribute_factors, calibration_rows, dominant_factor
+from cfexplain.explain.attributes import Attribute, render, style_layout, to_styles
+from tests.explain.test_attributes import generator
+
+
+class BrightnessOracle(nn.Module):
+    """Reads ``osteophyte`` as 0 always, ``exposure`` as the mean brightness, ``marker`` as
+    whether the mean brightness is above ``centre``."""
+
+    factors = ["osteophyte", "exposure", "marker"]
+
+    def __init__(self, centre: float) -> None:
+        super().__init__()
+        self.centre = centre
+        self.dummy = nn.Parameter(torch.zeros(()))  # read_factors asks for a device
+        # exposure changes are counted in units of 0.01 brightness: it dominates the marker's
+        self.change_scale = torch.tensor([1.0, 0.01, 1.0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(m), m, (m > self.centre).float()], dim=1)
+
+
+def test_dominant_factor_and_specificity():
+    assert dominant_factor({"a": 0.1, "b": -0.3, "c": 0.1}) == ("b", pytest.approx(0.6))
+    name, spec = dominant_factor({"a": 0.0, "b": 0.0})
+    assert math.isnan(spec)
+    rows = calibration_rows(
+        {"sclerosis": {"kind": "disease", "changes": {"sclerosis": 0.9, "rotation": 0.1}}}
+    )
+    assert rows[0]["attribute"] == "true edit: sclerosis" and rows[0]["dominant"] == "sclerosis"
+    assert rows[0]["specificity"] == pytest.approx(0.9)
+
+
+def test_planted_attribute_is_specific_to_its_factor_and_toggles_the_marker():
+    G = generator(1)
+    layout = style_layout(G)
+    last = G.synthesis.blocks()[-1].torgb
+    with torch.no_grad():
+        last.weight[:, 3] *= 30.0  # coordinate `planted` drives the brightness
+        w = G.mapping(torch.randn(10, 16, generator=torch.Generator().manual_seed(2)))
+        s = to_styles(G, w)
+        centre = float(render(G, s).mean(dim=(1, 2, 3)).median())
+    planted = layout.offsets[-1] + 3
+    name, ch = layout.locate(planted)
+    strong = Attribute(1, 0, planted, name, ch, 1, 1.0, 1.0, 1.0)
+    weak = Attribute(1, 1, 0, *layout.locate(0), 1, 0.1, 0.0, 0.0)
+    has_marker = torch.zeros(10, dtype=torch.bool)
+    has_marker[:4] = True
+    oracle = BrightnessOracle(centre)
+    rows = attribute_factors(oracle, G, s, [strong, weak], [20.0, 1e-4], has_marker, batch_size=4)
+    assert [r["rank"] for r in rows] == [0, 1]
+    r = rows[0]
+    assert r["dominant"] == "exposure" and r["abs_change"]["osteophyte"] == 0.0
+    # the share of the |changes| on exposure, exactly: the marker's part is the rest
+    exp, mk = r["abs_change"]["exposure"], r["abs_change"]["marker"]
+    assert r["specificity"] == pytest.approx(exp / (exp + mk))
+    signed = r["change"]
+    assert r["dominant_mean"] == "exposure" and r["specificity_mean"] == pytest.approx(
+        abs(signed["exposure"]) / (abs(signed["exposure"]) + abs(signed["marker"]))
+    )
+    with torch.no_grad():
+        moved = s.clone()
+        moved[:, planted] += 20.0
+        delta = (render(G, moved) - render(G, s)).mean(dim=(1, 2, 3)) / 0.01
+    assert r["change"]["exposure"] == pytest.approx(float(delta.mean()), rel=1e-4)
+    assert r["marker_toggled"] == 1.0 and r["marker_toggled_all"] == 1.0
+    assert rows[1]["marker_toggled"] == 0.0
