@@ -163,3 +163,67 @@ def test_parse_lambdas_reads_a_grid_name_or_numbers():
     for bad in ("sym", ["a"], [], 3):
         with pytest.raises(ValueError, match="lambdas"):
             parse_lambdas(bad)
+
+
+class _OrdinalClassifier(torch.nn.Module):
+    """Five ordered grades whose expected grade rises along the planted unit direction u:
+    ``logit_k = -(s - k)²`` with ``s = 2 + 3 u·w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inverse = LinearEncoder()
+        self.register_buffer("u", planted_directions(2)[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 2 + 3 * self.inverse(x)[:, 0] @ self.u
+        return -(s[:, None] - torch.arange(5.0)).square()
+
+
+def test_ordinal_walk_runs_from_the_lowest_grade_to_the_highest():
+    u = planted_directions(2)[0]
+    G = LinearGenerator()
+    engine = CounterfactualEngine(
+        G,
+        LinearEncoder(),
+        _OrdinalClassifier(),
+        torch.randn(5, u.shape[0]),  # per-class directions: not used by the ordinal walk
+        ordinal=u * 2.0,  # normalised by the engine
+        lambda_range=torch.tensor([1.0, 1.0, 1.5, 1.0, 1.0]),
+        num_frames=7,
+        bisect_steps=20,
+        device="cpu",
+    )
+    x = _planted_images(4)
+    cf = engine(x, target=4, lambdas="auto", walk="auto")  # auto: the engine has an ordinal α
+    assert cf.ordinal and cf.class_probs.shape == (4, 7, 5) and cf.recon_class_probs.shape == (4, 5)
+    g = cf.grades()
+    assert torch.allclose(g[:, 0], torch.full((4,), 0.3), atol=1e-3)
+    assert torch.allclose(g[:, -1], torch.full((4,), 3.7), atol=1e-3)
+    assert (g.diff(dim=1) > 0).all()  # the planted grade rises along u
+    # evenly spaced in λ between the two ends
+    assert torch.allclose(cf.lambdas.diff(dim=1), cf.lambdas.diff(dim=1)[:, :1].expand(-1, 6))
+    assert (
+        cf.argmax_grades()[:, 0].tolist() == [0] * 4
+        and cf.argmax_grades()[:, -1].tolist() == [4] * 4
+    )
+    assert torch.allclose(cf.probs, cf.class_probs[..., 4])
+    sym = engine(x, target=4, lambdas="symmetric", walk="ordinal")
+    assert torch.allclose(sym.lambdas[0], torch.linspace(-1.5, 1.5, 7), atol=1e-6)  # L: the longest
+    assert torch.allclose(sym.class_probs[:, 3], sym.recon_class_probs, atol=1e-5)
+    plain = engine(x, target=4, lambdas="symmetric", walk="target")
+    assert not plain.ordinal
+    with pytest.raises(ValueError, match="walk must be"):
+        engine(x, walk="sideways")
+    with pytest.raises(ValueError, match="ordinal direction"):
+        _planted_engine()(x, walk="ordinal")
+
+
+def test_reprojection_leaves_exact_inverses_unchanged():
+    # With E the exact inverse of G, G(E(G(w'))) = G(w'): re-projection must change nothing.
+    x = _planted_images(3)
+    a = _planted_engine(lambda_range=2.0)(x, lambdas="symmetric")
+    b = _planted_engine(lambda_range=2.0, reproject=True)(x, lambdas="symmetric")
+    assert torch.allclose(a.images, b.images, atol=1e-4) and torch.allclose(
+        a.probs, b.probs, atol=1e-4
+    )
+    assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-5)
