@@ -124,3 +124,21 @@ def test_walk_target_keeps_the_per_class_walk_and_ordinal_needs_a_direction(kl_r
                 "logger=none",
             )
         )
+
+
+def test_evaluation_reports_the_grade_and_the_factors_along_the_walk(kl_run):
+    from cfexplain.evaluate.__main__ import evaluate
+    from tests.evaluate.test_command import TINY, evaluate_cfg
+
+    index = evaluate(evaluate_cfg(f"run={kl_run}", "methods=[counterfactual]", "target=4", *TINY))
+    summary = json.loads((index.parent / "summary.json").read_text())
+    o = summary["counterfactual"]["ordinal"]
+    assert o["images"] == 8 and 0.0 <= o["grade_rises_share"] <= 1.0
+    assert len(o["mean_grade_per_frame"]) == 5 and sum(o["argmax_last_histogram"]) == 8
+    for f in ("jsw_min", "osteophyte", "sclerosis", "deformity"):
+        assert len(o[f"{f}_per_frame"]) == 5
+        assert 0.0 <= o[f"{f}_moves_with_grade_share"] <= 1.0
+    assert "Ordinal walk" in index.read_text()
+    with open(index.parent / "per_image.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and {r["counterfactual/grade_rises"] for r in rows} <= {"0.000", "1.000"}
