@@ -252,6 +252,19 @@ def test_config_errors_name_the_field(classifier_run, tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def wandb_table(records) -> tuple[dict, dict[str, Path]]:
+    """The logged table (``columns``, ``data``) of a run's records, and the files of the
+    ``run_table`` artifact that carries it (path in the artifact -> local file)."""
+    (art,) = [
+        r.artifact
+        for r in records
+        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
+    ]
+    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
+    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
+    return json.loads(table_file.read_text()), entries
+
+
 def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # logger.mode=offline, the default
     out = tmp_path / "g"
@@ -271,14 +284,7 @@ def test_wandb_offline_table_read_back_from_its_files(classifier_run, tmp_path, 
     assert ref["_type"] == "table-file" and ref["nrows"] == 3
     # The run folder's copy names the columns; the full table with its image cells travels in
     # the run_table artifact that the log's artifact record lists (file by file).
-    (art,) = [
-        r.artifact
-        for r in records
-        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
-    ]
-    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
-    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
-    table = json.loads(table_file.read_text())
+    table, entries = wandb_table(records)
     columns = table["columns"]
     assert columns[:4] == ["name", "true", "pred", "prob"]
     assert [row[0] for row in table["data"]] == ["test #0", "test #1", "test #2"]

@@ -13,7 +13,7 @@ import torch
 
 from cfexplain.explain.__main__ import explain
 from tests.conftest import smoke_chain
-from tests.explain.test_command import add_generative_stages, explain_cfg
+from tests.explain.test_command import add_generative_stages, explain_cfg, wandb_table
 from tests.utils.test_tracking import finished_run_records
 
 
@@ -75,14 +75,7 @@ def test_kl_gallery_report_and_wandb_table_show_the_ordinal_walk(kl_run, tmp_pat
     assert "most likely KL" in report.read_text() and "Grade at every step" in report.read_text()
     # The W&B table, read back from the offline run's files: grades per frame and the plot.
     records = finished_run_records(Path(summary["wandb_dir"]))
-    (art,) = [
-        r.artifact
-        for r in records
-        if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "run_table"
-    ]
-    entries = {c.path: Path(c.local_path) for c in art.manifest.contents}
-    (table_file,) = [p for k, p in entries.items() if k.endswith(".table.json")]
-    table = json.loads(table_file.read_text())
+    table, entries = wandb_table(records)
     columns = table["columns"]
     assert {"frame_grades", "frame_argmax", "grade_plot", "grade_rises"} <= set(columns)
     for row, csv_row in zip(table["data"], rows):

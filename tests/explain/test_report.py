@@ -156,24 +156,14 @@ def test_ordinal_walk_shows_expected_and_most_likely_grade_per_step(tmp_path, pa
     assert "Grade at every step" in page and "from the lowest grade (KL0)" in page
     assert '<figure class="flip">' not in page  # an ordinal walk marks no flips
     assert (tmp_path / "r" / "report.pdf").stat().st_size > 1000
+    walk = dict(
+        class_names=names,
+        prediction=2,
+        counterfactual_frames=parts["frames"],
+        frame_probs=parts["probs"],
+        frame_grades=grades,
+    )
     with pytest.raises(ValueError, match="frame_grades and frame_argmax"):
-        _write(
-            tmp_path,
-            parts,
-            class_names=names,
-            prediction=2,
-            counterfactual_frames=parts["frames"],
-            frame_probs=parts["probs"],
-            frame_grades=grades,
-        )
+        _write(tmp_path, parts, **walk)
     with pytest.raises(ValueError, match="frame_argmax"):
-        _write(
-            tmp_path,
-            parts,
-            class_names=names,
-            prediction=2,
-            counterfactual_frames=parts["frames"],
-            frame_probs=parts["probs"],
-            frame_grades=grades,
-            frame_argmax=[0, 1, 2, 3, 7],
-        )
+        _write(tmp_path, parts, **walk, frame_argmax=[0, 1, 2, 3, 7])
