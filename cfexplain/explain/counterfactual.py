@@ -133,6 +133,11 @@ class CounterfactualEngine:
             (per image, by bisection); the frames between are evenly spaced in λ.
         reproject: render every frame through the encoder once more, G(E(G(w + λα))): the frame
             is pulled back to what E can produce from a real image (opt-in; twice the cost).
+        layers: ``[start, stop)`` of the synthesis layers (ws) the walk moves; the others keep
+            E(x) (None: all). Coarse layers carry shape, fine ones texture and noise.
+        lambda_bound: keep every frame's w inside the latent density along α: its projection
+            on α stays within ``lambda_bound`` standard deviations of that of ``density_samples``
+            mapped latents (None: no bound); a frame beyond it is held at the bound.
     """
 
     def __init__(
@@ -153,6 +158,9 @@ class CounterfactualEngine:
         ordinal: Tensor | None = None,
         grade_ends: Sequence[float] | None = None,
         reproject: bool = False,
+        layers: Sequence[int] | None = None,
+        lambda_bound: float | None = None,
+        density_samples: int = 2048,
         device: str | torch.device | None = None,
     ) -> None:
         device = torch.device(device) if device is not None else next(G.parameters()).device
@@ -188,6 +196,30 @@ class CounterfactualEngine:
             raise ValueError(f"grade_ends must be [low, high] with low < high, got {grade_ends}")
         self.reproject = bool(reproject)
         self.device = device
+        self.layer_mask = self._layer_mask(layers)
+        self.lambda_bound = None if lambda_bound is None else float(lambda_bound)
+        if self.lambda_bound is not None and self.lambda_bound <= 0:
+            raise ValueError(f"lambda_bound must be > 0 (standard deviations), got {lambda_bound}")
+        self.density = self._density(int(density_samples)) if self.lambda_bound else None
+
+    def _layer_mask(self, layers: Sequence[int] | None) -> Tensor | None:
+        """``[num_ws, 1]`` 1 for the layers the walk moves, or None (all)."""
+        if layers is None:
+            return None
+        num_ws = int(getattr(self.G, "num_ws", 0))
+        start, stop = (int(v) for v in layers)
+        if not 0 <= start < stop <= num_ws:
+            raise ValueError(f"layers must be [start, stop) within 0..{num_ws}, got {list(layers)}")
+        mask = torch.zeros(num_ws, 1, device=self.device)
+        mask[start:stop] = 1.0
+        return mask
+
+    @torch.no_grad()
+    def _density(self, n: int) -> Tensor:
+        """``[S, w_dim]`` mapped latents (seeded: the bound is the same on every call)."""
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(n, self.G.z_dim, generator=gen).to(self.device)
+        return torch.cat([self.G.mapping(b)[:, 0] for b in z.split(self.max_batch)])
 
     # ------------------------------------------------------------------------- building
 
@@ -254,7 +286,8 @@ class CounterfactualEngine:
     ) -> tuple[Tensor | None, Tensor]:
         """As :meth:`render`, with every class's probability ``[N, K, num_classes]``."""
         n, k = lambdas.shape
-        ws = (w[:, None] + lambdas[..., None, None] * alpha).flatten(0, 1)  # [N*K, num_ws, w_dim]
+        step = alpha if self.layer_mask is None else self.layer_mask * alpha  # [(num_ws,) w_dim]
+        ws = (w[:, None] + lambdas[..., None, None] * step).flatten(0, 1)  # [N*K, num_ws, w_dim]
         frames, probs = [], []
         for wb in ws.split(self.max_batch):
             x = self.G.synthesis(wb, noise_mode="const")
@@ -299,6 +332,8 @@ class CounterfactualEngine:
                 if ordinal
                 else self._lambdas(w, lambdas, alpha, target)
             )
+            if self.density is not None:
+                lam = self._bounded(w, lam, alpha)
             # The reconstruction is the frame at λ = 0: reuse it when the grid has one (the
             # symmetric grid with an odd K), else render it in the same passes as the frames.
             zero = (lam == 0).all(dim=0).nonzero()
@@ -375,6 +410,18 @@ class CounterfactualEngine:
             below = score(p) < goal
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (lo + hi) / 2
+
+    def _bounded(self, w: Tensor, lam: Tensor, alpha: Tensor) -> Tensor:
+        """``lam [N, K]`` held where w + λα stays within ``lambda_bound`` standard deviations of
+        the mapped latents' projection on α (the interval always contains λ = 0)."""
+        assert self.density is not None and self.lambda_bound is not None
+        ref = self.density @ alpha  # [S]
+        mu, sd = ref.mean(), ref.std()
+        rows = w if self.layer_mask is None else w[:, self.layer_mask[:, 0] > 0]
+        proj = rows.mean(1) @ alpha  # [N]
+        lo = (mu - self.lambda_bound * sd - proj).clamp(max=0.0)
+        hi = (mu + self.lambda_bound * sd - proj).clamp(min=0.0)
+        return torch.maximum(torch.minimum(lam, hi[:, None]), lo[:, None])
 
     def ordinal_span(self) -> float:
         """L of an ordinal walk: the longest of the per-class spans."""

@@ -227,3 +227,53 @@ def test_reprojection_leaves_exact_inverses_unchanged():
         a.probs, b.probs, atol=1e-4
     )
     assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-5)
+
+
+def test_lambda_bound_holds_frames_inside_the_latent_density():
+    x = _planted_images(5)
+    free = _planted_engine(lambda_range=20.0)(x, lambdas="symmetric")
+    engine = _planted_engine(lambda_range=20.0, lambda_bound=1.0)
+    bound = engine(x, lambdas="symmetric")
+    alpha = engine.alpha(1)
+    ref = engine.density @ alpha
+    lo, hi = ref.mean() - ref.std(), ref.mean() + ref.std()
+    proj = bound.w[:, 0] @ alpha  # [N]
+    reached = proj[:, None] + bound.lambdas  # projection of every frame's w on α
+    inside = (proj >= lo) & (proj <= hi)
+    assert inside.any()
+    assert (reached[inside] >= lo - 1e-4).all() and (reached[inside] <= hi + 1e-4).all()
+    # Frames within the band are untouched; the grid's ends (|λ| = 20) are held at the bound.
+    kept = (free.lambdas + proj[:, None] >= lo) & (free.lambdas + proj[:, None] <= hi)
+    assert torch.equal(bound.lambdas[kept], free.lambdas[kept])
+    assert (bound.lambdas[:, -1] < 20).all() and (bound.lambdas[:, 0] > -20).all()
+    assert (bound.lambdas[:, 4] == 0).all()  # the reconstruction is always inside
+    with pytest.raises(ValueError, match="lambda_bound"):
+        _planted_engine(lambda_bound=0.0)
+
+
+def test_layers_move_only_the_chosen_ws():
+    G = LinearGenerator()
+    seen = []
+    synth = G.synthesis
+
+    def spy(ws, noise_mode="const"):
+        seen.append(ws.clone())
+        return synth(ws, noise_mode)
+
+    G.synthesis = spy
+    engine = CounterfactualEngine(
+        G,
+        LinearEncoder(),
+        PlantedClassifier(),
+        planted_directions(2)[0],
+        layers=[1, 3],
+        device="cpu",
+    )
+    engine(_planted_images(2), lambdas=[-1.0, 1.0])
+    ws = seen[0].view(2, 3, 3, -1)  # [N, K (0, -1, +1), num_ws, w_dim]
+    assert torch.equal(ws[:, 1, 0], ws[:, 0, 0]) and torch.equal(ws[:, 2, 0], ws[:, 0, 0])
+    assert torch.allclose(ws[:, 2, 1:] - ws[:, 0, 1:], engine.alpha(1).expand(2, 2, -1), atol=1e-6)
+    with pytest.raises(ValueError, match="layers"):
+        CounterfactualEngine(
+            G, LinearEncoder(), PlantedClassifier(), planted_directions(2)[0], layers=[2, 9]
+        )
