@@ -217,6 +217,7 @@ def collect_counterfactual(parts: dict[str, list], cf: Any, model, oracle, cfg) 
         parts.setdefault("lambdas", []).append(cf.lambdas.cpu())
         parts.setdefault("grades", []).append(cf.grades().float().cpu())
         parts.setdefault("argmax", []).append(cf.argmax_grades().cpu())
+        parts.setdefault("walk_frames", []).append(cf.images.cpu())
         if oracle is not None:
             parts.setdefault("walk_factors", []).append(read_factors(oracle, cf.images))
 
@@ -299,6 +300,10 @@ def fixed_realism(cf: dict[str, Any], data: dict[str, Any], device, min_count: i
         r = class_conditional_fd(real, labels, feats(cf[key]), cf[f"{key}_pred"], min_count)
         out[f"realism_fixed_fd_{name}"] = r["fd"]
         out[f"realism_fixed_fd_{name}_skipped"] = r["skipped_fakes"]
+    if "walk_frames" in cf:  # ordinal walks: every frame, against its most probable grade
+        walk = feats(cf["walk_frames"].flatten(0, 1))
+        r = class_conditional_fd(real, labels, walk, cf["argmax"].flatten(), min_count)
+        out["realism_fixed_fd_walk_frames"] = r["fd"]
     half = len(real) // 2
     r = class_conditional_fd(real[:half], labels[:half], real[half:], labels[half:], min_count)
     out["realism_fixed_fd_real_halves"] = r["fd"]

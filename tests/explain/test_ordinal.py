@@ -132,6 +132,8 @@ def test_evaluation_reports_the_grade_and_the_factors_along_the_walk(kl_run):
         assert len(o[f"{f}_per_frame"]) == 5
         assert 0.0 <= o[f"{f}_moves_with_grade_share"] <= 1.0
     assert "Ordinal walk" in index.read_text()
+    walk = summary["counterfactual"]["realism_fixed_fd_walk_frames"]
+    assert walk >= 0.0 or walk != walk  # a number, or NaN when no grade has 2 frames and 2 reals
     with open(index.parent / "per_image.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {r["counterfactual/grade_rises"] for r in rows} <= {"0.000", "1.000"}
