@@ -41,6 +41,12 @@ VARIANTS: dict[str, dict] = {
     "coarse": {"layers": [0, 6]},
     "coarse_reproject": {"layers": [0, 6], "reproject": True},
     "bound2_reproject": {"lambda_bound": 2.0, "reproject": True},
+    # runs with more than two classes: the walk along the target's own direction, not ordinal
+    "target": {"walk": "target"},
+    "target_reproject": {"walk": "target", "reproject": True},
+    "target_bound2": {"walk": "target", "lambda_bound": 2.0},
+    "target_coarse": {"walk": "target", "layers": [0, 6]},
+    "ordinal_inner": {"grade_ends": [0.5, 3.5]},
 }
 
 
