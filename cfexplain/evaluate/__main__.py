@@ -126,8 +126,22 @@ def _print_table(summary: dict[str, Any]) -> None:
     print(buf.getvalue(), end="")
     cf = summary.get("counterfactual")
     if cf:
-        keys = ("flip_rate", "causal_nuisance_ratio", "mnac", "realism_fd_flip_frames")
+        keys = (
+            "flip_rate",
+            "causal_nuisance_ratio",
+            "mnac",
+            "realism_fd_flip_frames",
+            "realism_fixed_fd_flip_frames",
+            "realism_fixed_fd_reconstructions",
+            "cout",
+        )
         print("counterfactual: " + "  ".join(f"{k} {cf[k]:.3f}" for k in keys if k in cf))
+        if "ordinal" in cf:
+            o = cf["ordinal"]
+            print(
+                "ordinal walk: "
+                + "  ".join(f"{k} {v}" for k, v in o.items() if not isinstance(v, list))
+            )
     concepts = summary.get("concepts")
     if concepts:
         per = concepts.get("per_attribute", {})

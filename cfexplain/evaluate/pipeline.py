@@ -94,13 +94,14 @@ def counterfactual_under(engine: Any, cfg: DictConfig, target: int) -> Callable:
 
     def build(model: nn.Module) -> CounterfactualEngine:
         with torch.no_grad():
-            p = torch.cat(
-                [torch.softmax(model(b), 1)[:, target] for b in images.split(engine.max_batch)]
-            )
+            probs = torch.cat([torch.softmax(model(b), 1) for b in images.split(engine.max_batch)])
+        p = probs[:, target]
         y = (p > p.median()).cpu().numpy().astype(int)
         fit = fit_linear_direction(w0, y, Cs=[1.0], cv=2, max_iter=300, holdout=0.2, seed=0)
         alpha = torch.as_tensor(fit["direction"], dtype=torch.float32)
-        if target == 0:
+        if probs.shape[1] > 2:
+            alpha = alpha.expand(probs.shape[1], -1).clone()  # the walk reads row `target`
+        elif target == 0:
             alpha = -alpha  # a binary engine walks towards class 1 along +α
         return CounterfactualEngine(
             G,
@@ -158,8 +159,6 @@ def randomisation_checks(
 
 def per_image(cfg, model, methods, counterfactual, oracle, data, target, device) -> dict[str, Any]:
     """Per-image scores of every method, and the counterfactuals' factor changes."""
-    from cfexplain.evaluate.factors import counterfactual_factors
-
     x_all, labels = data["x"], data["labels"]
     n, size = len(x_all), int(cfg.batch_size)
     scores: dict[str, dict[str, list[Tensor]]] = {}
@@ -174,16 +173,7 @@ def per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
             maps["counterfactual"] = relevance(
                 "counterfactual", counterfactual_difference(cf), True
             )
-            if oracle is not None:
-                part = counterfactual_factors(oracle, cf, threshold=float(cfg.mnac_threshold))
-                for k in ("changes", "flipped", "mnac", "marker_changed", "before", "after"):
-                    if k in part:
-                        cf_parts.setdefault(k, []).append(part[k].cpu())
-                cf_parts.setdefault("factor_names", [part["factors"]])
-            idx, flipped = cf.flip_frame()
-            cf_parts.setdefault("frames", []).append(cf.images[torch.arange(len(x)), idx].cpu())
-            cf_parts.setdefault("recon", []).append(cf.reconstruction.cpu())
-            cf_parts.setdefault("flip", []).append(flipped.cpu())
+            collect_counterfactual(cf_parts, cf, model, oracle, cfg)
         for name, m in methods.items():
             maps[name] = relevance(name, m.attribute(x, target).float(), m.signed)
         for name, a in maps.items():
@@ -204,6 +194,37 @@ def per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
     # Localisation is asked of the images that show the target's pathology.
     localised = (labels == target) & data["pathology"].flatten(1).any(1)
     return {"maps": per, "cf": cf, "localised": localised}
+
+
+def collect_counterfactual(parts: dict[str, list], cf: Any, model, oracle, cfg) -> None:
+    """One batch's counterfactual results into ``parts`` (lists concatenated at the end): the
+    oracles' factor changes, the judged frames and reconstructions with the classes f gives
+    them, COUT, and for an ordinal walk every frame's grade and factor readings."""
+    from cfexplain.evaluate.factors import counterfactual_factors, read_factors
+    from cfexplain.explain.metrics import counterfactual_cout
+
+    n = len(cf.reconstruction)
+    if oracle is not None:
+        part = counterfactual_factors(oracle, cf, threshold=float(cfg.mnac_threshold))
+        for k in ("changes", "flipped", "mnac", "marker_changed", "before", "after"):
+            if k in part:
+                parts.setdefault(k, []).append(part[k].cpu())
+        parts.setdefault("factor_names", [part["factors"]])
+    idx, flipped = cf.flip_frame()
+    frames = cf.images[torch.arange(n), idx]
+    with torch.no_grad():
+        for key, images in (("frames", frames), ("recon", cf.reconstruction)):
+            parts.setdefault(key, []).append(images.cpu())
+            parts.setdefault(f"{key}_pred", []).append(model(images).argmax(1).cpu())
+    parts.setdefault("flip", []).append(flipped.cpu())
+    parts.setdefault("cout", []).append(counterfactual_cout(model, cf, int(cfg.cout_steps)))
+    if cf.ordinal:
+        parts.setdefault("lambdas", []).append(cf.lambdas.cpu())
+        parts.setdefault("grades", []).append(cf.grades().float().cpu())
+        parts.setdefault("argmax", []).append(cf.argmax_grades().cpu())
+        parts.setdefault("walk_frames", []).append(cf.images.cpu())
+        if oracle is not None:
+            parts.setdefault("walk_factors", []).append(read_factors(oracle, cf.images))
 
 
 def nanmean(v: Tensor) -> float:
@@ -246,6 +267,12 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
     out["realism_fd_reconstructions"] = realism_fd(features, cf["recon"], real)
     half = len(real) // 2
     out["realism_fd_real_halves"] = realism_fd(features, real[:half], real[half:])
+    out["cout"] = float(cf["cout"].mean())
+    out["cout_flipped"] = float(cf["cout"][flipped].mean()) if flipped.any() else math.nan
+    if cfg.realism.fixed_features:
+        out |= fixed_realism(cf, data, device, int(cfg.realism.min_count))
+    if "grades" in cf:
+        out["ordinal"] = ordinal_summary(cf)
     if "changes" in cf:
         names, changes = list(cf["factor_names"]), cf["changes"]
         t = float(cfg.mnac_threshold)
@@ -326,6 +353,68 @@ def reporter_summary(cfg: DictConfig, run: TrainedRun, method: Any, data: dict) 
         span=method.span,
     )
     out["decode"], out["span"] = method.decode, method.span
+    return out
+
+
+def fixed_realism(cf: dict[str, Any], data: dict[str, Any], device, min_count: int) -> dict:
+    """Realism on a yardstick that does not move with the run's classifier: Fréchet distance on
+    :class:`~cfexplain.nn.perceptual.FixedFeatures` (the shift-tolerant LPIPS AlexNet trunk),
+    each judged frame against the real images of the class f gives it, each reconstruction
+    against those of its own class, and two halves of the real images by their true class."""
+    from cfexplain.nn.perceptual import FixedFeatures
+    from cfexplain.utils.quality import class_conditional_fd
+
+    net = FixedFeatures().to(device)
+
+    def feats(x: Tensor) -> Tensor:
+        return torch.cat([net(b.to(device)).double().cpu() for b in x.split(64)])
+
+    real, labels = feats(data["x"]), data["labels"]
+    out: dict[str, Any] = {}
+    for key, name in (("frames", "flip_frames"), ("recon", "reconstructions")):
+        r = class_conditional_fd(real, labels, feats(cf[key]), cf[f"{key}_pred"], min_count)
+        out[f"realism_fixed_fd_{name}"] = r["fd"]
+        out[f"realism_fixed_fd_{name}_skipped"] = r["skipped_fakes"]
+    if "walk_frames" in cf:  # ordinal walks: every frame, against its most probable grade
+        walk = feats(cf["walk_frames"].flatten(0, 1))
+        r = class_conditional_fd(real, labels, walk, cf["argmax"].flatten(), min_count)
+        out["realism_fixed_fd_walk_frames"] = r["fd"]
+    half = len(real) // 2
+    r = class_conditional_fd(real[:half], labels[:half], real[half:], labels[half:], min_count)
+    out["realism_fixed_fd_real_halves"] = r["fd"]
+    rec = out["realism_fixed_fd_reconstructions"]
+    out["realism_fixed_fd_ratio"] = out["realism_fixed_fd_flip_frames"] / rec if rec else math.nan
+    return out
+
+
+def ordinal_summary(cf: dict[str, Any]) -> dict[str, Any]:
+    """The ordinal walk over the evaluated images: share whose expected grade never falls, its
+    mean Spearman with λ, the argmax grades at the ends, and (with the oracles) each disease
+    factor's mean reading per frame and the share of walks along which it moves the way a rising
+    grade needs (joint space narrowing, the others growing: Spearman with λ of the right sign)."""
+    from cfexplain.evaluate.oracles import CAUSAL
+    from cfexplain.explain.metrics import grade_rises, spearman
+
+    lam, g, top = cf["lambdas"], cf["grades"], cf["argmax"]
+    out: dict[str, Any] = {
+        "images": len(g),
+        "grade_rises_share": float(grade_rises(g).float().mean()),
+        "grade_monotonicity_mean": float(spearman(lam, g).mean()),
+        "mean_grade_per_frame": [round(float(v), 4) for v in g.mean(0)],
+        "argmax_first_histogram": torch.bincount(top[:, 0], minlength=int(top.max()) + 1).tolist(),
+        "argmax_last_histogram": torch.bincount(top[:, -1], minlength=int(top.max()) + 1).tolist(),
+    }
+    if "walk_factors" in cf:
+        names, readings = list(cf["factor_names"]), cf["walk_factors"]  # [N, K, F]
+        for f in CAUSAL:
+            if f not in names:
+                continue
+            v = readings[..., names.index(f)]
+            sign = -1.0 if f == "jsw_min" else 1.0
+            rho = spearman(lam, v)
+            out[f"{f}_per_frame"] = [round(float(m), 5) for m in v.mean(0)]
+            out[f"{f}_moves_with_grade_share"] = float((sign * rho > 0).float().mean())
+            out[f"{f}_spearman_mean"] = float(rho.mean())
     return out
 
 

@@ -62,6 +62,12 @@ def per_image_csv(per: dict[str, Any]) -> str:
         for k in ("flipped", "mnac", "marker_changed"):
             if k in cf:
                 cols[f"counterfactual/{k}"] = cf[k].float().tolist()
+    if "cout" in cf:
+        cols["counterfactual/cout"] = cf["cout"].tolist()
+    if "grades" in cf:
+        from cfexplain.explain.metrics import grade_rises
+
+        cols["counterfactual/grade_rises"] = grade_rises(cf["grades"]).float().tolist()
     n = len(cols["localised"])
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -69,6 +75,22 @@ def per_image_csv(per: dict[str, Any]) -> str:
     for i in range(n):
         w.writerow([i, *[fmt(float(c[i])) for c in cols.values()]])
     return buf.getvalue()
+
+
+def _ordinal_section(cf: dict[str, Any]) -> list[str]:
+    if "ordinal" not in cf:
+        return []
+    return [
+        "<h2>Ordinal walk</h2>",
+        "<p>Along the walk from the lowest grade to the highest: the share of images whose "
+        "expected grade Σk·p_k never falls, and the factors the oracles read on every "
+        "frame (joint space should narrow, osteophytes, sclerosis and deformity grow).</p>",
+        _kv_table({k: _value(v) for k, v in cf["ordinal"].items()}),
+    ]
+
+
+def _value(v: Any) -> Any:
+    return ", ".join(fmt(x) for x in v) if isinstance(v, list) else v
 
 
 def plot_randomisation(sanity: dict[str, Any], path: Path) -> None:
@@ -207,6 +229,7 @@ def page_html(summary: dict[str, Any], gallery: str | None) -> str:
     if cf:
         scalars = {k: v for k, v in cf.items() if not isinstance(v, (dict, list))}
         parts += ["<h2>Counterfactuals, factor by factor</h2>", _kv_table(scalars)]
+        parts += _ordinal_section(cf)
         if "mean_change" in cf:
             parts += [
                 "<p>Mean standardised change per factor between the reconstruction and the "

@@ -582,7 +582,12 @@ class Counterfactual(Method):
     stages: ClassVar[tuple[str, ...]] = ("generator", "encoder", "direction")
 
     def __init__(
-        self, model: nn.Module, engine: Any = None, lambdas: Any = "auto", refine_steps: int = 0
+        self,
+        model: nn.Module,
+        engine: Any = None,
+        lambdas: Any = "auto",
+        refine_steps: int = 0,
+        walk: str = "target",
     ) -> None:
         super().__init__(model)
         if engine is None:
@@ -591,14 +596,22 @@ class Counterfactual(Method):
                 "direction stages)"
             )
         self.engine, self.lambdas, self.refine_steps = engine, lambdas, int(refine_steps)
+        self.walk = walk
 
     @classmethod
     def from_run(
-        cls, run: Any, lambdas: Any = "auto", refine_steps: int = 0, **engine: Any
+        cls,
+        run: Any,
+        lambdas: Any = "auto",
+        refine_steps: int = 0,
+        walk: str = "auto",
+        **engine: Any,
     ) -> Counterfactual:
         """The engine of the run (its own classifier, G, E and direction); ``engine``: the
-        :class:`~cfexplain.explain.counterfactual.CounterfactualEngine` keyword arguments."""
-        from cfexplain.explain.counterfactual import CounterfactualEngine, parse_lambdas
+        :class:`~cfexplain.explain.counterfactual.CounterfactualEngine` keyword arguments.
+        ``walk``: ``auto`` (the ordinal walk when the run's direction has an ordinal one),
+        ``target`` or ``ordinal``."""
+        from cfexplain.explain.counterfactual import WALKS, CounterfactualEngine, parse_lambdas
 
         missing = [s for s in cls.stages if not run.has(s)]
         if missing:
@@ -614,12 +627,27 @@ class Counterfactual(Method):
             if key in engine:
                 engine[key] = whole_number(f"counterfactual.{key}", engine[key], low)
         refine_steps = whole_number("refine_steps", refine_steps, 0)
+        if walk not in WALKS:
+            raise ConfigError(f"counterfactual.walk={walk}: choose one of {', '.join(WALKS)}")
         model = CounterfactualEngine.from_run(run, **engine)
-        return cls(run.classifier, engine=model, lambdas=lambdas, refine_steps=refine_steps)
+        if walk == "ordinal" and model.ordinal is None:
+            raise ConfigError(
+                f"counterfactual.walk=ordinal: {run.dir} has no ordinal direction (it needs a "
+                "direction stage trained on more than two classes, e.g. data.task=kl)"
+            )
+        return cls(
+            run.classifier, engine=model, lambdas=lambdas, refine_steps=refine_steps, walk=walk
+        )
 
     def sequences(self, x: Tensor, target: int) -> Any:
         """The :class:`~cfexplain.explain.counterfactual.Counterfactuals` of ``x [N, C, H, W]``."""
-        return self.engine(x, target=target, lambdas=self.lambdas, refine_steps=self.refine_steps)
+        return self.engine(
+            x,
+            target=target,
+            lambdas=self.lambdas,
+            refine_steps=self.refine_steps,
+            walk=self.walk,
+        )
 
     def attribute(self, x: Tensor, target: int) -> Tensor:
         return counterfactual_difference(self.sequences(x, target))

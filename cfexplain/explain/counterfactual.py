@@ -3,6 +3,10 @@
 Schutte et al. 2021: walking along the direction α in W that the classifier's decision follows
 shows how the image would have to change for the classifier to change its mind. All frames of a
 batch go through G and f in as few passes as ``max_batch`` allows.
+
+With more than two ordered classes (KL grades) and an ordinal direction, ``walk="ordinal"``
+renders the progression from the lowest grade to the highest: every frame carries all class
+probabilities, hence the expected grade Σ k·p_k and the argmax grade.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ if TYPE_CHECKING:
     from cfexplain.runs import TrainedRun
 
 LAMBDA_GRIDS = ("auto", "symmetric")
+WALKS = ("auto", "target", "ordinal")
+
+
+def expected_grade(probs: Tensor) -> Tensor:
+    """``[...]`` expected grade Σ_k k·p_k of class probabilities ``[..., C]`` (classes in order)."""
+    grades = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    return (probs * grades).sum(-1)
 
 
 def parse_lambdas(spec: Any) -> str | list[float]:
@@ -55,6 +66,26 @@ class Counterfactuals:
     w: Tensor  # [N, num_ws, w_dim]
     target: int
     recon_probs: Tensor | None = None  # [N] f(G(w)) probability of `target`
+    # Ordinal walk: every class's probability per frame [N, K, C] and of the reconstruction [N, C].
+    class_probs: Tensor | None = None
+    recon_class_probs: Tensor | None = None
+
+    @property
+    def ordinal(self) -> bool:
+        """True for an ordinal walk (frames carry every class's probability)."""
+        return self.class_probs is not None
+
+    def grades(self) -> Tensor:
+        """``[N, K]`` expected grade Σ k·p_k of every frame (ordinal walks only)."""
+        if self.class_probs is None:
+            raise ValueError("grades() needs an ordinal walk (class_probs)")
+        return expected_grade(self.class_probs)
+
+    def argmax_grades(self) -> Tensor:
+        """``[N, K]`` the most probable grade of every frame (ordinal walks only)."""
+        if self.class_probs is None:
+            raise ValueError("argmax_grades() needs an ordinal walk (class_probs)")
+        return self.class_probs.argmax(-1)
 
     def flip_index(self) -> Tensor:
         """``[N]`` index of the first frame, walking away from the reconstruction (smallest |λ|),
@@ -96,6 +127,17 @@ class CounterfactualEngine:
         perceptual: a :class:`cfexplain.nn.perceptual.Perceptual` for the reconstruction error
             and refinement (None: L1 error, pixel loss only).
         refine_lr, refine_l2: Adam step and pixel-MSE weight of the optional refinement of w.
+        ordinal: ``[w_dim]`` ordinal direction (the expected grade rises along it), for
+            ``walk="ordinal"``; None: no ordinal walk.
+        grade_ends: expected grades the first and last frame of an ``"auto"`` ordinal walk reach
+            (per image, by bisection); the frames between are evenly spaced in λ.
+        reproject: render every frame through the encoder once more, G(E(G(w + λα))): the frame
+            is pulled back to what E can produce from a real image (opt-in; twice the cost).
+        layers: ``[start, stop)`` of the synthesis layers (ws) the walk moves; the others keep
+            E(x) (None: all). Coarse layers carry shape, fine ones texture and noise.
+        lambda_bound: keep every frame's w inside the latent density along α: its projection
+            on α stays within ``lambda_bound`` standard deviations of that of ``density_samples``
+            mapped latents (None: no bound); a frame beyond it is held at the bound.
     """
 
     def __init__(
@@ -113,6 +155,12 @@ class CounterfactualEngine:
         perceptual: nn.Module | None = None,
         refine_lr: float = 0.02,
         refine_l2: float = 1.0,
+        ordinal: Tensor | None = None,
+        grade_ends: Sequence[float] | None = None,
+        reproject: bool = False,
+        layers: Sequence[int] | None = None,
+        lambda_bound: float | None = None,
+        density_samples: int = 2048,
         device: str | torch.device | None = None,
     ) -> None:
         device = torch.device(device) if device is not None else next(G.parameters()).device
@@ -136,7 +184,42 @@ class CounterfactualEngine:
             )
         self.target_probs = tuple(float(p) for p in target_probs)
         self.refine_lr, self.refine_l2 = float(refine_lr), float(refine_l2)
+        if ordinal is not None and tuple(ordinal.shape) != (G.w_dim,):
+            raise ValueError(f"ordinal must be [w_dim={G.w_dim}], got {tuple(ordinal.shape)}")
+        self.ordinal = (
+            F.normalize(ordinal.float(), dim=0).to(device) if ordinal is not None else None
+        )
+        self.grade_ends = None if grade_ends is None else tuple(float(g) for g in grade_ends)
+        if self.grade_ends is not None and (
+            len(self.grade_ends) != 2 or self.grade_ends[0] >= self.grade_ends[1]
+        ):
+            raise ValueError(f"grade_ends must be [low, high] with low < high, got {grade_ends}")
+        self.reproject = bool(reproject)
         self.device = device
+        self.layer_mask = self._layer_mask(layers)
+        self.lambda_bound = None if lambda_bound is None else float(lambda_bound)
+        if self.lambda_bound is not None and self.lambda_bound <= 0:
+            raise ValueError(f"lambda_bound must be > 0 (standard deviations), got {lambda_bound}")
+        self.density = self._density(int(density_samples)) if self.lambda_bound else None
+
+    def _layer_mask(self, layers: Sequence[int] | None) -> Tensor | None:
+        """``[num_ws, 1]`` 1 for the layers the walk moves, or None (all)."""
+        if layers is None:
+            return None
+        num_ws = int(getattr(self.G, "num_ws", 0))
+        start, stop = (int(v) for v in layers)
+        if not 0 <= start < stop <= num_ws:
+            raise ValueError(f"layers must be [start, stop) within 0..{num_ws}, got {list(layers)}")
+        mask = torch.zeros(num_ws, 1, device=self.device)
+        mask[start:stop] = 1.0
+        return mask
+
+    @torch.no_grad()
+    def _density(self, n: int) -> Tensor:
+        """``[S, w_dim]`` mapped latents (seeded: the bound is the same on every call)."""
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(n, self.G.z_dim, generator=gen).to(self.device)
+        return torch.cat([self.G.mapping(b)[:, 0] for b in z.split(self.max_batch)])
 
     # ------------------------------------------------------------------------- building
 
@@ -160,6 +243,7 @@ class CounterfactualEngine:
         if "perceptual" not in params:
             params["perceptual"] = run.perceptual
         params.setdefault("lambda_range", saved["lambda_range"])
+        params.setdefault("ordinal", saved.get("ordinal"))
         G, E = run.generator, run.encoder
         return cls(G, E, run.classifier, direction, device=run.device, **params)
 
@@ -193,15 +277,26 @@ class CounterfactualEngine:
     ) -> tuple[Tensor | None, Tensor]:
         """Frames ``[N, K, C, H, W]`` (None if not ``images``) and their probabilities ``[N, K]``
         for ``w [N, num_ws, w_dim]`` moved by ``lambdas [N, K]`` along ``alpha [w_dim]``."""
+        frames, p = self.render_all(w, lambdas, alpha, images)
+        return frames, p[..., target]
+
+    @torch.no_grad()
+    def render_all(
+        self, w: Tensor, lambdas: Tensor, alpha: Tensor, images: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
+        """As :meth:`render`, with every class's probability ``[N, K, num_classes]``."""
         n, k = lambdas.shape
-        ws = (w[:, None] + lambdas[..., None, None] * alpha).flatten(0, 1)  # [N*K, num_ws, w_dim]
+        step = alpha if self.layer_mask is None else self.layer_mask * alpha  # [(num_ws,) w_dim]
+        ws = (w[:, None] + lambdas[..., None, None] * step).flatten(0, 1)  # [N*K, num_ws, w_dim]
         frames, probs = [], []
         for wb in ws.split(self.max_batch):
             x = self.G.synthesis(wb, noise_mode="const")
-            probs.append(torch.softmax(self.f(x), dim=1)[:, target])
+            if self.reproject:
+                x = self.G.synthesis(self.E(x), noise_mode="const")
+            probs.append(torch.softmax(self.f(x), dim=1))
             if images:
                 frames.append(x)
-        p = torch.cat(probs).view(n, k)
+        p = torch.cat(probs).view(n, k, -1)
         return (torch.cat(frames).view(n, k, *frames[0].shape[1:]) if images else None), p
 
     def __call__(
@@ -210,35 +305,74 @@ class CounterfactualEngine:
         target: int = 1,
         lambdas: str | Sequence[float] = "auto",
         refine_steps: int = 0,
+        walk: str = "target",
     ) -> Counterfactuals:
         """Sequences for images ``x [N, C, H, W]`` in [-1, 1].
 
         ``lambdas``: ``"symmetric"`` (K frames over [-L, L]), ``"auto"`` (per image, the λ that
-        reach ``target_probs``), or explicit values (the same for every image).
+        reach ``target_probs``; for an ordinal walk, K frames evenly spaced between the λ that
+        reach ``grade_ends``), or explicit values (the same for every image).
+        ``walk``: ``"target"`` (along the direction of ``target``), ``"ordinal"`` (along the
+        ordinal direction: the result carries every class's probability), or ``"auto"``
+        (ordinal when the engine has an ordinal direction).
         """
         assert x.ndim == 4, f"expected images [N, C, H, W], got {tuple(x.shape)}"
+        ordinal = self._is_ordinal(walk)
         x = x.to(self.device)
         target = int(target)
-        alpha = self.alpha(target)
+        alpha = self.ordinal if ordinal else self.alpha(target)
+        assert alpha is not None
         with torch.no_grad():
             w = torch.cat([self.E(b) for b in x.split(self.max_batch)])
         if refine_steps > 0:
             w = self.refine(x, w, refine_steps)
         with torch.no_grad():
-            lam = self._lambdas(w, lambdas, alpha, target)
+            lam = (
+                self._ordinal_lambdas(w, lambdas, alpha)
+                if ordinal
+                else self._lambdas(w, lambdas, alpha, target)
+            )
+            if self.density is not None:
+                lam = self._bounded(w, lam, alpha)
             # The reconstruction is the frame at λ = 0: reuse it when the grid has one (the
             # symmetric grid with an odd K), else render it in the same passes as the frames.
             zero = (lam == 0).all(dim=0).nonzero()
             if len(zero):
-                images, probs = self.render(w, lam, alpha, target)
+                images, probs = self.render_all(w, lam, alpha)
                 rec, rec_p = images[:, int(zero[0])], probs[:, int(zero[0])]
             else:
                 both = torch.cat([torch.zeros_like(lam[:, :1]), lam], dim=1)
-                images, probs = self.render(w, both, alpha, target)
+                images, probs = self.render_all(w, both, alpha)
                 rec, rec_p, images, probs = images[:, 0], probs[:, 0], images[:, 1:], probs[:, 1:]
+            if self.reproject:
+                # The walk starts where it would without re-projection: G(E(x)) itself.
+                rec = self.G.synthesis(w, noise_mode="const")
+                rec_p = torch.cat([torch.softmax(self.f(b), 1) for b in rec.split(self.max_batch)])
             input_p = self.probabilities(x, target)
             err = self._distance(x, rec)
-        return Counterfactuals(images, lam, probs, rec, err, input_p, w, target, rec_p)
+        return Counterfactuals(
+            images,
+            lam,
+            probs[..., target],
+            rec,
+            err,
+            input_p,
+            w,
+            target,
+            rec_p[..., target],
+            class_probs=probs if ordinal else None,
+            recon_class_probs=rec_p if ordinal else None,
+        )
+
+    def _is_ordinal(self, walk: str) -> bool:
+        if walk not in WALKS:
+            raise ValueError(f"walk must be one of {WALKS}, got {walk!r}")
+        if walk == "ordinal" and self.ordinal is None:
+            raise ValueError(
+                "walk='ordinal' needs an ordinal direction (a direction stage fitted on more "
+                "than two classes with direction.ordinal=auto|true)"
+            )
+        return walk == "ordinal" or (walk == "auto" and self.ordinal is not None)
 
     # ------------------------------------------------------------------------- pieces
 
@@ -262,15 +396,57 @@ class CounterfactualEngine:
         """Per image, λ in [-2L, 2L] where f's probability of the target reaches each of
         ``target_probs`` (probability taken as increasing in λ; unreachable ones end at ±2L)."""
         goal = torch.tensor(sorted(self.target_probs), device=self.device).expand(len(w), -1)
-        L = 2 * self.span(target)
+        lam = self._bisect_score(w, alpha, lambda p: p[..., target], goal, 2 * self.span(target))
+        # The probability is not exactly monotone in λ: keep the sequence ascending anyway.
+        return lam.sort(dim=1).values
+
+    def _bisect_score(self, w: Tensor, alpha: Tensor, score, goal: Tensor, L: float) -> Tensor:
+        """``[N, G]`` λ in [-L, L] where ``score(probabilities [N, G, C]) -> [N, G]`` reaches
+        ``goal [N, G]``, by bisection (score taken as increasing in λ)."""
         lo, hi = torch.full_like(goal, -L), torch.full_like(goal, L)
         for _ in range(self.bisect_steps):
             mid = (lo + hi) / 2
-            _, p = self.render(w, mid, alpha, target, images=False)
-            below = p < goal
+            _, p = self.render_all(w, mid, alpha, images=False)
+            below = score(p) < goal
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-        # The probability is not exactly monotone in λ: keep the sequence ascending anyway.
-        return ((lo + hi) / 2).sort(dim=1).values
+        return (lo + hi) / 2
+
+    def _bounded(self, w: Tensor, lam: Tensor, alpha: Tensor) -> Tensor:
+        """``lam [N, K]`` held where w + λα stays within ``lambda_bound`` standard deviations of
+        the mapped latents' projection on α (the interval always contains λ = 0)."""
+        assert self.density is not None and self.lambda_bound is not None
+        ref = self.density @ alpha  # [S]
+        mu, sd = ref.mean(), ref.std()
+        rows = w if self.layer_mask is None else w[:, self.layer_mask[:, 0] > 0]
+        proj = rows.mean(1) @ alpha  # [N]
+        lo = (mu - self.lambda_bound * sd - proj).clamp(max=0.0)
+        hi = (mu + self.lambda_bound * sd - proj).clamp(min=0.0)
+        return torch.maximum(torch.minimum(lam, hi[:, None]), lo[:, None])
+
+    def ordinal_span(self) -> float:
+        """L of an ordinal walk: the longest of the per-class spans."""
+        return float(self.lambda_range.max())
+
+    def _ordinal_lambdas(self, w: Tensor, spec: str | Sequence[float], alpha: Tensor) -> Tensor:
+        """``[N, K]`` ascending λ of an ordinal walk (see :meth:`__call__`)."""
+        n = len(w)
+        spec = parse_lambdas(spec)
+        if spec == "symmetric":
+            grid = torch.linspace(-1.0, 1.0, self.num_frames, device=self.device)
+            if self.num_frames % 2:
+                grid[self.num_frames // 2] = 0.0
+            return (self.ordinal_span() * grid).expand(n, -1).contiguous()
+        if spec != "auto":
+            lam = torch.as_tensor(spec, dtype=torch.float32, device=self.device)
+            return lam.sort().values.expand(n, -1).contiguous()
+        with torch.no_grad():
+            c = self.f(self.G.synthesis(w[:1], noise_mode="const")).shape[1]
+        low, high = self.grade_ends if self.grade_ends is not None else (0.3, c - 1.3)
+        goal = torch.tensor([low, high], device=self.device).expand(n, -1)
+        ends = self._bisect_score(w, alpha, expected_grade, goal, 2 * self.ordinal_span())
+        ends = ends.sort(dim=1).values
+        t = torch.linspace(0.0, 1.0, self.num_frames, device=self.device)
+        return ends[:, :1] + (ends[:, 1:] - ends[:, :1]) * t
 
     def _distance(self, x: Tensor, y: Tensor) -> Tensor:
         """``[N]`` LPIPS (or L1 without a perceptual model) between ``x`` and ``y``."""

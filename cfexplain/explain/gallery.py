@@ -132,6 +132,9 @@ class Row:
         maps: method name -> (raw map ``[1, H, W]``, signed).
         drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
+        frame_grades: ordinal walks: ``[K]`` expected grade Σ k·p_k of every frame;
+            ``frame_argmax`` ``[K]`` its most probable grade; ``grade_names`` the class names
+            of the grades in order; ``recon_grade`` the reconstruction's expected grade.
         report: the report written for the image, with a map per finding word (``report``).
     """
 
@@ -153,6 +156,10 @@ class Row:
     drawn: dict[str, np.ndarray] = field(default_factory=dict)
     # The guard's verdict (cfexplain.explain.guard.Verdict); None when the image went unchecked.
     guard: Any = None
+    frame_grades: Sequence[float] | None = None
+    frame_argmax: Sequence[int] | None = None
+    grade_names: Sequence[str] = ()
+    recon_grade: float | None = None
     # A capsule classifier's attribute readings (None for other classifiers).
     concepts: Concepts | None = None
     # The generated report (cfexplain.explain.reporter.WrittenReport): text and word maps.
@@ -169,6 +176,20 @@ class Row:
     def has_counterfactual(self) -> bool:
         return self.frames is not None
 
+    @property
+    def is_ordinal(self) -> bool:
+        """An ordinal walk: every frame carries its expected and most probable grade."""
+        return self.frames is not None and self.frame_grades is not None
+
+    def frame_caption(self, k: int) -> str:
+        """What is written under frame ``k`` besides λ: p(target), or for an ordinal walk the
+        expected grade and the most probable class (ASCII: the strip's font has no Σ)."""
+        if self.is_ordinal:
+            assert self.frame_grades is not None and self.frame_argmax is not None
+            return f"E={self.frame_grades[k]:.2f} {self.grade_names[self.frame_argmax[k]]}"
+        assert self.frame_probs is not None
+        return f"p={self.frame_probs[k]:.2f}"
+
 
 def _map_rgb(row: Row, name: str, m: Tensor, signed: bool) -> np.ndarray:
     drawn = row.drawn.get(name)
@@ -181,12 +202,14 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
     tiles = [(gray_rgb(row.image[None])[0], "input", f"p={row.prob:.2f}")]
     if row.has_counterfactual:
         rp = f"p={row.recon_prob:.2f}" if row.recon_prob is not None else ""
+        if row.is_ordinal and row.recon_grade is not None:
+            rp = f"E={row.recon_grade:.2f}"
         tiles.append((gray_rgb(row.reconstruction[None])[0], "G(E(x))", rp))
         frames = gray_rgb(row.frames)
-        for k, (frame, lam, p) in enumerate(zip(frames, row.lambdas, row.frame_probs)):
-            mark = " *" if k == row.flip else ""
+        for k, (frame, lam) in enumerate(zip(frames, row.lambdas)):
+            mark = " *" if k == row.flip and not row.is_ordinal else ""
             # ASCII: the default PIL font has no λ glyph.
-            tiles.append((frame, f"lam {lam:+.1f}{mark}", f"p={p:.2f}"))
+            tiles.append((frame, f"lam {lam:+.1f}{mark}", row.frame_caption(k)))
         if row.difference is not None:
             tiles.append((colorize(row.difference[None], signed=True)[0], "flip - G(E(x))", ""))
     for name, (m, signed) in row.maps.items():
@@ -252,6 +275,34 @@ def plot_png(lambdas: Sequence[float], probs: Sequence[float], flip: int, target
     return buf.getvalue()
 
 
+def grade_plot_png(
+    lambdas: Sequence[float],
+    grades: Sequence[float],
+    argmax: Sequence[int],
+    num_grades: int,
+    xlabel: str = "λ",
+) -> bytes:
+    """Expected grade (line) and most probable grade (steps) against λ along an ordinal walk."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.6, 1.9), dpi=80)
+    ax = fig.add_subplot()
+    ax.step(lambdas, argmax, where="mid", color="#c0392b", lw=1, label="argmax")
+    ax.plot(lambdas, grades, "o-", color="#1f5fa8", ms=3, label="Σk·p_k")
+    ax.set_ylim(-0.2, num_grades - 0.8)
+    ax.set_yticks(range(num_grades))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("grade")
+    ax.legend(fontsize=6, loc="upper left", frameon=False)
+    fig.tight_layout(pad=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
 def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict[str, Any]:
     """Write one image's PNGs (input, reconstruction, frames, difference, overlays), strip, GIF
     and plot into ``folder``; return their paths relative to ``folder.parent.parent``."""
@@ -297,6 +348,16 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
         png = plot_png(list(row.lambdas), list(row.frame_probs), row.flip, target)
         write_bytes(folder / "plot.png", png)
         files["plot"] = f"{rel}/plot.png"
+        if row.is_ordinal:
+            assert row.frame_grades is not None and row.frame_argmax is not None
+            png = grade_plot_png(
+                list(row.lambdas),
+                list(row.frame_grades),
+                list(row.frame_argmax),
+                len(row.grade_names),
+            )
+            write_bytes(folder / "grade_plot.png", png)
+            files["grade_plot"] = f"{rel}/grade_plot.png"
     files["attributes"] = [
         put(f"attribute_{k}.png", attribute_strip_image(a, size))
         for k, a in enumerate(row.attributes)
@@ -331,15 +392,17 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
     if row.has_counterfactual:
         rp = f" · p={row.recon_prob:.2f}" if row.recon_prob is not None else ""
         cells.append(_figure(files["reconstruction"], f"G(E(x)){rp}"))
-        for k, (src, lam, p) in enumerate(zip(files["frames"], row.lambdas, row.frame_probs)):
-            mark = " ★" if k == row.flip else ""
-            cells.append(_figure(src, f"λ={lam:+.1f} p={p:.2f}{mark}", "frame"))
+        for k, (src, lam) in enumerate(zip(files["frames"], row.lambdas)):
+            mark = " ★" if k == row.flip and not row.is_ordinal else ""
+            cells.append(_figure(src, f"λ={lam:+.1f} {row.frame_caption(k)}{mark}", "frame"))
         if "difference" in files:
             cells.append(_figure(files["difference"], "flip − G(E(x))"))
     for name, src in files["maps"].items():
         cells.append(_figure(src, name, "map"))
     if row.has_counterfactual:
         cells.append(_figure(files["plot"], "p vs λ", "plot"))
+        if "grade_plot" in files:
+            cells.append(_figure(files["grade_plot"], "grade vs λ", "plot"))
         cells.append(_figure(files["gif"], "sequence", "gif"))
     for name, src in files.get("concepts", {}).items():
         cells.append(_figure(src, f"capsule {name}", "capsule"))
@@ -665,6 +728,11 @@ class GalleryWriter:
             cells |= {f"frame_{k}": out / f for k, f in enumerate(files["frames"])}
             cells["frame_probs"] = json.dumps([round(float(p), 4) for p in row.frame_probs])
             cells["flip_index"] = row.flip
+        if row.is_ordinal:
+            assert row.frame_grades is not None and row.frame_argmax is not None
+            cells["frame_grades"] = json.dumps([round(float(g), 4) for g in row.frame_grades])
+            cells["frame_argmax"] = json.dumps([int(k) for k in row.frame_argmax])
+            cells["grade_plot"] = out / files["grade_plot"]
         cells |= {m: out / files["maps"][m] for m in files["maps"]}
         cells |= concept_columns(row)
         cells |= {f"capsule_{n}": out / f for n, f in files.get("concepts", {}).items()}

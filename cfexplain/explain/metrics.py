@@ -3,10 +3,13 @@
 - flip rate: share of images whose decision crosses 0.5 inside the λ range;
 - monotonicity: Spearman correlation of λ and the target probability along each sequence;
 - proximity: L1 and LPIPS of the first flipping frame to the reconstruction G(E(x));
-- fidelity: the reconstruction error carried by the result.
-
-COUT (Khorram & Fuxin 2022) is not computed: it needs a pixel-insertion curve per image that
-the sequences here do not define.
+- fidelity: the reconstruction error carried by the result;
+- ordinal walks: monotonicity of the expected grade Σ k·p_k along λ, and the argmax grades at
+  the two ends;
+- COUT (Khorram & Fuxin 2022, "Cycle-Consistent Counterfactuals by Latent Transformations"):
+  pixels move from the query image to its counterfactual in order of attribution, and the area
+  under the curve of the counterfactual class's probability minus that under the query class's
+  probability is the score, in [-1, 1] (:func:`cout`, :func:`counterfactual_cout`).
 """
 
 from __future__ import annotations
@@ -93,3 +96,114 @@ def summary(
     for k, v in proximity(cf, perceptual).items():
         out[f"proximity_{k}"] = v.nanmean().item() if (~v.isnan()).any() else math.nan
     return out
+
+
+# Two consecutive frames whose expected grades differ by less than this count as level, not
+# falling: saturated ends of a walk wobble by a few thousandths.
+GRADE_TOLERANCE = 0.01
+
+
+def grade_rises(grades: Tensor, tolerance: float = GRADE_TOLERANCE) -> Tensor:
+    """``[N]`` bool: the expected grades ``[N, K]`` never fall by more than ``tolerance``
+    from one frame to the next (frames ordered by λ)."""
+    return (grades.diff(dim=1) >= -tolerance).all(dim=1)
+
+
+def ordinal_metrics(cf: Counterfactuals) -> dict[str, Tensor]:
+    """Per image ``[N]`` of an ordinal walk: ``grade_monotonicity`` (Spearman of λ and the
+    expected grade), ``grade_rises`` (1 when the expected grade never falls along λ),
+    ``grade_first`` / ``grade_last`` (expected grade of the first and last frame) and
+    ``argmax_first`` / ``argmax_last`` (their most probable grades)."""
+    g, top = cf.grades().float().cpu(), cf.argmax_grades().cpu()
+    return {
+        "grade_monotonicity": spearman(cf.lambdas.cpu(), g),
+        "grade_rises": grade_rises(g).float(),
+        "grade_first": g[:, 0],
+        "grade_last": g[:, -1],
+        "argmax_first": top[:, 0].float(),
+        "argmax_last": top[:, -1].float(),
+    }
+
+
+def _trapezoid(curve: Tensor) -> Tensor:
+    """Area under ``[N, S + 1]`` values sampled at S equal steps over [0, 1]."""
+    return (curve[:, 1:] + curve[:, :-1]).sum(1) / (2 * (curve.shape[1] - 1))
+
+
+@torch.no_grad()
+def cout(
+    model: nn.Module,
+    query: Tensor,
+    counterfactual: Tensor,
+    attribution: Tensor,
+    source: Tensor,
+    target: Tensor,
+    steps: int = 50,
+    batch_size: int = 64,
+) -> Tensor:
+    """COUT ``[N]`` (Khorram & Fuxin 2022) of counterfactuals ``[N, C, H, W]`` for ``query``.
+
+    Pixels (all channels of a position at once) move from the query to the counterfactual in
+    descending order of ``attribution [N, 1, H, W]``, in ``steps`` equal parts; along that path
+    the classifier's probabilities of ``source [N]`` (the query's class) and ``target [N]`` (the
+    counterfactual's) are read, and COUT is the area under the target curve minus the area under
+    the source curve (trapezoids over the share of pixels moved, 0..1). 1: the very first pixels
+    already carry the full change; -1: the change only comes at the end and the wrong way.
+    """
+    assert query.shape == counterfactual.shape and query.ndim == 4, (
+        f"query and counterfactual must be the same [N, C, H, W], got {tuple(query.shape)} "
+        f"and {tuple(counterfactual.shape)}"
+    )
+    n, _, h, w = query.shape
+    assert attribution.shape == (n, 1, h, w), (
+        f"attribution must be [N, 1, H, W] = {(n, 1, h, w)}, got {tuple(attribution.shape)}"
+    )
+    if steps < 1:
+        raise ValueError(f"cout: steps must be >= 1, got {steps}")
+    device = query.device
+    order = attribution.flatten(1).argsort(dim=1, descending=True, stable=True)  # [N, H*W]
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(h * w, device=device).expand(n, -1).contiguous()
+    )
+    # Path s moves the pixels of rank < round(s / steps * H*W): [S+1, N, 1, H, W] masks.
+    counts = torch.round(torch.arange(steps + 1, device=device) / steps * (h * w)).long()
+    masks = (rank[None] < counts[:, None, None]).view(steps + 1, n, 1, h, w).to(query.dtype)
+    path = query[None] + masks * (counterfactual - query)[None]  # [S+1, N, C, H, W]
+    flat = path.transpose(0, 1).reshape(-1, *query.shape[1:])
+    probs = torch.cat([torch.softmax(model(b), 1) for b in flat.split(batch_size)])
+    probs = probs.view(n, steps + 1, -1)
+    rows = torch.arange(n, device=device)
+    p_src = probs[rows, :, source.to(device)]
+    p_tgt = probs[rows, :, target.to(device)]
+    return (_trapezoid(p_tgt) - _trapezoid(p_src)).float().cpu()
+
+
+def counterfactual_cout(
+    model: nn.Module, cf: Counterfactuals, steps: int = 50, batch_size: int = 64
+) -> Tensor:
+    """COUT ``[N]`` of each sequence's judged frame (:meth:`Counterfactuals.flip_frame`) against
+    the reconstruction G(E(x)) it starts from, pixels ordered by |frame − reconstruction| (the
+    published "abs" order). Source: the reconstruction's decision about ``cf.target``; target:
+    the other side (a binary decision: ``target`` against the rest, as the flip is defined)."""
+    idx, _ = cf.flip_frame()
+    rows = torch.arange(len(idx), device=cf.images.device)
+    frame = cf.images[rows, idx.to(cf.images.device)]
+    rec = cf.reconstruction
+    attribution = (frame - rec).abs().sum(1, keepdim=True)
+    ref = cf.recon_probs if cf.recon_probs is not None else cf.input_probs
+    on_target = (ref > 0.5).to(rec.device)
+    with torch.no_grad():
+        k = int(model(rec[:1]).shape[1])
+    if k != 2:
+        # Multi-class: the reconstruction's argmax against the target (or, where the
+        # reconstruction already is the target, the frame's argmax).
+        with torch.no_grad():
+            top_rec = torch.cat([model(b).argmax(1) for b in rec.split(batch_size)])
+            top_frame = torch.cat([model(b).argmax(1) for b in frame.split(batch_size)])
+        t = torch.full_like(top_rec, cf.target)
+        source, target = top_rec, torch.where(top_rec == t, top_frame, t)
+    else:
+        t = torch.full((len(idx),), cf.target, dtype=torch.long, device=rec.device)
+        source = torch.where(on_target, t, 1 - t)
+        target = 1 - source
+    return cout(model, rec, frame, attribution, source, target, steps, batch_size)

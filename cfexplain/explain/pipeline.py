@@ -178,8 +178,9 @@ def _stack(items: list) -> tuple[torch.Tensor, list[str], list[str | None], list
 
 def counterfactual_metrics(cf: Any, engine: Any) -> dict[str, torch.Tensor]:
     """Per-image ``[N]`` metrics of counterfactual sequences: flipped, λ of the flip,
-    monotonicity, reconstruction error, proximity of the flipping frame."""
-    from cfexplain.explain.metrics import monotonicity, proximity
+    monotonicity, reconstruction error, proximity of the flipping frame; for an ordinal walk
+    also the expected grade's monotonicity and the grades at its ends."""
+    from cfexplain.explain.metrics import monotonicity, ordinal_metrics, proximity
 
     flip = cf.flip_index().cpu()
     metrics = {
@@ -194,6 +195,8 @@ def counterfactual_metrics(cf: Any, engine: Any) -> dict[str, torch.Tensor]:
     }
     for k, v in proximity(cf, engine.perceptual).items():
         metrics[f"proximity_{k}"] = v
+    if cf.ordinal:
+        metrics |= ordinal_metrics(cf)
     return metrics
 
 
@@ -264,7 +267,7 @@ def explain_batch(
         if cf is not None and i in at:
             j = at[i]
             row.metrics = {k: float(v[j]) for k, v in metrics.items()}
-            _add_sequence(row, cf, j, int(flip[j]), diff[j])
+            _add_sequence(row, cf, j, int(flip[j]), diff[j], classes)
         if strips is not None and i in at:
             row.attributes = attribute_rows(strips, at[i], classes)
         rows.append(row)
@@ -330,8 +333,11 @@ def _drawn(
     }
 
 
-def _add_sequence(row: Row, cf: Any, i: int, flip: int, difference: torch.Tensor) -> None:
-    """Image ``i``'s counterfactual sequence, flip index and difference map on its row."""
+def _add_sequence(
+    row: Row, cf: Any, i: int, flip: int, difference: torch.Tensor, classes: list[str]
+) -> None:
+    """Image ``i``'s counterfactual sequence, flip index and difference map on its row (and
+    for an ordinal walk every frame's expected and most probable grade)."""
     row.reconstruction = cf.reconstruction[i].cpu()
     row.frames = cf.images[i].cpu()
     row.lambdas = [float(v) for v in cf.lambdas[i]]
@@ -340,6 +346,13 @@ def _add_sequence(row: Row, cf: Any, i: int, flip: int, difference: torch.Tensor
     if cf.recon_probs is not None:
         row.recon_prob = float(cf.recon_probs[i])
     row.difference = difference
+    if cf.ordinal:
+        from cfexplain.explain.counterfactual import expected_grade
+
+        row.frame_grades = [float(g) for g in cf.grades()[i]]
+        row.frame_argmax = [int(k) for k in cf.argmax_grades()[i]]
+        row.grade_names = list(classes)
+        row.recon_grade = float(expected_grade(cf.recon_class_probs[i]))
 
 
 # ----------------------------------------------------------------------------- the gallery
@@ -532,6 +545,8 @@ def write_reports(
             guided_gradcam=guided.attribute(x[i : i + 1], pred)[0].cpu(),
             counterfactual_frames=row.frames,
             frame_probs=row.frame_probs,
+            frame_grades=row.frame_grades,
+            frame_argmax=row.frame_argmax,
             frame_target=int(cfg.target) if row.frames is not None or row.attributes else None,
             normative_residual=normative.attribute(x[i : i + 1], 0)[0].cpu() if normative else None,
             provenance=provenance,

@@ -99,6 +99,8 @@ def write_report(
     counterfactual_frames: Tensor | None = None,
     frame_probs: Sequence[float] | Tensor | None = None,
     frame_target: int | None = None,
+    frame_grades: Sequence[float] | None = None,
+    frame_argmax: Sequence[int] | None = None,
     normative_residual: Tensor | None = None,
     provenance: Mapping[str, Any],
     pdf: str = "auto",
@@ -120,12 +122,13 @@ def write_report(
         counterfactual_frames: ``[K, C, H, W]`` in [-1, 1], the image changed step by step.
         frame_probs: ``[K]`` probability of ``class_names[frame_target]`` for every frame.
         frame_target: the class ``frame_probs`` refer to; the predicted class when None.
+        frame_grades, frame_argmax: ordinal walks: ``[K]`` Σ k·p_k and argmax grade per frame.
         normative_residual: ``[1, H, W]`` residual of a healthy-only autoencoder (unsigned).
         provenance: run facts (run folder, checkpoints, config, versions); shown escaped.
         pdf: ``"auto"`` (chromium when installed, else matplotlib), ``"chromium"``,
             ``"matplotlib"`` or ``"none"``; the PDF is ``path`` with the suffix ``.pdf``.
-        reference_prob: p(``frame_target``) of the redrawing G(E(x)) the frames start from: a
-            frame flips when it is on the other side of 0.5 (the gallery's flip).
+        reference_prob: p(``frame_target``) of the redrawing G(E(x)) the frames start from
+            (a frame flips on the other side of 0.5).
         target_prob: p(``frame_target``) of the image itself, shown beside it.
         guard: the guard's ``Verdict`` (None: unchecked); flagged pages open with a warning.
         concepts: a capsule classifier's readings (``gallery.Concepts``); None for others.
@@ -142,10 +145,10 @@ def write_report(
     _check_answer(int(prediction), float(probability), names)
     gg = _as_map(guided_gradcam, "guided_gradcam", hw)
     residual = _as_map(normative_residual, "normative_residual", hw)
-    frames, probs = _frames(counterfactual_frames, frame_probs, image.shape[0])
-    target = int(prediction if frame_target is None else frame_target)
-    if not 0 <= target < len(names):
-        raise ValueError(f"write_report: frame_target {target} is not an index into {names}")
+    frames, probs, target, grades = _walk(
+        counterfactual_frames, frame_probs, frame_target, (frame_grades, frame_argmax),
+        image.shape[0], int(prediction), names,
+    )  # fmt: skip
     # What a classifier or method adds beside the classic sections.
     extras = {
         "concepts": concepts,
@@ -155,7 +158,8 @@ def write_report(
     content = _Content(
         name=str(name), image=image, prediction=int(prediction), probability=float(probability),
         class_names=names, guided_gradcam=gg, frames=frames, probs=probs, frame_target=target,
-        residual=residual, provenance=dict(provenance), written=time.strftime("%Y-%m-%d %H:%M"),
+        grades=grades, residual=residual, provenance=dict(provenance),
+        written=time.strftime("%Y-%m-%d %H:%M"),
         reference_prob=None if reference_prob is None else float(reference_prob),
         target_prob=None if target_prob is None else float(target_prob), guard=guard, **extras,
     )  # fmt: skip
@@ -197,6 +201,34 @@ def _frames(frames: Tensor | None, probs: Any, channels: int) -> tuple[Tensor | 
             f"write_report: {len(frames)} counterfactual_frames but {len(p)} frame_probs"
         )
     return frames, p
+
+
+def _walk(
+    frames: Tensor | None,
+    probs: Any,
+    target: int | None,
+    ordinal: tuple[Sequence[float] | None, Sequence[int] | None],
+    channels: int,
+    prediction: int,
+    names: list[str],
+) -> tuple[Tensor | None, list[float], int, list[tuple[float, int]] | None]:
+    """The counterfactual steps checked: frames, their probabilities, the class those refer
+    to, and for an ordinal walk ``[(expected grade, most probable grade)]`` per frame."""
+    frames, p = _frames(frames, probs, channels)
+    target = int(prediction if target is None else target)
+    if not 0 <= target < len(names):
+        raise ValueError(f"write_report: frame_target {target} is not an index into {names}")
+    grades, argmax = ordinal
+    if grades is None and argmax is None:
+        return frames, p, target, None
+    if grades is None or argmax is None or len(grades) != len(p) or len(argmax) != len(p):
+        raise ValueError(
+            "write_report: an ordinal walk needs frame_grades and frame_argmax, one per frame "
+            f"({len(p)})"
+        )
+    if any(not 0 <= int(a) < len(names) for a in argmax):
+        raise ValueError(f"write_report: frame_argmax {list(argmax)} is not an index into {names}")
+    return frames, p, target, [(float(g), int(a)) for g, a in zip(grades, argmax)]
 
 
 class _Content:
@@ -342,6 +374,8 @@ def _section_change(c: _Content) -> str:
             + '<p class="note">Not available for this run (it has no counterfactual stages).</p>'
         )
     target = c.class_names[c.frame_target]
+    if c.grades is not None:
+        return head + _ordinal_change(c)
     figs = []
     for i, (frame, p, flip) in enumerate(zip(gray_rgb(c.frames), c.probs, c.flips(), strict=True)):
         cap = f"step {i + 1}: {_percent(p)} {target}"
@@ -389,6 +423,41 @@ def _section_attributes(c: _Content) -> str:
         "the generative model) from less to more, with the model's probability of "
         f"“{esc(target)}” under each picture; the middle picture is the redrawing itself. The "
         "features are those that moved the model most over many images.</p>" + "".join(strips)
+    )
+
+
+def _ordinal_change(c: _Content) -> str:
+    """The ordinal walk: the image redrawn from the lowest grade to the highest, with the
+    model's expected grade and its most probable grade under every step, and their plot."""
+    from cfexplain.explain.gallery import gif_bytes, grade_plot_png, gray_rgb
+    from cfexplain.utils.images import upscale
+
+    assert c.grades is not None
+    figs = []
+    for i, (frame, (g, a)) in enumerate(zip(gray_rgb(c.frames), c.grades, strict=True)):
+        cap = f"step {i + 1}: grade {g:.1f} (most likely {c.class_names[a]})"
+        figs.append(_img(_uri(np.asarray(upscale(frame, 96))), cap, "", 96))
+    plot = grade_plot_png(
+        list(range(1, len(c.grades) + 1)),
+        [g for g, _ in c.grades],
+        [a for _, a in c.grades],
+        len(c.class_names),
+        xlabel="step",
+    )
+    plot_uri = "data:image/png;base64," + base64.b64encode(plot).decode("ascii")
+    gif = "data:image/gif;base64," + base64.b64encode(gif_bytes(c.frames, 160)).decode("ascii")
+    return (
+        '<p class="note">A generative model redrew this image and then moved its redrawing '
+        f"step by step from the lowest grade ({esc(c.class_names[0])}) towards the highest "
+        f"({esc(c.class_names[-1])}), and the model was asked again at every step. Under each "
+        "picture: the grade the model expects (its probabilities weighted by grade) and the grade "
+        "it finds most likely. What changes from step to step is what the model reads as "
+        "disease progressing.</p>"
+        f'<div class="figs strip">{"".join(figs)}</div>'
+        '<div class="figs" style="margin-top:1rem"><figure>'
+        f'<img src="{plot_uri}" width="208" alt="Grade at every step">'
+        "<figcaption>Grade at every step</figcaption></figure>"
+        f"{_img(gif, 'The steps as an animation', size=160)}</div>"
     )
 
 
@@ -550,9 +619,16 @@ def _pdf_change(fig: Any, c: _Content) -> None:
     target = c.class_names[c.frame_target]
     for i, (frame, p, flip) in enumerate(zip(gray_rgb(c.frames), c.probs, c.flips(), strict=True)):
         title = f"{_percent(p)}" + (" *" if flip else "")
+        if c.grades is not None:
+            title = f"{c.grades[i][0]:.1f} ({c.class_names[c.grades[i][1]]})"
         _show(fig, (0.06 + i * w, 0.5, w * 0.95, w * 0.95 * 8.27 / 11.69), frame, title)
     legend = (
         f"Under each step: the probability of {target}; * marks an answer that differs from "
         "the model's answer for the redrawn starting picture."
     )
+    if c.grades is not None:
+        legend = (
+            "Under each step: the grade the model expects (probabilities weighted by grade) and, "
+            "in brackets, the grade it finds most likely."
+        )
     _text(fig, 0.06, 0.48, legend, 8)

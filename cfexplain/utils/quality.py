@@ -178,3 +178,42 @@ def factor_coverage(
         w1 = wasserstein_distance(r, f)
         out[f"w1/{name}"] = float(w1 / std) if std > 0 else float("inf") if w1 > 0 else 0.0
     return out
+
+
+def class_conditional_fd(
+    real: torch.Tensor,
+    real_labels: torch.Tensor,
+    fake: torch.Tensor,
+    fake_labels: torch.Tensor,
+    min_count: int = 2,
+) -> dict[str, object]:
+    """Fréchet distance of fakes against the real images of *their* class (features ``[N, F]``
+    and ``[M, F]``, integer labels ``[N]`` and ``[M]``; a fake's label is e.g. the class the
+    classifier gives it).
+
+    Per class with at least ``min_count`` images on both sides: the distance of that class's
+    fakes to that class's reals; ``fd``: their mean weighted by the number of fakes, so a frame
+    is judged against the images it claims to be like. Returns ``fd`` (NaN when no class
+    qualifies), ``per_class`` ``{label: fd}``, ``counts`` ``{label: fakes}`` and
+    ``skipped_fakes``: fakes of classes left out (too few images on either side).
+    """
+    if min_count < 2:
+        raise ValueError(f"class_conditional_fd: min_count must be >= 2, got {min_count}")
+    assert real.ndim == 2 and fake.ndim == 2 and real.shape[1] == fake.shape[1], (
+        f"features must be [N, F] and [M, F], got {tuple(real.shape)} and {tuple(fake.shape)}"
+    )
+    assert real_labels.shape == real.shape[:1] and fake_labels.shape == fake.shape[:1], (
+        "one label per feature row"
+    )
+    per_class: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    skipped = 0
+    for c in sorted({int(v) for v in fake_labels.tolist()}):
+        f, r = fake[fake_labels == c], real[real_labels == c]
+        if len(f) < min_count or len(r) < min_count:
+            skipped += len(f)
+            continue
+        per_class[c], counts[c] = frechet_distance(r, f), len(f)
+    total = sum(counts.values())
+    fd = sum(per_class[c] * counts[c] for c in per_class) / total if total else float("nan")
+    return {"fd": fd, "per_class": per_class, "counts": counts, "skipped_fakes": skipped}

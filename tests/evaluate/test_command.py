@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ TINY = [
     "oracle.steps=20",
     "oracle.batch_size=32",
     "counterfactual.num_frames=5",
+    "realism.min_count=2",
+    "cout_steps=8",
 ]
 
 
@@ -64,6 +67,16 @@ def test_table_has_every_method_and_metric(evaluated):
     cf = summary["counterfactual"]
     assert 0.0 <= cf["flip_rate"] <= 1.0 and cf["mnac"] >= 0.0
     assert set(cf["mean_change"]) == set(summary["oracle"]["factors"])
+    assert -1.0 <= cf["cout"] <= 1.0
+    # The fixed yardstick: each set against the real images of its class (8 images, 2 classes).
+    for key in ("flip_frames", "reconstructions"):
+        assert cf[f"realism_fixed_fd_{key}"] >= 0.0, key
+    # Halves of 8 images leave a class with fewer than 2 on a side: NaN, never a made-up number.
+    halves = cf["realism_fixed_fd_real_halves"]
+    assert math.isnan(halves) or halves >= 0.0
+    assert cf["realism_fixed_fd_ratio"] == pytest.approx(
+        cf["realism_fixed_fd_flip_frames"] / cf["realism_fixed_fd_reconstructions"]
+    )
     reliance = summary["marker_reliance"]
     assert 0.0 <= reliance["accuracy_marker_removed"] <= 1.0
     assert len(list(csv.reader((out / "per_image.csv").open()))) == 1 + 8

@@ -243,3 +243,25 @@ def test_attribute_strips_read_back_in_chromium(browser, tmp_path):
         assert not errors, errors
     finally:
         page.close()
+
+
+def test_ordinal_rows_show_grades_and_their_plot_in_chromium(browser, tmp_path):
+    from tests.explain.test_gallery import make_ordinal_row
+
+    w = GalleryWriter(tmp_path / "g", target="KL4", size=32)
+    w.add_batch([make_ordinal_row("a.png"), make_ordinal_row("b.png")], {"run": "kl"})
+    index = w.close({"run": "kl"}, {})
+    page, errors = open_page(browser, index)
+    try:
+        # input, reconstruction, 5 frames, difference, 2 maps, p plot, grade plot, gif
+        assert assert_images_decoded(page) == 2 * 13
+        caps = page.evaluate(
+            "Array.from(document.querySelectorAll('section.row')[0]"
+            ".querySelectorAll('figure.frame figcaption')).map(c => c.textContent)"
+        )
+        assert caps[0] == "λ=-2.0 E=0.30 KL0" and caps[-1] == "λ=+2.0 E=3.70 KL4"
+        plot = page.locator('section.row img[alt="grade vs λ"]').first
+        assert plot.evaluate("i => i.naturalWidth") > 100
+        assert not errors, errors
+    finally:
+        page.close()

@@ -71,3 +71,81 @@ def test_proximity_measures_the_flipping_frame_and_skips_the_rest():
     assert M.summary(cf)["proximity_l1"] == pytest.approx(0.5)
     no_flip = _cf([[0.1, 0.2, 0.3]], [0.3])
     assert math.isnan(M.summary(no_flip)["proximity_l1"])
+
+
+class _RegionShare(torch.nn.Module):
+    """Two classes; p(class 1) is the share of a region's pixels that are 1 (0 elsewhere):
+    ``logits = [log(1 - m), log(m)]`` with m the region's mean."""
+
+    def __init__(self, region: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("region", region.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = (x[:, 0] * self.region).sum((1, 2)) / self.region.sum()
+        m = m.clamp(1e-7, 1 - 1e-7)
+        return torch.stack([(1 - m).log(), m.log()], dim=1)
+
+
+@pytest.mark.parametrize("steps", [8, 16])
+def test_cout_of_a_region_read_first_or_last_matches_the_closed_form(steps):
+    # A region of a = 1/4 of the pixels decides; the counterfactual sets every pixel to 1. With the
+    # region first in the order, p(1) climbs linearly to 1 over the first quarter of the path:
+    # area 1 - a/2 under p(1), a/2 under p(0): COUT = 1 - a. With the region last: a - 1.
+    h = w = 8
+    region = torch.zeros(h, w, dtype=torch.bool)
+    region[:4, :4] = True
+    model = _RegionShare(region)
+    query, cf = torch.zeros(2, 1, h, w), torch.ones(2, 1, h, w)
+    first = region.float()[None, None] + torch.rand(1, 1, h, w) * 0.5  # region ranks first
+    attribution = torch.cat([first, -first])  # image 2: the region ranks last
+    source, target = torch.zeros(2, dtype=torch.long), torch.ones(2, dtype=torch.long)
+    got = M.cout(model, query, cf, attribution, source, target, steps=steps)
+    assert got.tolist() == pytest.approx([0.75, -0.75], abs=1e-5)
+    # Swapping the roles of the classes flips the sign; a counterfactual equal to the query: 0.
+    assert M.cout(model, query, cf, attribution, target, source, steps=steps).tolist() == (
+        pytest.approx([-0.75, 0.75], abs=1e-5)
+    )
+    same = M.cout(model, query, query, attribution, source, target, steps=steps)
+    assert same.tolist() == pytest.approx([-1.0, -1.0], abs=1e-5)  # p(0) stays 1 all along
+
+
+def test_counterfactual_cout_reads_the_flip_frame_against_the_reconstruction():
+    h = w = 8
+    region = torch.zeros(h, w, dtype=torch.bool)
+    region[:, :2] = True  # a quarter of the pixels
+    model = _RegionShare(region)
+    # Frame 1 flips: its region is all 1 (the rest changes too, less): the |difference| order
+    # puts the region first, so COUT = 1 - 1/4.
+    frames = torch.zeros(1, 3, 1, h, w)
+    frames[0, 1] = 0.5
+    frames[0, 1, 0][region] = 1.0
+    frames[0, 2] = 1.0
+    cf = _cf([[0.0, 1.0, 1.0]], [0.0], images=frames, recon=torch.zeros(1, 1, h, w))
+    assert M.counterfactual_cout(model, cf, steps=16).tolist() == pytest.approx([0.75], abs=1e-5)
+
+
+def test_expected_grade_and_ordinal_metrics():
+    from cfexplain.explain.counterfactual import expected_grade
+
+    p = torch.tensor([[1.0, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    assert expected_grade(p).tolist() == pytest.approx([0.0, 2.5, 2.0])
+    # Two walks of 4 frames over 3 grades: one rising (with a level wobble within tolerance),
+    # one that falls in the middle.
+    class_probs = torch.tensor(
+        [
+            [[0.9, 0.1, 0.0], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6], [0.1, 0.305, 0.595]],
+            [[0.8, 0.2, 0.0], [0.0, 0.2, 0.8], [0.6, 0.4, 0.0], [0.0, 0.0, 1.0]],
+        ]
+    )
+    cf = _cf([[0.1] * 4, [0.1] * 4], [0.1, 0.1])
+    cf.class_probs = class_probs
+    assert cf.ordinal
+    g = cf.grades()
+    assert g[0].tolist() == pytest.approx([0.1, 1.0, 1.5, 1.495])
+    m = M.ordinal_metrics(cf)
+    assert m["grade_rises"].tolist() == [1.0, 0.0]
+    assert m["argmax_first"].tolist() == [0.0, 0.0] and m["argmax_last"].tolist() == [2.0, 2.0]
+    assert m["grade_first"].tolist() == pytest.approx([0.1, 0.2])
+    assert m["grade_monotonicity"][0].item() == pytest.approx(0.8)  # ranks 1,2,4,3
+    assert M.grade_rises(torch.tensor([[0.0, 1.0, 0.98]]), tolerance=0.01).tolist() == [False]

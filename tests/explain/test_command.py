@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +49,17 @@ def _stage(run: Path, name: str, models: dict, info: dict | None = None) -> None
     Artifact(name, folder, fingerprint=name, files=files, info=info or {}).write()
 
 
-@pytest.fixture(scope="module")
-def full_run(classifier_run, tmp_path_factory) -> Path:
-    """The classifier run plus untrained generator, encoder, direction and normative stages in
-    the formats the training stages write: every explain path runs on real (random) networks."""
+def add_generative_stages(run: Path, directions: Callable[[], dict[str, torch.Tensor]]) -> Path:
+    """Untrained generator, encoder and normative stages and a direction stage holding
+    ``directions()`` (the tensors of ``directions.safetensors``, drawn after the networks) in
+    ``run``, in the formats the training stages write: every explain path runs on real
+    (random) networks."""
     from safetensors.torch import save_file
 
     from cfexplain.nn.encoder import Encoder
     from cfexplain.nn.normative import ConvAAE, ConvVAE
     from cfexplain.nn.stylegan2 import Generator
 
-    run = tmp_path_factory.mktemp("full") / "knee"
-    shutil.copytree(classifier_run / "classifier", run / "classifier")
     torch.manual_seed(0)
     g_kw = dict(
         z_dim=16, w_dim=16, img_resolution=32, img_channels=1, channel_base=128, channel_max=16
@@ -89,14 +89,21 @@ def full_run(classifier_run, tmp_path_factory) -> Path:
         {"models": ["vae", "aae"]},
     )
     (run / "direction").mkdir()
-    save_file(
-        {"direction": torch.randn(16), "lambda_range": torch.tensor([3.0])},
-        str(run / "direction" / "directions.safetensors"),
-    )
+    save_file(directions(), str(run / "direction" / "directions.safetensors"))
     Artifact(
         "direction", run / "direction", "direction", files={"directions": "directions.safetensors"}
     ).write()
     return run
+
+
+@pytest.fixture(scope="module")
+def full_run(classifier_run, tmp_path_factory) -> Path:
+    """The classifier run plus untrained generator, encoder, direction and normative stages."""
+    run = tmp_path_factory.mktemp("full") / "knee"
+    shutil.copytree(classifier_run / "classifier", run / "classifier")
+    return add_generative_stages(
+        run, lambda: {"direction": torch.randn(16), "lambda_range": torch.tensor([3.0])}
+    )
 
 
 def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_path):

@@ -163,3 +163,117 @@ def test_parse_lambdas_reads_a_grid_name_or_numbers():
     for bad in ("sym", ["a"], [], 3):
         with pytest.raises(ValueError, match="lambdas"):
             parse_lambdas(bad)
+
+
+class _OrdinalClassifier(torch.nn.Module):
+    """Five ordered grades whose expected grade rises along the planted unit direction u:
+    ``logit_k = -(s - k)²`` with ``s = 2 + 3 u·w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inverse = LinearEncoder()
+        self.register_buffer("u", planted_directions(2)[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 2 + 3 * self.inverse(x)[:, 0] @ self.u
+        return -(s[:, None] - torch.arange(5.0)).square()
+
+
+def test_ordinal_walk_runs_from_the_lowest_grade_to_the_highest():
+    u = planted_directions(2)[0]
+    G = LinearGenerator()
+    engine = CounterfactualEngine(
+        G,
+        LinearEncoder(),
+        _OrdinalClassifier(),
+        torch.randn(5, u.shape[0]),  # per-class directions: not used by the ordinal walk
+        ordinal=u * 2.0,  # normalised by the engine
+        lambda_range=torch.tensor([1.0, 1.0, 1.5, 1.0, 1.0]),
+        num_frames=7,
+        bisect_steps=20,
+        device="cpu",
+    )
+    x = _planted_images(4)
+    cf = engine(x, target=4, lambdas="auto", walk="auto")  # auto: the engine has an ordinal α
+    assert cf.ordinal and cf.class_probs.shape == (4, 7, 5) and cf.recon_class_probs.shape == (4, 5)
+    g = cf.grades()
+    assert torch.allclose(g[:, 0], torch.full((4,), 0.3), atol=1e-3)
+    assert torch.allclose(g[:, -1], torch.full((4,), 3.7), atol=1e-3)
+    assert (g.diff(dim=1) > 0).all()  # the planted grade rises along u
+    # evenly spaced in λ between the two ends
+    assert torch.allclose(cf.lambdas.diff(dim=1), cf.lambdas.diff(dim=1)[:, :1].expand(-1, 6))
+    assert (
+        cf.argmax_grades()[:, 0].tolist() == [0] * 4
+        and cf.argmax_grades()[:, -1].tolist() == [4] * 4
+    )
+    assert torch.allclose(cf.probs, cf.class_probs[..., 4])
+    sym = engine(x, target=4, lambdas="symmetric", walk="ordinal")
+    assert torch.allclose(sym.lambdas[0], torch.linspace(-1.5, 1.5, 7), atol=1e-6)  # L: the longest
+    assert torch.allclose(sym.class_probs[:, 3], sym.recon_class_probs, atol=1e-5)
+    plain = engine(x, target=4, lambdas="symmetric", walk="target")
+    assert not plain.ordinal
+    with pytest.raises(ValueError, match="walk must be"):
+        engine(x, walk="sideways")
+    with pytest.raises(ValueError, match="ordinal direction"):
+        _planted_engine()(x, walk="ordinal")
+
+
+def test_reprojection_leaves_exact_inverses_unchanged():
+    # With E the exact inverse of G, G(E(G(w'))) = G(w'): re-projection must change nothing.
+    x = _planted_images(3)
+    a = _planted_engine(lambda_range=2.0)(x, lambdas="symmetric")
+    b = _planted_engine(lambda_range=2.0, reproject=True)(x, lambdas="symmetric")
+    assert torch.allclose(a.images, b.images, atol=1e-4) and torch.allclose(
+        a.probs, b.probs, atol=1e-4
+    )
+    assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-5)
+
+
+def test_lambda_bound_holds_frames_inside_the_latent_density():
+    x = _planted_images(5)
+    free = _planted_engine(lambda_range=20.0)(x, lambdas="symmetric")
+    engine = _planted_engine(lambda_range=20.0, lambda_bound=1.0)
+    bound = engine(x, lambdas="symmetric")
+    alpha = engine.alpha(1)
+    ref = engine.density @ alpha
+    lo, hi = ref.mean() - ref.std(), ref.mean() + ref.std()
+    proj = bound.w[:, 0] @ alpha  # [N]
+    reached = proj[:, None] + bound.lambdas  # projection of every frame's w on α
+    inside = (proj >= lo) & (proj <= hi)
+    assert inside.any()
+    assert (reached[inside] >= lo - 1e-4).all() and (reached[inside] <= hi + 1e-4).all()
+    # Frames within the band are untouched; the grid's ends (|λ| = 20) are held at the bound.
+    kept = (free.lambdas + proj[:, None] >= lo) & (free.lambdas + proj[:, None] <= hi)
+    assert torch.equal(bound.lambdas[kept], free.lambdas[kept])
+    assert (bound.lambdas[:, -1] < 20).all() and (bound.lambdas[:, 0] > -20).all()
+    assert (bound.lambdas[:, 4] == 0).all()  # the reconstruction is always inside
+    with pytest.raises(ValueError, match="lambda_bound"):
+        _planted_engine(lambda_bound=0.0)
+
+
+def test_layers_move_only_the_chosen_ws():
+    G = LinearGenerator()
+    seen = []
+    synth = G.synthesis
+
+    def spy(ws, noise_mode="const"):
+        seen.append(ws.clone())
+        return synth(ws, noise_mode)
+
+    G.synthesis = spy
+    engine = CounterfactualEngine(
+        G,
+        LinearEncoder(),
+        PlantedClassifier(),
+        planted_directions(2)[0],
+        layers=[1, 3],
+        device="cpu",
+    )
+    engine(_planted_images(2), lambdas=[-1.0, 1.0])
+    ws = seen[0].view(2, 3, 3, -1)  # [N, K (0, -1, +1), num_ws, w_dim]
+    assert torch.equal(ws[:, 1, 0], ws[:, 0, 0]) and torch.equal(ws[:, 2, 0], ws[:, 0, 0])
+    assert torch.allclose(ws[:, 2, 1:] - ws[:, 0, 1:], engine.alpha(1).expand(2, 2, -1), atol=1e-6)
+    with pytest.raises(ValueError, match="layers"):
+        CounterfactualEngine(
+            G, LinearEncoder(), PlantedClassifier(), planted_directions(2)[0], layers=[2, 9]
+        )

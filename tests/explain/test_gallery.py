@@ -165,3 +165,51 @@ def test_attribute_strips_in_files_page_csv_and_table(tmp_path):
     assert {"attribute_0", "attribute_0_name", "attribute_0_probs"} <= set(columns)
     assert table[0][columns.index("attribute_2")] == folder / "attribute_2.png"
     assert table[1][columns.index("attribute_0")] is None
+
+
+def make_ordinal_row(name: str = "kl.png", k: int = 5) -> Row:
+    row = make_row(name, k=k)
+    row.frame_grades = [0.3, 1.1, 2.0, 2.9, 3.7][:k]
+    row.frame_argmax = [0, 1, 2, 3, 4][:k]
+    row.grade_names = ["KL0", "KL1", "KL2", "KL3", "KL4"]
+    row.recon_grade = 1.4
+    row.metrics = {"grade_rises": 1.0, "grade_monotonicity": 1.0}
+    return row
+
+
+def test_ordinal_row_shows_grades_plot_and_table_columns(tmp_path):
+    w = GalleryWriter(tmp_path / "g", target="KL4", size=16)
+    w.add_batch([make_ordinal_row(), make_row("binary.png")], {"run": "r"})
+    w.close({"run": "r"}, {})
+    page = (tmp_path / "g" / "index.html").read_text()
+    first = page[page.index('data-name="kl.png"') : page.index('data-name="binary.png"')]
+    caps = [c for c in first.split("<figcaption>")[1:] if c.startswith("λ=")]
+    assert [c.split("</figcaption>")[0] for c in caps] == [
+        "λ=-2.0 E=0.30 KL0",
+        "λ=-1.0 E=1.10 KL1",
+        "λ=+0.0 E=2.00 KL2",
+        "λ=+1.0 E=2.90 KL3",
+        "λ=+2.0 E=3.70 KL4",
+    ]
+    assert (
+        "grade vs λ" in first and "grade vs λ" not in page[page.index('data-name="binary.png"') :]
+    )
+    plot = Image.open(tmp_path / "g" / "images" / "00000" / "grade_plot.png")
+    assert plot.format == "PNG" and plot.size[0] > 100
+    assert not (tmp_path / "g" / "images" / "00001" / "grade_plot.png").exists()
+    # The strip says the same under every frame (ASCII).
+    strip = strip_image(make_ordinal_row(), size=32)
+    assert strip.size[0] == 10 * (32 + 2)
+    # W&B table read back: grades and argmax as JSON lists, the plot as an image path.
+    columns, table = w.table()
+    assert {"frame_grades", "frame_argmax", "grade_plot", "grade_rises"} <= set(columns)
+    kl = dict(zip(columns, table[0]))
+    assert json.loads(kl["frame_grades"]) == [0.3, 1.1, 2.0, 2.9, 3.7]
+    assert json.loads(kl["frame_argmax"]) == [0, 1, 2, 3, 4]
+    assert kl["grade_plot"] == tmp_path / "g" / "images/00000/grade_plot.png"
+    assert kl["grade_plot"].is_file()
+    binary = dict(zip(columns, table[1]))
+    assert binary["frame_grades"] is None and binary["grade_plot"] is None
+    with open(tmp_path / "g" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["grade_rises"] == "1.0"

@@ -132,3 +132,38 @@ def test_pdf_auto_uses_what_is_installed(tmp_path, parts):
     path, _ = _write(tmp_path, parts, pdf="auto")
     assert path.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
     assert sorted(p.name for p in path.parent.iterdir()) == ["report.html", "report.pdf"]
+
+
+def test_ordinal_walk_shows_expected_and_most_likely_grade_per_step(tmp_path, parts):
+    names = ["KL0", "KL1", "KL2", "KL3", "KL4"]
+    grades, argmax = [0.31, 1.2, 2.05, 2.9, 3.7], [0, 1, 2, 3, 4]
+    _, page = _write(
+        tmp_path,
+        parts,
+        class_names=names,
+        prediction=2,
+        counterfactual_frames=parts["frames"],
+        frame_probs=parts["probs"],
+        frame_grades=grades,
+        frame_argmax=argmax,
+        pdf="matplotlib",
+    )
+    caps = re.findall(r"<figcaption>(step \d[^<]*)</figcaption>", page)
+    assert caps == [
+        f"step {i + 1}: grade {g:.1f} (most likely KL{a})"
+        for i, (g, a) in enumerate(zip(grades, argmax))
+    ]
+    assert "Grade at every step" in page and "from the lowest grade (KL0)" in page
+    assert '<figure class="flip">' not in page  # an ordinal walk marks no flips
+    assert (tmp_path / "r" / "report.pdf").stat().st_size > 1000
+    walk = dict(
+        class_names=names,
+        prediction=2,
+        counterfactual_frames=parts["frames"],
+        frame_probs=parts["probs"],
+        frame_grades=grades,
+    )
+    with pytest.raises(ValueError, match="frame_grades and frame_argmax"):
+        _write(tmp_path, parts, **walk)
+    with pytest.raises(ValueError, match="frame_argmax"):
+        _write(tmp_path, parts, **walk, frame_argmax=[0, 1, 2, 3, 7])

@@ -72,3 +72,33 @@ def test_fixed_features_are_the_shipped_network_and_do_not_move():
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
     near, far = (f1 - net(x + 0.05)).norm(dim=1), (f1 - net(noise)).norm(dim=1)
     assert (near < far).all() and not math.isclose(float(far.min()), 0.0)
+
+
+def test_class_conditional_fd_judges_each_fake_against_its_own_class():
+    from cfexplain.utils.quality import class_conditional_fd
+
+    # Two real classes far apart; fakes of class 0 shifted by (1, 0, ...) from class 0's reals
+    # (the same draws: FD = 1), fakes of class 1 by (0, 3, 0, ...) (FD = 9). Weighted by the
+    # fakes' counts (300 and 100): (300 * 1 + 100 * 9) / 400 = 3.
+    r0, r1 = _gauss(300, 4, seed=10), _gauss(100, 4, seed=11, shift=20.0)
+    real = torch.cat([r0, r1])
+    labels = torch.cat([torch.zeros(300), torch.ones(100)]).long()
+    s0, s1 = torch.zeros(4, dtype=torch.double), torch.zeros(4, dtype=torch.double)
+    s0[0], s1[1] = 1.0, 3.0
+    fake = torch.cat([r0 + s0, r1 + s1])
+    out = class_conditional_fd(real, labels, fake, labels)
+    assert out["per_class"] == {0: pytest.approx(1.0, abs=1e-6), 1: pytest.approx(9.0, abs=1e-6)}
+    assert out["counts"] == {0: 300, 1: 100} and out["skipped_fakes"] == 0
+    assert out["fd"] == pytest.approx(3.0, abs=1e-6)
+    # Real images of their own class: identical sets give 0, however far the classes are apart;
+    # pooled, the same fakes are at a large distance from the mixture.
+    assert class_conditional_fd(real, labels, real, labels)["fd"] == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(real, r0) > 50
+    # Fakes labelled with the other class are judged against it: a distance of ~20² per class.
+    assert class_conditional_fd(real, labels, fake, 1 - labels)["fd"] > 300
+    # A class with too few images on a side is left out and counted.
+    few = class_conditional_fd(real, labels, fake[:302], labels[:302], min_count=5)
+    assert few["counts"] == {0: 300} and few["skipped_fakes"] == 2
+    assert few["fd"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="min_count"):
+        class_conditional_fd(real, labels, fake, labels, min_count=1)
