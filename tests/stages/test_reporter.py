@@ -46,6 +46,24 @@ def test_missing_reports_and_config_are_named(smoke_cfg, monkeypatch):
         stage._reports(ds)
 
 
+def test_every_file_of_the_stage_is_written_atomically(smoke_cfg, monkeypatch):
+    from cfexplain.utils import artifacts
+
+    real, written = artifacts.atomic_write, set()
+
+    def recording(path, write):
+        written.add(str(path))
+        return real(path, write)
+
+    monkeypatch.setattr(artifacts, "atomic_write", recording)
+    art = run_chain(smoke_cfg(*SMOKE))["reporter"]
+    # log.jsonl is the run's append-only log; everything else went through a temp file.
+    files = {p.name for p in art.dir.iterdir() if p.is_file() and p.name != "log.jsonl"}
+    assert {"reporter.safetensors", "vocab.json", "examples.txt", "artifact.json"} <= files
+    partial = art.dir.parent / ".reporter.partial"
+    assert {str(partial / name) for name in files} <= written
+
+
 @pytest.mark.slow
 def test_kill_then_resume_gives_the_same_weights(tmp_path):
     ref, art = killed_and_resumed(tmp_path, "reporter", 16)
