@@ -21,7 +21,9 @@ from cfexplain.explain.attribution import (
 from cfexplain.nn.classifier import ResNetClassifier
 
 # Methods that take only the classifier (normative/counterfactual need later stages).
-CLASSIFIER_METHODS = [n for n in METHODS if n not in ("normative", "counterfactual", "attributes")]
+# Methods that need more than a classifier (a generator, a normative model, a reporter).
+NEEDS_A_RUN = ("normative", "counterfactual", "attributes", "report")
+CLASSIFIER_METHODS = [n for n in METHODS if n not in NEEDS_A_RUN]
 FAST = {
     "integrated_gradients": {"n_steps": 8},
     "occlusion": {"window": 8, "stride": 8},
@@ -69,6 +71,7 @@ def test_registry_names_and_unknown_method():
         "normative",
         "attention",
         "dominant_class",
+        "report",
         "attributes",
     ]
     with pytest.raises(ValueError, match="unknown attribution method 'gradcum'"):
