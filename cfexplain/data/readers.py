@@ -132,7 +132,15 @@ def open_dataset(
         return _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
     if kind == "csv":
         items, names, described, texts = _manifest_items(root, split, classes, reports)
-        ds = _EagerDataset(items, names, described, on_bad_file=on_bad_file, reports=texts, **fit)
+        ds = _EagerDataset(
+            items,
+            names,
+            described,
+            on_bad_file=on_bad_file,
+            resolution=resolution,
+            channels=channels,
+            reports=texts,
+        )
         if attributes:
             manifest = root if root.is_file() else root / "manifest.csv"
             table = read_attributes(Path(attributes_file or manifest).expanduser(), attributes)
