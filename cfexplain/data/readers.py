@@ -124,7 +124,7 @@ def open_dataset(
     kind = _detect_format(root) if format == "auto" else format
     if reports and kind != "csv":
         raise DataError(f"data.reports={reports!r}: only a CSV manifest has a reports column")
-    fit = dict(resolution=resolution, channels=channels)
+    fit: dict[str, Any] = dict(resolution=resolution, channels=channels)
     if attributes and kind != "csv":
         raise DataError(f"data.attributes: only CSV manifests carry attributes, {root} is {kind}")
     if kind in ("folder", "dicom"):
@@ -132,15 +132,7 @@ def open_dataset(
         return _EagerDataset(items, names, described, on_bad_file=on_bad_file, **fit)
     if kind == "csv":
         items, names, described, texts = _manifest_items(root, split, classes, reports)
-        ds = _EagerDataset(
-            items,
-            names,
-            described,
-            on_bad_file=on_bad_file,
-            resolution=resolution,
-            channels=channels,
-            reports=texts,
-        )
+        ds = _EagerDataset(items, names, described, on_bad_file=on_bad_file, reports=texts, **fit)
         if attributes:
             manifest = root if root.is_file() else root / "manifest.csv"
             table = read_attributes(Path(attributes_file or manifest).expanduser(), attributes)
