@@ -224,8 +224,13 @@ def generate(
 
 
 def best_index(snapshots: list[dict[str, Any]], metric: str) -> int | None:
-    """The snapshot with the lowest ``metric`` (the first of ties); None if none has it."""
-    scored = [(m[metric], i) for i, m in enumerate(snapshots) if m.get(metric) is not None]
+    """The snapshot with the lowest ``metric`` (the first of ties) among those not marked
+    collapsed; None if none qualifies."""
+    scored = [
+        (m[metric], i)
+        for i, m in enumerate(snapshots)
+        if m.get(metric) is not None and not m.get("collapsed", False)
+    ]
     return min(scored)[1] if scored else None
 
 
@@ -237,14 +242,16 @@ class CollapseRule:
     """When the snapshots say training has collapsed, and what recovering costs.
 
     A snapshot is collapsed when the classifier's class shares of generated images are more
-    than ``class_gap`` off the real ones, or the kept metric is more than ``fd_ratio`` times its
-    best so far. ``patience`` collapsed snapshots in a row trigger a rollback to the best state
+    than ``class_gap`` off the real ones, the kept metric is more than ``fd_ratio`` times its
+    best so far, or recall (the share of real images the generated ones cover) is below
+    ``recall_ratio`` times the best snapshot's. ``patience`` collapsed snapshots in a row trigger a rollback to the best state
     with the learning rates times ``lr_factor``, at most ``max_rollbacks`` times.
     """
 
     enabled: bool = True
     class_gap: float = 0.30
     fd_ratio: float = 2.0
+    recall_ratio: float = 0.5
     patience: int = 2
     lr_factor: float = 0.5
     max_rollbacks: int = 3
@@ -264,4 +271,7 @@ class CollapseRule:
         value, ref = snap.get(metric), (best or {}).get(metric)
         if value is not None and ref is not None and value > self.fd_ratio * ref:
             out.append(f"{metric} {value:.3g} > {self.fd_ratio:g} x its best {ref:.3g}")
+        recall, ref = snap.get("recall"), (best or {}).get("recall")
+        if recall is not None and ref is not None and recall < self.recall_ratio * ref:
+            out.append(f"recall {recall:.2f} < {self.recall_ratio:g} x the best's {ref:.2f}")
         return out

@@ -361,10 +361,13 @@ def _snapshot(
     if quality is not None:
         snaps = s["snapshots"]
         snaps.append(quality.snapshot(t.G_ema, grid_z, s["nimg"], s["step"]))
-        best = best_index(snaps, str(g.keep_metric))
-        new_best = best == len(snaps) - 1
-        roll_back = _collapsed(rule, s, None if best is None else snaps[best], str(g.keep_metric))
-        s["best"] = best
+        # Judged against the best so far; a collapsed snapshot is never the best, whatever its
+        # metric (a collapsed G can score well on one yardstick: FD on fixed features fell
+        # while recall went to 0 on a collapsing KL run).
+        prev = None if s["best"] is None else snaps[s["best"]]
+        roll_back = _collapsed(rule, s, prev, str(g.keep_metric))
+        s["best"] = best_index(snaps, str(g.keep_metric))
+        new_best = s["best"] == len(snaps) - 1
     flags = torch.tensor([new_best, roll_back], dtype=torch.int64)
     if d.enabled:
         dist.broadcast(flags, src=0)
