@@ -172,6 +172,20 @@ def test_collapse_rule_counts_collapsed_snapshots_in_a_row():
     assert stage._collapsed(off, s, best, "fd_fixed_val") is False
 
 
+def test_recall_lost_is_collapse_and_a_collapsed_snapshot_is_never_the_best():
+    from cfexplain.stages._snapshots import best_index
+
+    rule = stage.CollapseRule()
+    best = {"kimg": 5.0, "fd_fixed_val": 2.4, "recall": 0.34, "class_share_gap": 0.2}
+    # What a collapsing KL run showed: the fixed FD falls while recall goes to 0.
+    late = {"kimg": 15.0, "fd_fixed_val": 0.34, "recall": 0.0, "class_share_gap": 0.2}
+    assert rule.reasons(late, best, "fd_fixed_val") == ["recall 0.00 < 0.5 x the best's 0.34"]
+    assert rule.reasons({**late, "recall": 0.2}, best, "fd_fixed_val") == []
+    snaps = [dict(best), {**late, "collapsed": True}]
+    assert best_index(snaps, "fd_fixed_val") == 0  # not the lower FD of the collapsed one
+    assert best_index([{**late, "collapsed": True}], "fd_fixed_val") is None
+
+
 def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(smoke_cfg, monkeypatch):
     cfg = smoke_cfg("stages=[classifier,generator]", "generator.kimg=0.4", "checkpoint_every=2")
     calls = {"n": 0}
