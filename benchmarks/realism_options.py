@@ -47,11 +47,16 @@ VARIANTS: dict[str, dict] = {
     "target_bound2": {"walk": "target", "lambda_bound": 2.0},
     "target_coarse": {"walk": "target", "layers": [0, 6]},
     "ordinal_inner": {"grade_ends": [0.5, 3.5]},
+    # the ordinal walk along the highest grade's direction minus the lowest's (not the Ridge fit)
+    "ordinal_contrast": {"ordinal": "contrast"},
 }
 
 
 def measure(run: TrainedRun, data: dict, target: int, kwargs: dict, oracle) -> dict:
     """One variant's numbers on the images of ``data`` (see the module docstring)."""
+    if kwargs.get("ordinal") == "contrast":
+        per_class = run.directions["directions"]
+        kwargs = {**kwargs, "ordinal": per_class[-1] - per_class[0]}
     method = get_method("counterfactual").from_run(run, lambdas="auto", **kwargs)
     cfg = OmegaConf.create({"mnac_threshold": 0.5, "cout_steps": 50})
     parts: dict[str, list] = {}
