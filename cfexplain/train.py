@@ -113,6 +113,7 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
         Number("collapse.class_gap", **_SHARE),
         Number("collapse.fd_ratio", low=1.0, above=True),
         Number("collapse.recall_ratio", **_SHARE),
+        Number("collapse.start_kimg", low=0.0),
         Number("collapse.patience", **_POSITIVE_INT),
         Number("collapse.lr_factor", low=0.0, above=True, high=1.0),
         Number("collapse.max_rollbacks", int, 0),

@@ -381,9 +381,9 @@ def _collapsed(
     rule: CollapseRule, s: dict[str, Any], best: dict[str, Any] | None, metric: str
 ) -> bool:
     """Count the newest snapshot into the collapse streak; whether to roll back now."""
-    if not rule.enabled:
-        return False
     snap = s["snapshots"][-1]
+    if not rule.enabled or snap["kimg"] < float(rule.start_kimg):
+        return False
     reasons = rule.reasons(snap, best, metric)
     s["collapse_streak"] = s["collapse_streak"] + 1 if reasons else 0
     snap["collapsed"] = bool(reasons)

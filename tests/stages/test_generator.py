@@ -129,6 +129,7 @@ def test_collapse_guard_rolls_back_a_planted_divergence(smoke_cfg, monkeypatch):
         "stages=[classifier,generator]",
         "generator.kimg=0.64",
         "generator.snapshot_kimg=0.064",  # a snapshot every 8 steps
+        "generator.collapse.start_kimg=0",
         "generator.collapse.patience=1",
         "generator.collapse.max_rollbacks=2",
     )
@@ -170,6 +171,12 @@ def test_collapse_rule_counts_collapsed_snapshots_in_a_row():
     assert len(s["collapse_events"][-1]["reasons"]) == 2
     off = stage.CollapseRule(enabled=False)
     assert stage._collapsed(off, s, best, "fd_fixed_val") is False
+    # Before start_kimg a snapshot is not judged: neither counted nor flagged.
+    late = stage.CollapseRule(start_kimg=100.0, patience=1)
+    s["snapshots"].append({"kimg": 50.0, "fd_fixed_val": 9.0, "class_share_gap": 0.9})
+    events = len(s["collapse_events"])
+    assert stage._collapsed(late, s, best, "fd_fixed_val") is False
+    assert "collapsed" not in s["snapshots"][-1] and len(s["collapse_events"]) == events
 
 
 def test_recall_lost_is_collapse_and_a_collapsed_snapshot_is_never_the_best():
