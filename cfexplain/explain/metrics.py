@@ -127,7 +127,7 @@ def ordinal_metrics(cf: Counterfactuals) -> dict[str, Tensor]:
 
 def _trapezoid(curve: Tensor) -> Tensor:
     """Area under ``[N, S + 1]`` values sampled at S equal steps over [0, 1]."""
-    return (curve[:, 1:] + curve[:, :-1]).sum(1) / (2 * (curve.shape[1] - 1))
+    return torch.trapezoid(curve, dx=1.0 / (curve.shape[1] - 1), dim=1)
 
 
 @torch.no_grad()
