@@ -49,6 +49,10 @@ class ReporterNet(nn.Module):
         attention: size of the attention's keys and queries (scaled dot-product scores).
         max_len: longest report decoded (tokens, ``<eos>`` included).
         dropout: dropout before the word logits.
+        start_grid: the LSTM's first state from the image (Show, Attend and Tell starts it
+            from the mean feature): here from the grid pooled to ``start_grid`` x
+            ``start_grid``, which keeps the layout (which side the fibula is on decides
+            which compartment is medial); 0: a learned constant start.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class ReporterNet(nn.Module):
         attention: int = 32,
         max_len: int = 64,
         dropout: float = 0.1,
+        start_grid: int = 0,
     ) -> None:
         super().__init__()
         if list(vocab[: len(SPECIALS)]) != list(SPECIALS):
@@ -99,6 +104,9 @@ class ReporterNet(nn.Module):
         self.cell = nn.LSTMCell(embed + self.feature_dim, hidden)
         self.h0 = nn.Parameter(torch.zeros(hidden))
         self.c0 = nn.Parameter(torch.zeros(hidden))
+        self.start_grid = start_grid
+        if start_grid:
+            self.start = nn.Linear(self.feature_dim * start_grid**2, 2 * hidden)
         self.out_hidden = nn.Linear(hidden, embed)
         self.out_context = nn.Linear(self.feature_dim, embed)
         self.drop = nn.Dropout(dropout)
@@ -125,8 +133,16 @@ class ReporterNet(nn.Module):
             h, w = (h - 1) // s + 1, (w - 1) // s + 1
         return h, w
 
-    def _start(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.h0.expand(n, -1).contiguous(), self.c0.expand(n, -1).contiguous()
+    def _start(self, feats: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The first ``(h, c)`` of the images whose grid ``feats [N, h * w, D]`` is."""
+        n = feats.shape[0]
+        h, c = self.h0.expand(n, -1), self.c0.expand(n, -1)
+        if self.start_grid:
+            g = feats.transpose(1, 2).unflatten(-1, grid)
+            pooled = F.adaptive_avg_pool2d(g, self.start_grid).flatten(1)
+            dh, dc = torch.tanh(self.start(pooled)).chunk(2, -1)
+            h, c = h + dh, c + dc
+        return h.contiguous(), c.contiguous()
 
     def _step(
         self, feats: Tensor, keys: Tensor, word: Tensor, state: tuple[Tensor, Tensor]
@@ -152,13 +168,13 @@ class ReporterNet(nn.Module):
         )
         feats = self.features(x)
         keys = self.att_feat(feats)
-        state = self._start(x.shape[0])
+        h, w = self.grid_size(x.shape[-2:])
+        state = self._start(feats, (h, w))
         logits, alphas = [], []
         for t in range(tokens.shape[1] - 1):
             out, alpha, state = self._step(feats, keys, tokens[:, t], state)
             logits.append(out)
             alphas.append(alpha)
-        h, w = self.grid_size(x.shape[-2:])
         return torch.stack(logits, 1), torch.stack(alphas, 1).unflatten(-1, (h, w))
 
     # ------------------------------------------------------------------------- decoding
@@ -169,7 +185,8 @@ class ReporterNet(nn.Module):
         n, limit = x.shape[0], max_len or self.max_len
         feats = self.features(x)
         keys = self.att_feat(feats)
-        state = self._start(n)
+        grid = self.grid_size(x.shape[-2:])
+        state = self._start(feats, grid)
         word = torch.full((n,), BOS, dtype=torch.long, device=x.device)
         words, alphas = [], []
         done = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -181,7 +198,6 @@ class ReporterNet(nn.Module):
             done |= word == EOS
             if done.all():
                 break
-        grid = self.grid_size(x.shape[-2:])
         ids, maps = torch.stack(words, 1).cpu(), torch.stack(alphas, 1).cpu()
         return [self._decoded(ids[i].tolist(), maps[i], grid) for i in range(n)]
 
@@ -194,7 +210,7 @@ class ReporterNet(nn.Module):
             feats = self.features(x[i : i + 1])
             keys = self.att_feat(feats)
             # Hypotheses: (score, words, attention maps, state); finished ones move aside.
-            live = [(0.0, [BOS], [], self._start(1))]
+            live = [(0.0, [BOS], [], self._start(feats, grid))]
             finished: list[tuple[float, list[int], list[Tensor]]] = []
             for _ in range(limit):
                 grown = []

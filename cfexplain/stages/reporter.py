@@ -108,10 +108,12 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
 
 
 class _Redrawn(Dataset):
-    """The training phantom with ``factors`` (name -> [low, high]) drawn anew for each sample,
-    uniformly and independently of the rest (the same for a seed), and the sample rendered
-    with them (the report follows): the phantom's disease factors all grow from one severity,
-    so without this a model could write every finding from the joint space alone."""
+    """The training phantom with ``factors`` drawn anew for each sample, independently of the
+    rest (the same for a seed), and the sample rendered with them (the report follows): the
+    phantom's disease factors all grow from one severity, so without this a model could write
+    every finding from the joint space alone. ``name: [low, high]`` draws uniformly;
+    ``name: marginal`` takes the factor of another training sample drawn at random (its own
+    distribution, so the finding's prevalence stays that of the data)."""
 
     def __init__(self, ds: Any, factors: dict, seed: int) -> None:
         if not hasattr(ds, "render"):
@@ -120,10 +122,11 @@ class _Redrawn(Dataset):
             )
         known = ds.params(0)[0]
         for name, span in factors.items():
-            if name not in known or not (isinstance(span, list) and len(span) == 2):
+            uniform = isinstance(span, list) and len(span) == 2
+            if name not in known or not (uniform or span == "marginal"):
                 raise ValueError(
-                    f"reporter.redraw.{name}={span!r}: expected [low, high] of a factor of "
-                    f"{sorted(known)}"
+                    f"reporter.redraw.{name}={span!r}: expected [low, high] or 'marginal' for a "
+                    f"factor of {sorted(known)}"
                 )
         self.ds, self.factors, self.seed = ds, factors, seed
         self.source = f"{ds.source}; {', '.join(factors)} drawn independently"
@@ -135,7 +138,13 @@ class _Redrawn(Dataset):
     def __getitem__(self, i: int) -> dict:
         if i not in self._cache:
             rng = np.random.default_rng([self.seed, SEED_KEY, int(i)])
-            values = {k: float(rng.uniform(lo, hi)) for k, (lo, hi) in self.factors.items()}
+            values = {}
+            for name, span in self.factors.items():
+                if span == "marginal":
+                    donor = int(rng.integers(len(self.ds)))
+                    values[name] = float(self.ds.params(donor)[0][name])
+                else:
+                    values[name] = float(rng.uniform(*span))
             self._cache[i] = self.ds.render(i, values)
         return self._cache[i]
 

@@ -46,9 +46,10 @@ def _model(vocab, **kw) -> ReporterNet:
     return ReporterNet(vocab, **(args | kw))
 
 
-def test_attention_maps_sum_to_one_in_training_decoding_and_at_image_size():
+@pytest.mark.parametrize("start_grid", [0, 2])
+def test_attention_maps_sum_to_one_in_training_decoding_and_at_image_size(start_grid):
     vocab = build_vocab([tokenize(PRESENT), tokenize(ABSENT)])
-    model = _model(vocab, stem_stride=2).eval()
+    model = _model(vocab, stem_stride=2, start_grid=start_grid).eval()
     x = torch.randn(3, 1, 32, 32)
     tokens = pad_tokens([model.encode(tokenize(PRESENT)), model.encode(tokenize(ABSENT))] * 2)[:3]
     logits, alphas = model(x, tokens)
@@ -59,6 +60,9 @@ def test_attention_maps_sum_to_one_in_training_decoding_and_at_image_size():
     for dec in [*model.greedy(x, max_len=6), *model.beam(x, beam_size=2, max_len=6)]:
         assert dec.attention.shape == (len(dec.words), 8, 8)
         torch.testing.assert_close(dec.attention.sum((-1, -2)), torch.ones(len(dec.words)))
+    # The first state is the learned constant, or read from the image's pooled grid.
+    h, _ = model._start(model.features(x), (8, 8))
+    assert (h[0] != h[1]).any() == bool(start_grid)
     up = attention_at(alphas[0], (32, 32))
     assert up.shape == (tokens.shape[1] - 1, 32, 32)
     torch.testing.assert_close(up.sum((-1, -2)), torch.ones(tokens.shape[1] - 1))

@@ -1,4 +1,5 @@
-"""Reporter stage: smoke run and loading, a dataset without reports, kill then resume."""
+"""Reporter stage: smoke run and loading, a dataset without reports, redrawn factors, kill then
+resume."""
 
 from __future__ import annotations
 
@@ -44,6 +45,23 @@ def test_missing_reports_and_config_are_named(smoke_cfg, monkeypatch):
     monkeypatch.setattr(type(ds), "__getitem__", lambda self, i: {"meta": {}})
     with pytest.raises(ValueError, match=r"split train: 96 images.* sample 0 has no report"):
         stage._reports(ds)
+
+
+def test_redrawn_factors_are_uniform_or_from_the_marginal_and_named_when_wrong(smoke_cfg):
+    ds = build_dataset(smoke_cfg().data, "train")
+    drawn = stage._Redrawn(ds, {"osteophyte": [0.01, 0.02], "jsw_lateral": "marginal"}, 0)
+    own = [ds.params(i)[0] for i in range(len(ds))]
+    marginal = {f["jsw_lateral"] for f in own}
+    got = [drawn[i]["meta"]["factors"] for i in range(12)]
+    assert all(0.01 <= f["osteophyte"] <= 0.02 for f in got)
+    # Another sample's value (its own distribution), not this sample's, and the same each time.
+    assert all(f["jsw_lateral"] in marginal for f in got)
+    assert sum(f["jsw_lateral"] != o["jsw_lateral"] for f, o in zip(got, own)) >= 10
+    again = stage._Redrawn(ds, {"osteophyte": [0.01, 0.02], "jsw_lateral": "marginal"}, 0)
+    assert again[3]["meta"]["factors"] == got[3]
+    for bad in ({"jsw_lateral": "shuffle"}, {"nope": [0, 1]}, {"osteophyte": [0.1]}):
+        with pytest.raises(ValueError, match=r"reporter\.redraw\.\w+=.*'marginal'"):
+            stage._Redrawn(ds, bad, 0)
 
 
 def test_every_file_of_the_stage_is_written_atomically(smoke_cfg, monkeypatch):
