@@ -1,6 +1,7 @@
 """Generator speed: our StyleGAN2 against a straightforward reference of the same network.
 
     python benchmarks/bench_generator.py [--configs cpu_demo auto32] [--batch 16] [--repeats 3]
+    python benchmarks/bench_generator.py --train [--baseline f2970dc] [--rounds 8]
 
 For each configuration (``cpu_demo``: the generator block of the default preset at 64 px; ``auto32``:
 the published ``auto`` configuration at 32 px, channel_base 16384, channel_max 512, 2 mapping
@@ -12,13 +13,29 @@ The reference is the same network with the straightforward maths of the publishe
 one kernel per sample and a grouped convolution (``fused_modconv="grouped"``), upsampling by zero
 insertion then FIR filtering, downsampling by convolving at full resolution then subsampling.
 Both run in this process on the same weights, so the ratio is what our implementation gains.
+
+``--train``: s/kimg of whole training iterations of the generator stage at ``cpu_demo`` (its
+own ``_iteration`` and ``_advance``: G phase, D phase with lazy R1, ADA at p = 0.2, EMA; a
+fixed random batch of reals stands in for the data) with the networks and optimisers the stage
+builds, against the same loop on the baseline commit's networks (its ``stylegan2.py`` and
+``stylegan2_ops.py`` read from git, loaded as modules) with its contiguous layout and per-tensor
+Adam; the baseline's training iteration equals the published code's. Both get the same initial
+weights; blocks of 10 iterations alternate between them, ``--rounds`` times, and the best and
+median s/kimg are reported, with the GFLOP/s each achieves against this machine's conv2d peak
+(a 128-channel 3x3 convolution at 32 px, batch 16, forward and backward) measured in the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
+import subprocess
+import sys
+import time
+import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,13 +174,158 @@ def check_reference_agrees(g_kwargs: dict, d_kwargs: dict, res: int) -> float:
     return max((a_img - b_img).abs().max().item(), (a - b).abs().max().item())
 
 
+# ----------------------------------------------------------------------------- training steps
+
+
+def _module_at(ref: str, path: str, name: str, rename: dict[str, str]) -> types.ModuleType:
+    """``path`` as it was at commit ``ref``, loaded as module ``name`` (imports renamed)."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{ref}:{path}"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    for old, new in rename.items():
+        src = src.replace(old, new)
+    mod = types.ModuleType(name)
+    sys.modules[name] = mod
+    exec(compile(src, f"{ref}:{path}", "exec"), mod.__dict__)
+    return mod
+
+
+def _baseline_gan(ref: str, ours, cfg, d):
+    """The stage's ``_GAN`` rebuilt on commit ``ref``'s networks with the same weights, in the
+    contiguous layout, with per-tensor Adam (that commit's optimisers)."""
+    import copy
+    import dataclasses
+
+    ops = _module_at(ref, "cfexplain/nn/stylegan2_ops.py", "_baseline_stylegan2_ops", {})
+    net = _module_at(
+        ref,
+        "cfexplain/nn/stylegan2.py",
+        "_baseline_stylegan2",
+        {"cfexplain.nn.stylegan2_ops": ops.__name__},
+    )
+    G = net.Generator(**ours.g_kwargs).to(d.device)
+    D = net.Discriminator(**ours.d_kwargs).to(d.device)
+    G.load_state_dict(ours.G.state_dict())
+    D.load_state_dict(ours.D.state_dict())
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+
+    def adam(module, opt):
+        group = opt.param_groups[0]
+        return torch.optim.Adam(module.parameters(), lr=group["lr"], betas=group["betas"], eps=1e-8)
+
+    return dataclasses.replace(
+        ours,
+        G=G,
+        D=D,
+        G_ema=G_ema,
+        augment=copy.deepcopy(ours.augment),
+        G_opt=adam(G, ours.G_opt),
+        D_opt=adam(D, ours.D_opt),
+    )
+
+
+def conv_peak(repeats: int = 5) -> float:
+    """GFLOP/s of a 128-channel 3x3 convolution at 32 px, batch 16, forward and backward: what
+    this machine's convolutions reach on a shape they like."""
+    x = torch.randn(16, 128, 32, 32, requires_grad=True)
+    w = torch.randn(128, 128, 3, 3, requires_grad=True)
+    layouts = {}
+    for name, fmt in (
+        ("contiguous", torch.contiguous_format),
+        ("channels_last", torch.channels_last),
+    ):
+        xs, ws = x.detach().contiguous(memory_format=fmt), w.detach().contiguous(memory_format=fmt)
+        xs.requires_grad_(True), ws.requires_grad_(True)
+
+        def fn(xs=xs, ws=ws):
+            F.conv2d(xs, ws, padding=1).sum().backward()
+
+        layouts[name] = _flops(fn) / _time(fn, repeats) / 1e9
+    return max(layouts.values())
+
+
+def bench_train(ref: str, rounds: int, block: int = 10) -> None:
+    from hydra import compose, initialize_config_module
+
+    from cfexplain.stages import generator as stage
+    from cfexplain.utils import distributed
+
+    with initialize_config_module(config_module="cfexplain.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["+dataset=knee"])
+    d = distributed.setup("cpu")
+    g = cfg.generator
+    res, batch = int(cfg.data.resolution), int(g.batch_size)
+    runs = {"ours": stage._build(cfg, d)}
+    runs[ref] = _baseline_gan(ref, runs["ours"], cfg, d)
+    torch.manual_seed(0)
+    real = torch.rand(batch, int(cfg.data.channels), res, res) * 2 - 1
+    z = torch.randn(4, runs["ours"].G.z_dim)
+    with torch.no_grad():  # the same network: same images and logits from the same weights
+        a, b = (runs[k].G(z, noise_mode="const") for k in ("ours", ref))
+        agree = max(
+            (a - b).abs().max().item(), (runs["ours"].D(a) - runs[ref].D(a)).abs().max().item()
+        )
+    steps = {}
+    for name, t in runs.items():
+        t.augment.p.fill_(0.2)
+        s = stage._start()
+        phases = stage._phases(g, t, s, d)
+
+        def step(t=t, s=s, phases=phases) -> None:
+            b = stage._Batch(real.clone(), torch.randn(batch, t.G.z_dim))
+            for phase in phases:
+                stage._run_phase(phase, phases, b, s["step"], d)
+            stage._advance(g, t, s, b, d)
+
+        steps[name] = step
+    for fn in steps.values():  # warm-up; step 0 runs R1, which FlopCounterMode cannot follow
+        for _ in range(3):
+            fn()
+    flops = {name: _flops(fn) for name, fn in steps.items()}  # an iteration without R1
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            seconds[name].append((time.perf_counter() - t0) / block)
+    peak = conv_peak()
+    print(
+        f"generator training iteration, cpu_demo ({res} px, batch {batch}, "
+        f"{torch.get_num_threads()} threads), {rounds} x {block} iterations each, alternating"
+    )
+    print(f"conv2d peak of this machine: {peak:.1f} GFLOP/s; max |ours - {ref}| {agree:.1e}")
+    print(
+        f"{'impl':<10} {'s/kimg best':>11} {'median':>8} {'GFLOP/iter':>10} {'GFLOP/s':>8} {'of peak':>8}"
+    )
+    for name, v in seconds.items():
+        per_kimg = [x * 1000 / batch for x in v]
+        rate = flops[name] / min(v) / 1e9
+        print(
+            f"{name:<10} {min(per_kimg):>11.2f} {statistics.median(per_kimg):>8.2f} "
+            f"{flops[name] / 1e9:>10.2f} {rate:>8.1f} {rate / peak:>7.0%}"
+        )
+    base, ours = seconds[ref], seconds["ours"]
+    print(
+        f"ratio {ref} / ours: {min(base) / min(ours):.2f}x best, "
+        f"{statistics.median(base) / statistics.median(ours):.2f}x median (fewer s/kimg)"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     table = configs()
     ap.add_argument("--configs", nargs="+", default=list(table), choices=list(table))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train", action="store_true", help="whole training iterations (s/kimg)")
+    ap.add_argument("--baseline", default="f2970dc", help="commit whose networks --train runs")
+    ap.add_argument("--rounds", type=int, default=8)
     args = ap.parse_args()
+    if args.train:
+        bench_train(args.baseline, args.rounds)
+        return
     print(f"device cpu, {torch.get_num_threads()} threads, fp32, batch {args.batch}")
     header = (
         f"{'config':<9} {'impl':<10} {'G/D Mparams':>12} {'infer img/s':>11} {'GFLOP/img':>9} "

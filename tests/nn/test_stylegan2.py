@@ -185,6 +185,23 @@ def test_fast_resampling_matches_reference():
     torch.testing.assert_close(down, ref)
 
 
+def test_grey_fromrgb_is_the_convolution_forward_and_backward():
+    # A 1x1 convolution of one channel runs as a broadcast product; on a CPU channels-last.
+    x = torch.randn(3, 1, 8, 8, requires_grad=True)
+    w = torch.randn(5, 1, 1, 1, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    for bias in (b, None):
+        y = conv2d_resample(x, w, bias=bias)
+        ref = F.conv2d(x, w, bias)
+        torch.testing.assert_close(y, ref)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(y, [x, w], g)
+        want = torch.autograd.grad(ref, [x, w], g)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e)
+
+
 def test_fir_keeps_constant_images_constant():
     f = setup_filter()
     assert f.shape == (4, 4) and abs(f.sum().item() - 1) < 1e-6
