@@ -387,11 +387,14 @@ def _collapsed(
 ) -> bool:
     """Count the newest snapshot into the collapse streak; whether to roll back now."""
     snap = s["snapshots"][-1]
-    if not rule.enabled or snap["kimg"] < float(rule.start_kimg):
+    if not rule.enabled:
         return False
     reasons = rule.reasons(snap, best, metric)
-    s["collapse_streak"] = s["collapse_streak"] + 1 if reasons else 0
     snap["collapsed"] = bool(reasons)
+    if snap["kimg"] < float(rule.start_kimg):
+        # Never kept nor rolled back to, but no rollback yet: early training swings and recovers.
+        return False
+    s["collapse_streak"] = s["collapse_streak"] + 1 if reasons else 0
     rollbacks = sum(e["action"] == "rollback" for e in s["collapse_events"])
     if not reasons or s["collapse_streak"] < int(rule.patience):
         return False

@@ -171,12 +171,18 @@ def test_collapse_rule_counts_collapsed_snapshots_in_a_row():
     assert len(s["collapse_events"][-1]["reasons"]) == 2
     off = stage.CollapseRule(enabled=False)
     assert stage._collapsed(off, s, best, "fd_fixed_val") is False
-    # Before start_kimg a snapshot is not judged: neither counted nor flagged.
+    # Before start_kimg a collapsed snapshot is flagged (never kept nor rolled back to: the
+    # shortcut run's 45-point class gap at 25 kimg was the rollback target three times) but
+    # counts toward no rollback.
     late = stage.CollapseRule(start_kimg=100.0, patience=1)
-    s["snapshots"].append({"kimg": 50.0, "fd_fixed_val": 9.0, "class_share_gap": 0.9})
-    events = len(s["collapse_events"])
+    streak, events = s["collapse_streak"], len(s["collapse_events"])
+    s["snapshots"].append({"kimg": 50.0, "fd_fixed_val": 1.0, "class_share_gap": 0.45})
     assert stage._collapsed(late, s, best, "fd_fixed_val") is False
-    assert "collapsed" not in s["snapshots"][-1] and len(s["collapse_events"]) == events
+    assert s["snapshots"][-1]["collapsed"] is True
+    assert s["collapse_streak"] == streak and len(s["collapse_events"]) == events
+    s["snapshots"].append({"kimg": 55.0, "fd_fixed_val": 1.1, "class_share_gap": 0.05})
+    assert stage._collapsed(late, s, best, "fd_fixed_val") is False
+    assert s["snapshots"][-1]["collapsed"] is False
 
 
 def test_recall_lost_is_collapse_and_a_collapsed_snapshot_is_never_the_best():
