@@ -54,11 +54,9 @@ def evaluate(cfg: DictConfig) -> Path:
     data = E.ground_truth(ds, n, int(cfg.target))
     notes: list[str] = []
     counterfactual, methods = split_counterfactual(build_methods(cfg, run, notes))
-    names = (["counterfactual"] if counterfactual is not None else []) + [
-        m
-        for m in methods
-        if m != "attributes"  # judged by its factors, not as a map
-    ]
+    # Attributes are judged by the factors they move, not as a map.
+    maps = [m for m in methods if m != "attributes"]
+    names = (["counterfactual"] if counterfactual is not None else []) + maps
     if "normative" in methods:
         notes.append(
             "normative: the residual never reads the classifier, so the randomisation check "

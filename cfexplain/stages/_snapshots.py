@@ -246,8 +246,9 @@ class CollapseRule:
     best so far, or recall (the share of real images the generated ones cover) is below
     ``recall_ratio`` times the best snapshot's. A collapsed snapshot is never kept nor rolled
     back to; before ``start_kimg`` it does not count toward a rollback (early training swings and
-    recovers: the cpu_demo knee G's class shares were 28 points off at 10 kimg and 0.2 at 80). ``patience`` collapsed snapshots in a row trigger a rollback to the best state
-    with the learning rates times ``lr_factor``, at most ``max_rollbacks`` times.
+    recovers: the cpu_demo knee G's class shares were 28 points off at 10 kimg and 0.2 at 80).
+    ``patience`` collapsed snapshots in a row trigger a rollback to the best state with the
+    learning rates times ``lr_factor``, at most ``max_rollbacks`` times.
     """
 
     enabled: bool = True
