@@ -254,7 +254,7 @@ class CollapseRule:
     enabled: bool = True
     start_kimg: float = 0.0
     class_gap: float = 0.30
-    fd_ratio: float = 2.0
+    fd_ratio: float = 3.0
     recall_ratio: float = 0.5
     patience: int = 2
     lr_factor: float = 0.5
