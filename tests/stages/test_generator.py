@@ -259,3 +259,20 @@ def test_time_budget_stops_early_with_a_final_snapshot(smoke_cfg):
     assert art.metrics["stopped_by_time_budget"] is True
     assert 0 < art.metrics["kimg"] < 50 and art.path("grid").is_file()
     assert art.metrics["train_seconds"] >= 0.1  # 0.12 s, rounded to 0.1 s
+
+
+def test_shipped_guard_lets_a_converging_drift_pass_and_flags_a_blow_up():
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    shipped = OmegaConf.load(files("cfexplain.conf") / "generator" / "stylegan2.yaml")
+    rule = stage.CollapseRule.from_config(shipped.collapse)
+    # The histology run at 75 and 80 kimg: the fixed FD 2.5x and 2.8x its best while recall rose
+    # and the class shares matched; under a 2x rule this rolled a converging run back.
+    best = {"kimg": 60.0, "fd_fixed_val": 0.189, "recall": 0.736, "class_share_gap": 0.054}
+    for kimg, fd, recall in ((75.0, 0.477, 0.808), (80.0, 0.523, 0.816)):
+        snap = {"kimg": kimg, "fd_fixed_val": fd, "recall": recall, "class_share_gap": 0.004}
+        assert rule.reasons(snap, best, "fd_fixed_val") == []
+    blown = {"kimg": 85.0, "fd_fixed_val": 0.6, "recall": 0.8, "class_share_gap": 0.004}
+    assert rule.reasons(blown, best, "fd_fixed_val") == ["fd_fixed_val 0.6 > 3 x its best 0.189"]
