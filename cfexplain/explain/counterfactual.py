@@ -11,6 +11,7 @@ probabilities, hence the expected grade Σ k·p_k and the argmax grade.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,14 @@ class CounterfactualEngine:
         lambda_range: L of the symmetric grid [-L, L] (W units); a ``[num_classes]`` tensor
             gives one L per target class.
         num_frames: K of the symmetric grid.
-        target_probs: probabilities that ``lambdas="auto"`` reaches per image by bisection.
-        bisect_steps: bisection iterations over [-2L, 2L] (precision 4L / 2**steps).
+        target_probs: probabilities that ``lambdas="auto"`` reaches per image: at the crossing
+            nearest the reconstruction (λ = 0), the smallest edit that reaches them.
+        bisect_steps: the precision of ``"auto"``: 4L / 2**steps over [-2L, 2L].
+        scan_steps: ``"auto"`` first reads f on this many evenly spaced λ on each side of 0 over
+            [-2L, 2L] and brackets, per image and goal, the crossing nearest λ = 0; bisection
+            then refines it. 0: bisect the whole range, which assumes the score monotone in λ
+            and can land on a far crossing where it is not (a walk that overshoots out of the
+            data and wobbles back).
         max_batch: frames per G/f pass (memory bound).
         perceptual: a :class:`cfexplain.nn.perceptual.Perceptual` for the reconstruction error
             and refinement (None: L1 error, pixel loss only).
@@ -151,6 +158,7 @@ class CounterfactualEngine:
         num_frames: int = 9,
         target_probs: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
         bisect_steps: int = 14,
+        scan_steps: int = 16,
         max_batch: int = 64,
         perceptual: nn.Module | None = None,
         refine_lr: float = 0.02,
@@ -172,15 +180,21 @@ class CounterfactualEngine:
             )
         self.direction = F.normalize(direction.float(), dim=-1).to(device)
         self.lambda_range = torch.as_tensor(lambda_range, dtype=torch.float32).flatten()
-        self.num_frames, self.bisect_steps, self.max_batch = (
+        self.num_frames, self.bisect_steps, self.scan_steps, self.max_batch = (
             int(num_frames),
             int(bisect_steps),
+            int(scan_steps),
             int(max_batch),
         )
-        if self.num_frames < 2 or self.max_batch < 1 or self.bisect_steps < 0:
+        if (
+            self.num_frames < 2
+            or self.max_batch < 1
+            or self.bisect_steps < 0
+            or self.scan_steps < 0
+        ):
             raise ValueError(
-                f"num_frames={num_frames} (>= 2), max_batch={max_batch} (>= 1) and "
-                f"bisect_steps={bisect_steps} (>= 0) are out of range"
+                f"num_frames={num_frames} (>= 2), max_batch={max_batch} (>= 1), "
+                f"bisect_steps={bisect_steps} and scan_steps={scan_steps} (>= 0) are out of range"
             )
         self.target_probs = tuple(float(p) for p in target_probs)
         self.refine_lr, self.refine_l2 = float(refine_lr), float(refine_l2)
@@ -393,23 +407,56 @@ class CounterfactualEngine:
         return lam.sort().values.expand(n, -1).contiguous()
 
     def _bisect(self, w: Tensor, alpha: Tensor, target: int) -> Tensor:
-        """Per image, λ in [-2L, 2L] where f's probability of the target reaches each of
-        ``target_probs`` (probability taken as increasing in λ; unreachable ones end at ±2L)."""
+        """Per image, λ in [-2L, 2L] nearest 0 where f's probability of the target reaches each
+        of ``target_probs`` (taken as rising in λ; unreachable ones end at ±2L)."""
         goal = torch.tensor(sorted(self.target_probs), device=self.device).expand(len(w), -1)
         lam = self._bisect_score(w, alpha, lambda p: p[..., target], goal, 2 * self.span(target))
         # The probability is not exactly monotone in λ: keep the sequence ascending anyway.
         return lam.sort(dim=1).values
 
     def _bisect_score(self, w: Tensor, alpha: Tensor, score, goal: Tensor, L: float) -> Tensor:
-        """``[N, G]`` λ in [-L, L] where ``score(probabilities [N, G, C]) -> [N, G]`` reaches
-        ``goal [N, G]``, by bisection (score taken as increasing in λ)."""
+        """``[N, G]`` λ in [-L, L] where ``score(probabilities [N, M, C]) -> [N, M]`` reaches
+        ``goal [N, G]`` (score taken as rising in λ): the crossing nearest λ = 0, bracketed on the
+        scan grid, then bisected to the precision 2L / 2**bisect_steps."""
         lo, hi = torch.full_like(goal, -L), torch.full_like(goal, L)
-        for _ in range(self.bisect_steps):
+        steps = self.bisect_steps
+        if self.scan_steps > 0:
+            lo, hi = self._nearest_bracket(w, alpha, score, goal, L)
+            steps = max(steps - math.ceil(math.log2(2 * self.scan_steps)), 0)
+        for _ in range(steps):
             mid = (lo + hi) / 2
             _, p = self.render_all(w, mid, alpha, images=False)
             below = score(p) < goal
             lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
         return (lo + hi) / 2
+
+    def _nearest_bracket(
+        self, w: Tensor, alpha: Tensor, score, goal: Tensor, L: float
+    ) -> tuple[Tensor, Tensor]:
+        """``(lo, hi) [N, G]``: per image and goal, the cell of the grid of ``scan_steps`` λ on
+        each side of 0 over [-L, L] in which the score first crosses the goal going out from
+        λ = 0 (upwards when it starts below the goal, downwards otherwise); ``lo = hi = ±L``
+        when it never does on that side."""
+        s = self.scan_steps
+        grid = torch.linspace(-L, L, 2 * s + 1, device=self.device)
+        grid[s] = 0.0
+        _, p = self.render_all(w, grid.expand(len(w), -1).contiguous(), alpha, images=False)
+        sc = score(p)[:, None, :]  # [N, 1, 2s+1]
+        g = goal[..., None]  # [N, G, 1]
+        up = sc[..., s : s + 1] < g  # the goal lies above λ = 0
+        # Going out from 0: cell j spans grid[s+j-1]..grid[s+j] upwards, grid[s-j]..grid[s-j+1]
+        # downwards; a goal is crossed in the first cell whose outer end is on its other side.
+        crossed_up = sc[..., s + 1 :] >= g  # [N, G, s]
+        crossed_down = (sc[..., :s] < g).flip(-1)
+        crossed = torch.where(up, crossed_up, crossed_down)
+        found = crossed.any(-1)
+        j = crossed.float().argmax(-1)  # first crossing (0-based cell)
+        outer = torch.where(up.squeeze(-1), s + 1 + j, s - 1 - j)
+        inner = torch.where(up.squeeze(-1), outer - 1, outer + 1)
+        lo = grid[torch.minimum(outer, inner)]
+        hi = grid[torch.maximum(outer, inner)]
+        end = torch.where(up.squeeze(-1), L, -L).to(lo)
+        return torch.where(found, lo, end), torch.where(found, hi, end)
 
     def _bounded(self, w: Tensor, lam: Tensor, alpha: Tensor) -> Tensor:
         """``lam [N, K]`` held where w + λα stays within ``lambda_bound`` standard deviations of

@@ -12,6 +12,7 @@ from cfexplain.nn.stylegan2 import Generator
 from tests.stages.test_direction import (
     LinearEncoder,
     LinearGenerator,
+    OrdinalClassifier,
     PlantedClassifier,
     planted_directions,
 )
@@ -54,6 +55,44 @@ def test_unreachable_targets_stop_at_the_end_of_the_range():
     assert ((cf.probs - 0.5).abs() < 0.1).all()
     assert torch.allclose(cf.lambdas[:, 0], torch.full((3,), -0.1), atol=1e-3)
     assert torch.allclose(cf.lambdas[:, -1], torch.full((3,), 0.1), atol=1e-3)
+
+
+class _WavyClassifier(torch.nn.Module):
+    """Binary logit ``6 sin(u·w)``: along u the probability crosses every level again and again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.planted = PlantedClassifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.planted.inverse(x)[:, 0] @ self.planted.U[0]
+        return torch.stack([torch.zeros_like(s), 6 * torch.sin(s)], dim=1)
+
+
+def test_auto_lambdas_take_the_crossing_nearest_the_reconstruction():
+    u = planted_directions(2)[0]
+    G = LinearGenerator()
+    w = G.mapping(torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(1)))[:, 0]
+    w = w - (w @ u)[:, None] * u + torch.tensor([0.0, 0.2, -0.2, 1.0])[:, None] * u  # u·w known
+    x = G.synthesis(w[:, None].expand(-1, 3, -1))
+
+    def engine(**kw):
+        return CounterfactualEngine(
+            G, LinearEncoder(), _WavyClassifier(), u, lambda_range=4.0, device="cpu", **kw
+        )
+
+    cf = engine(bisect_steps=20)(x, target=1, lambdas="auto")
+    s0 = torch.tensor([0.0, 0.2, -0.2, 1.0])[:, None]
+    goal = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    # the crossings of 6 sin(s) = logit(p) nearest s0 on the rising branch through 0
+    nearest = torch.asin(torch.logit(goal) / 6)[None] - s0
+    assert torch.allclose(cf.probs, goal.expand(4, -1), atol=1e-3)
+    assert torch.allclose(cf.lambdas, nearest, atol=1e-3), cf.lambdas
+    # bisecting the whole [-8, 8] (the monotone assumption) lands on crossings a turn away
+    far = engine(bisect_steps=20, scan_steps=0)(x, target=1, lambdas="auto")
+    assert (far.lambdas - nearest).abs().max() > 3.0
+    with pytest.raises(ValueError, match="scan_steps"):
+        engine(scan_steps=-1)
 
 
 def _stylegan_engine(max_batch: int, bisect_steps: int = 8) -> CounterfactualEngine:
@@ -165,27 +204,13 @@ def test_parse_lambdas_reads_a_grid_name_or_numbers():
             parse_lambdas(bad)
 
 
-class _OrdinalClassifier(torch.nn.Module):
-    """Five ordered grades whose expected grade rises along the planted unit direction u:
-    ``logit_k = -(s - k)²`` with ``s = 2 + 3 u·w``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inverse = LinearEncoder()
-        self.register_buffer("u", planted_directions(2)[0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = 2 + 3 * self.inverse(x)[:, 0] @ self.u
-        return -(s[:, None] - torch.arange(5.0)).square()
-
-
 def test_ordinal_walk_runs_from_the_lowest_grade_to_the_highest():
     u = planted_directions(2)[0]
     G = LinearGenerator()
     engine = CounterfactualEngine(
         G,
         LinearEncoder(),
-        _OrdinalClassifier(),
+        OrdinalClassifier(),
         torch.randn(5, u.shape[0]),  # per-class directions: not used by the ordinal walk
         ordinal=u * 2.0,  # normalised by the engine
         lambda_range=torch.tensor([1.0, 1.0, 1.5, 1.0, 1.0]),
