@@ -1,7 +1,8 @@
 """Directions in W: the file a direction stage writes and the logistic fit behind α.
 
 The counterfactual engine walks along the unit normal of a linear model that predicts the
-classifier's decision from w; the evaluation refits it for randomised classifiers.
+classifier's decision from w; the evaluation refits it for randomised classifiers. The ordinal
+walk (KL grades) follows the mean steepest rise of the classifier's expected grade.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ import warnings
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
+from torch import Tensor, nn
 
 DIRECTIONS_FILE = "directions.safetensors"
 
@@ -59,3 +63,27 @@ def _logistic_cv(Cs, cv: int, max_iter: int, seed: int) -> LogisticRegressionCV:
         scoring="roc_auc",
         max_iter=max_iter,
     )
+
+
+def mean_gradient_direction(
+    G: nn.Module, f: nn.Module, w: Tensor, *, batch_size: int, device: torch.device
+) -> Tensor:
+    """Unit ``[w_dim]``: the mean over ``w [N, w_dim]`` of the unit gradient with respect to w of
+    f's expected grade Σ k·p_k on G(w) (noise const).
+
+    The direction whose mean cosine with the local steepest rise of the grade is largest: a walk
+    along it raises the grade wherever the samples lie, where a regression of the grade on w
+    fits the grade's level across the samples instead.
+    """
+    G, f = G.to(device).eval(), f.to(device).eval()
+    total = torch.zeros(w.shape[1], dtype=torch.float64)
+    for wb in w.split(batch_size):
+        wb = wb.to(device).float().requires_grad_(True)
+        ws = wb[:, None].expand(-1, G.num_ws, -1)
+        probs = torch.softmax(f(G.synthesis(ws, noise_mode="const")), dim=1)
+        grade = probs @ torch.arange(probs.shape[1], device=device, dtype=probs.dtype)
+        (grad,) = torch.autograd.grad(grade.sum(), wb)
+        total += F.normalize(grad, dim=1).sum(0).double().cpu()
+    if not total.norm() > 0:
+        raise ValueError("the classifier's expected grade does not change with w on these samples")
+    return (total / total.norm()).float()

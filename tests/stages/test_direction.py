@@ -156,6 +156,34 @@ def test_fit_recovers_a_planted_direction_and_its_plane():
         )
 
 
+class OrdinalClassifier(nn.Module):
+    """Five ordered grades whose expected grade rises (saturating) along the planted unit
+    direction u: ``logit_k = -(s - k)²`` with ``s = 2 + 3 u·w``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inverse = LinearEncoder()
+        self.register_buffer("u", planted_directions(2)[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 2 + 3 * self.inverse(x)[:, 0] @ self.u
+        return -(s[:, None] - torch.arange(5.0)).square()
+
+
+def test_mean_gradient_direction_is_the_planted_rise_of_the_grade():
+    G, f = LinearGenerator(), OrdinalClassifier()
+    w = torch.randn(600, W_DIM, generator=torch.Generator().manual_seed(3)) * torch.linspace(
+        0.5, 2.0, W_DIM
+    )  # anisotropic W; the grade saturates at both ends
+    d = stage.mean_gradient_direction(G, f, w, batch_size=128, device=torch.device("cpu"))
+    assert d.shape == (W_DIM,) and d.norm() == pytest.approx(1.0, abs=1e-5)
+    assert _cos(d, f.u) > 0.9999  # towards the higher grades, not away from them
+    with pytest.raises(ValueError, match="does not change"):
+        stage.mean_gradient_direction(
+            G, PlantedClassifier(scale=0.0), w, batch_size=128, device=torch.device("cpu")
+        )
+
+
 def test_stage_recovers_the_planted_direction_from_images(smoke_cfg, tmp_path):
     plant_run(tmp_path / "runs" / "knee")
     art = run_chain(
@@ -183,7 +211,12 @@ def test_stage_recovers_the_planted_direction_from_images(smoke_cfg, tmp_path):
 def test_multiclass_gives_one_direction_per_class_and_an_ordinal_one(smoke_cfg, tmp_path):
     plant_run(tmp_path / "runs" / "knee", num_classes=3)
     art = run_chain(
-        smoke_cfg("stages=[direction]", "direction.n_samples=1500", "direction.batch_size=500")
+        smoke_cfg(
+            "stages=[direction]",
+            "direction.n_samples=1500",
+            "direction.batch_size=500",
+            "direction.ordinal_gradient_samples=1000",
+        )
     )["direction"]
     saved = load_file(str(art.path("directions")))
     assert saved["directions"].shape == (3, W_DIM) and saved["ordinal"].shape == (W_DIM,)
@@ -192,6 +225,12 @@ def test_multiclass_gives_one_direction_per_class_and_an_ordinal_one(smoke_cfg, 
     for t in range(3):
         assert art.metrics[f"generated/auc_class{t}"] >= 0.9
     assert "generated/ordinal_r2" in art.metrics
+    # ordinal_fit=gradient (the default): the mean unit gradient of the expected grade on the
+    # first ordinal_gradient_samples samples, beside the Ridge fit it is compared with
+    assert -1.0 <= art.metrics["generated/ordinal_cos_ridge"] <= 1.0
+    assert "1000 samples" in art.info["ordinal_fit"]
+    with pytest.raises(ValueError, match="direction.ordinal_fit"):
+        run_chain(smoke_cfg("stages=[direction]", "direction.ordinal_fit=lasso", "force=true"))
     engine = CounterfactualEngine.from_run(tmp_path / "runs" / "knee", device="cpu")
     z = torch.randn(3, 8, generator=torch.Generator().manual_seed(6))
     cf = engine(engine.G.synthesis(engine.G.mapping(z)), target=2, lambdas="symmetric")
