@@ -4,8 +4,8 @@ Sample ``direction.n_samples`` latents z → w = G.mapping(z) (psi 1) → G(w) �
 class-balanced ``LogisticRegressionCV`` on standardised w (C by cross-validation) to f's
 decision; un-standardise the coefficients so α is the unit normal in W itself, pointing to
 where the target's probability rises. Multi-class: one direction per class (one-vs-rest) and an
-ordinal one (``ordinal_fit``: the mean unit gradient of f's expected grade over the samples, or a
-Ridge regression of the expected grade; the Ridge fit's held-out R² is reported either way). Reported as in Schutte et al. 2021: the latent
+ordinal one (``ordinal_fit``: the unit gradient of f's expected grade averaged per grade and then
+over the grades, or a Ridge regression of the expected grade; the Ridge fit's held-out R² is reported either way). Reported as in Schutte et al. 2021: the latent
 predictor's AUC on held-out generated samples and on real test images through E; and the
 counterfactual metrics (flip rate, monotonicity, proximity) of the symmetric λ grid.
 """
@@ -115,7 +115,9 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
                 G, f, torch.from_numpy(w[:n]), batch_size=int(c.batch_size), device=d.device
             )
             metrics["generated/ordinal_cos_ridge"] = round(float(tensors["ordinal"] @ ridge), 4)
-            info["ordinal_fit"] = f"mean unit gradient of the expected grade on {n} samples"
+            info["ordinal_fit"] = (
+                f"grade-balanced mean unit gradient of the expected grade, {n} samples"
+            )
         E = load_encoder(run.inputs["encoder"].dir, d.device)
         metrics |= _evaluate_real(cfg, run, G, E, f, tensors, d.device)
         save_tensors(run.dir / DIRECTIONS_FILE, tensors)

@@ -170,17 +170,42 @@ class OrdinalClassifier(nn.Module):
         return -(s[:, None] - torch.arange(5.0)).square()
 
 
+class _TwoRegimeClassifier(nn.Module):
+    """Grades 0-1 where v·w < 1 (85% of N(0, 1) samples), rising along u; grades 3-4 beyond,
+    rising along u' (u, u', v orthonormal)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inverse = LinearEncoder()
+        basis = torch.linalg.qr(_matrix(11, W_DIM, 3))[0].T  # [3, W_DIM] orthonormal rows
+        self.register_buffer("basis", basis)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.inverse(x)[:, 0]
+        u, u2, v = self.basis
+        s = torch.where(w @ v < 1.0, 0.5 + 0.3 * (w @ u), 3.5 + 0.3 * (w @ u2))
+        return -(s[:, None] - torch.arange(5.0)).square()
+
+
 def test_mean_gradient_direction_is_the_planted_rise_of_the_grade():
     G, f = LinearGenerator(), OrdinalClassifier()
     w = torch.randn(600, W_DIM, generator=torch.Generator().manual_seed(3)) * torch.linspace(
         0.5, 2.0, W_DIM
     )  # anisotropic W; the grade saturates at both ends
-    d = stage.mean_gradient_direction(G, f, w, batch_size=128, device=torch.device("cpu"))
+    cpu = torch.device("cpu")
+    d = stage.mean_gradient_direction(G, f, w, batch_size=128, device=cpu)
     assert d.shape == (W_DIM,) and d.norm() == pytest.approx(1.0, abs=1e-5)
     assert _cos(d, f.u) > 0.9999  # towards the higher grades, not away from them
+    # Each grade has an equal say: the rare high grades (15% of the samples) pull as hard as the
+    # crowded low ones, so the direction is halfway between u and u'.
+    two = _TwoRegimeClassifier()
+    w = torch.randn(2000, W_DIM, generator=torch.Generator().manual_seed(4))
+    d = stage.mean_gradient_direction(G, two, w, batch_size=500, device=cpu)
+    u, u2, _ = two.basis
+    assert _cos(d, u + u2) > 0.999, (_cos(d, u), _cos(d, u2))
     with pytest.raises(ValueError, match="does not change"):
         stage.mean_gradient_direction(
-            G, PlantedClassifier(scale=0.0), w, batch_size=128, device=torch.device("cpu")
+            G, PlantedClassifier(scale=0.0), w, batch_size=128, device=cpu
         )
 
 
