@@ -19,6 +19,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from cfexplain.explain.counterfactual import expected_grade
+
 DIRECTIONS_FILE = "directions.safetensors"
 
 
@@ -77,21 +79,17 @@ def mean_gradient_direction(
     regression of the grade on w fits the grade's level across the samples instead.
     """
     G, f = G.to(device).eval(), f.to(device).eval()
-    sums: Tensor | None = None
-    counts: Tensor | None = None
+    units, tops = [], []
     for wb in w.split(batch_size):
         wb = wb.to(device).float().requires_grad_(True)
         ws = wb[:, None].expand(-1, G.num_ws, -1)
         probs = torch.softmax(f(G.synthesis(ws, noise_mode="const")), dim=1)
-        grade = probs @ torch.arange(probs.shape[1], device=device, dtype=probs.dtype)
-        (grad,) = torch.autograd.grad(grade.sum(), wb)
-        top = probs.argmax(1).cpu()
-        if sums is None or counts is None:
-            sums = torch.zeros(probs.shape[1], w.shape[1], dtype=torch.float64)
-            counts = torch.zeros(probs.shape[1], dtype=torch.float64)
-        sums.index_add_(0, top, F.normalize(grad, dim=1).double().cpu())
-        counts += torch.bincount(top, minlength=probs.shape[1])
-    assert sums is not None and counts is not None, "no samples"
+        (grad,) = torch.autograd.grad(expected_grade(probs).sum(), wb)
+        units.append(F.normalize(grad, dim=1).double().cpu())
+        tops.append(probs.argmax(1).cpu())
+    unit, top = torch.cat(units), torch.cat(tops)
+    sums = torch.zeros(int(top.max()) + 1, unit.shape[1], dtype=unit.dtype).index_add_(0, top, unit)
+    counts = torch.bincount(top, minlength=len(sums)).to(unit.dtype)
     mean = (sums[counts > 0] / counts[counts > 0, None]).mean(0)
     if not mean.norm() > 0:
         raise ValueError("the classifier's expected grade does not change with w on these samples")

@@ -5,9 +5,10 @@ class-balanced ``LogisticRegressionCV`` on standardised w (C by cross-validation
 decision; un-standardise the coefficients so α is the unit normal in W itself, pointing to
 where the target's probability rises. Multi-class: one direction per class (one-vs-rest) and an
 ordinal one (``ordinal_fit``: the unit gradient of f's expected grade averaged per grade and then
-over the grades, or a Ridge regression of the expected grade; the Ridge fit's held-out R² is reported either way). Reported as in Schutte et al. 2021: the latent
-predictor's AUC on held-out generated samples and on real test images through E; and the
-counterfactual metrics (flip rate, monotonicity, proximity) of the symmetric λ grid.
+over the grades, or a Ridge regression of the expected grade; the Ridge fit's held-out R² is
+reported either way). Reported as in Schutte et al. 2021: the latent predictor's AUC on held-out
+generated samples and on real test images through E; and the counterfactual metrics (flip rate,
+monotonicity, proximity) of the symmetric λ grid.
 """
 
 from __future__ import annotations
