@@ -2,6 +2,8 @@
 
 Fréchet distance and KID come from torchmetrics; features are computed once per image set and
 fed through an identity "extractor", so the real statistics are not recomputed per snapshot.
+They never sync across processes (``sync_on_compute=False``): under torchrun rank 0 alone
+computes them, and a sync there would wait forever for the other ranks.
 With ``inception_weights`` (a local file: nothing is downloaded) the Inception-v3 FID is added.
 """
 
@@ -75,7 +77,9 @@ class FeatureStats:
         if kid:
             n = min(len(real), len(fake))
             ident = _Identity(real.shape[1])
-            k = KernelInceptionDistance(feature=ident, subset_size=min(n, 200), subsets=20)
+            k = KernelInceptionDistance(
+                feature=ident, subset_size=min(n, 200), subsets=20, sync_on_compute=False
+            )
             k.update(real, real=True)
             k.update(fake, real=False)
             out["kid_classifier"] = float(k.compute()[0])
@@ -98,7 +102,10 @@ def inception_fd(
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         fid = FrechetInceptionDistance(
-            feature=2048, normalize=True, feature_extractor_weights_path=str(weights)
+            feature=2048,
+            normalize=True,
+            feature_extractor_weights_path=str(weights),
+            sync_on_compute=False,
         ).to(device)
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
@@ -123,7 +130,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     already computed, as :meth:`FeatureStats.compare` uses it)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    fid = FrechetInceptionDistance(feature=_Identity(real.shape[1]))
+    fid = FrechetInceptionDistance(feature=_Identity(real.shape[1]), sync_on_compute=False)
     fid.update(real.double(), real=True)
     fid.update(fake.double(), real=False)
     return float(fid.compute())
