@@ -82,6 +82,7 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
         Number("num_workers", int, 0),
         *(Number(f"n_{split}", **_POSITIVE_INT) for split in ("train", "val", "test")),
         Number("shortcut_rate", **_SHARE),
+        Number("decorrelate", **_SHARE),
         Number("positive_from", int, 1, null=True),
     ),
     "classifier": _numbers(

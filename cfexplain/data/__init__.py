@@ -72,6 +72,7 @@ def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
             split=split,
             task=data["task"],
             shortcut_rate=float(data["shortcut_rate"]),
+            decorrelate=float(data.get("decorrelate", 0.0)),
         )
     else:
         ds = HistologyPhantom(n=n, resolution=resolution, seed=seed, split=split)
@@ -82,6 +83,8 @@ def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
     ds.source = (
         f"{name} phantom (procedural, seed {seed}), split {split}: {n} images at {resolution} px"
     )
+    if isinstance(ds, KneePhantom) and ds.decorrelate:
+        ds.source += f", disease factors decorrelated ({ds.decorrelate})"
     return ds
 
 

@@ -162,12 +162,12 @@ def phantom_factors(
     factors by one severity; without this, an oracle could read the osteophyte from the joint
     space and report changes that a counterfactual did not make.
     """
-    from cfexplain.data.phantoms.knee import SPLITS, KneePhantom
+    from cfexplain.data.phantoms.knee import DISEASE_GROUPS, SPLITS, KneePhantom
 
     ds = KneePhantom(
         n, resolution, seed=seed, split=split, shortcut_rate=shortcut_rate, cache=False
     )
-    groups = (("jsw_medial", "jsw_lateral"), ("osteophyte",), ("sclerosis",), ("deformity",))
+    groups = DISEASE_GROUPS
     rng = np.random.default_rng([seed, 97, SPLITS[split]])
     donors = [rng.permutation(n) for _ in groups] if decorrelate else []
     images, targets = [], []

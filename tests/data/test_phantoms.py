@@ -86,13 +86,14 @@ def test_knee_attributes_per_task():
         ({"task": "grade"}, "task"),
         ({"shortcut_rate": 1.5}, "shortcut_rate"),
         ({"shortcut_rate": -0.1}, "shortcut_rate"),
+        ({"decorrelate": 1.2}, "decorrelate"),
     ],
 )
 def test_invalid_arguments_name_the_field(kwargs, word):
     args = {"n": 4, **kwargs}
     with pytest.raises(ValueError, match=word):
         KneePhantom(**args)
-    if "task" not in kwargs and "shortcut_rate" not in kwargs:
+    if not {"task", "shortcut_rate", "decorrelate"} & set(kwargs):
         with pytest.raises(ValueError, match=word):
             HistologyPhantom(**args)
 
@@ -275,6 +276,44 @@ def test_shortcut_marker_rule():
         for i in range(len(never))
     ]
     assert 0.4 <= np.mean(agree) <= 0.6
+
+
+def _disease_matrix(ds: KneePhantom) -> np.ndarray:
+    return np.array(
+        [[ds.params(i)[0][k] for k in knee_mod.DISEASE_FACTORS] for i in range(len(ds))]
+    )
+
+
+def test_decorrelate_takes_the_severity_apart_and_keeps_each_factor():
+    n = 1500
+    coupled = _disease_matrix(KneePhantom(n=n, resolution=16, seed=14))
+    apart = _disease_matrix(KneePhantom(n=n, resolution=16, seed=14, decorrelate=1.0))
+    half = _disease_matrix(KneePhantom(n=n, resolution=16, seed=14, decorrelate=0.5))
+    jsw_m, ost, scl = 0, 2, 3
+    r = {
+        name: np.corrcoef(m[:, jsw_m], m[:, ost])[0, 1]
+        for name, m in (("coupled", coupled), ("half", half), ("apart", apart))
+    }
+    assert r["coupled"] < -0.9  # one severity drives the joint space and the osteophyte
+    assert abs(r["apart"]) < 0.08
+    assert 0.15 < r["half"] / r["coupled"] < 0.4  # about (1 - q)^2 = 0.25
+    assert abs(np.corrcoef(apart[:, ost], apart[:, scl])[0, 1]) < 0.08
+    for j in range(coupled.shape[1]):  # each factor keeps its distribution
+        assert abs(np.median(apart[:, j]) - np.median(coupled[:, j])) < 0.1 * coupled[:, j].std()
+        assert abs(apart[:, j].std() / coupled[:, j].std() - 1) < 0.1
+    # the two joint-space widths narrow together: they are exchanged as one group
+    assert np.corrcoef(apart[:, 0], apart[:, 1])[0, 1] > 0.5
+
+
+def test_decorrelate_zero_is_the_phantom_sample_for_sample():
+    a = KneePhantom(n=20, resolution=16, seed=15, cache=False)
+    b = KneePhantom(n=20, resolution=16, seed=15, cache=False, decorrelate=0.0)
+    c = KneePhantom(n=20, resolution=16, seed=15, cache=False, decorrelate=1.0)
+    assert all(_same(a[i], b[i]) for i in range(20))
+    assert sum(_same(a[i], c[i]) for i in range(20)) < 5
+    for i in range(20):  # the label follows the exchanged factors
+        s = c[i]
+        assert s["label"] == int(kl_grade(s["meta"]["factors"]) >= 2)
 
 
 # --- locality: disease lives at the joint ----------------------------------------------------

@@ -42,6 +42,9 @@ from cfexplain.data import ImageDataset
 SPLITS = {"train": 0, "val": 1, "test": 2}
 TASKS = {"binary": ["KL<2", "KL>=2"], "kl": ["KL0", "KL1", "KL2", "KL3", "KL4"]}
 DISEASE_FACTORS = ("jsw_medial", "jsw_lateral", "osteophyte", "sclerosis", "deformity")
+# The disease factors in the groups that vary on their own (both joint-space widths narrow
+# together), e.g. when ``KneePhantom(decorrelate=...)`` or an oracle redraws them.
+DISEASE_GROUPS = (("jsw_medial", "jsw_lateral"), ("osteophyte",), ("sclerosis",), ("deformity",))
 NUISANCE_FACTORS = (
     "rotation",
     "scale",
@@ -902,6 +905,12 @@ class KneePhantom(CachedPhantom):
     ``masks`` ({osteophyte, joint_space, sclerosis, marker}: bool [R, R]), ``index``, ``split``.
     Sample i depends only on (seed, split, i). Label: ``grade >= 2`` (task ``binary``) or the
     grade (task ``kl``). Marker: see :func:`marker_rule`.
+
+    ``decorrelate`` q in [0, 1]: every disease factor group (:data:`DISEASE_GROUPS`) of a sample
+    is, with probability q, that of another sample of the split, drawn at random. Each factor's
+    distribution stays the same; the correlation between two groups falls to about (1 - q)^2 of
+    the phantom's (one severity drives them all: 88% of their variance is one component). 0 (the
+    default) is the phantom as published here, sample for sample.
     """
 
     channels = 1
@@ -910,6 +919,7 @@ class KneePhantom(CachedPhantom):
     split: str
     task: str
     shortcut_rate: float
+    decorrelate: float
     supersample: int
     cache: bool
 
@@ -923,16 +933,20 @@ class KneePhantom(CachedPhantom):
         shortcut_rate: float = 0.0,
         cache: bool = True,
         supersample: int = 2,
+        decorrelate: float = 0.0,
     ) -> None:
         check_common(n, resolution, seed, split)
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         if not isinstance(shortcut_rate, numbers.Real) or not 0.0 <= shortcut_rate <= 1.0:
             raise ValueError(f"shortcut_rate must be a float in [0, 1], got {shortcut_rate!r}")
+        if not isinstance(decorrelate, numbers.Real) or not 0.0 <= decorrelate <= 1.0:
+            raise ValueError(f"decorrelate must be a float in [0, 1], got {decorrelate!r}")
         if supersample not in (1, 2, 4):
             raise ValueError(f"supersample must be 1, 2 or 4, got {supersample!r}")
         self.n, self.resolution, self.seed, self.split = int(n), int(resolution), int(seed), split
         self.task, self.shortcut_rate = task, float(shortcut_rate)
+        self.decorrelate = float(decorrelate)
         self.supersample = supersample
         self.class_names = list(TASKS[task])
         self.num_classes = len(self.class_names)
@@ -945,15 +959,30 @@ class KneePhantom(CachedPhantom):
     def params(self, i: int) -> tuple[dict[str, float], dict[str, Any]]:
         """``(factors, anatomy)`` of sample i; factors hold disease, nuisance and ``marker``."""
         i = check_index(i, self.n)
-        anat_seq, dis_seq, nui_seq, mark_seq = sample_seed(self.seed, self.split, i).spawn(4)
+        anat_seq, dis_seq, nui_seq, mark_seq, mix_seq = sample_seed(self.seed, self.split, i).spawn(
+            5
+        )
         anatomy = _sample_anatomy(np.random.default_rng(anat_seq))
         factors = _sample_disease(np.random.default_rng(dis_seq), anatomy)
+        if self.decorrelate > 0:
+            rng = np.random.default_rng(mix_seq)
+            for group in DISEASE_GROUPS:
+                if rng.uniform() < self.decorrelate:
+                    donor = self._disease(int(rng.integers(self.n)))
+                    factors.update({k: donor[k] for k in group})
         factors.update(_sample_nuisance(np.random.default_rng(nui_seq)))
         diseased = kl_grade(factors) >= 2
         factors["marker"] = float(
             marker_rule(diseased, self.shortcut_rate, np.random.default_rng(mark_seq))
         )
         return factors, anatomy
+
+    def _disease(self, i: int) -> dict[str, float]:
+        """Sample i's own disease factors (before any ``decorrelate`` exchange)."""
+        anat_seq, dis_seq = sample_seed(self.seed, self.split, i).spawn(2)
+        return _sample_disease(
+            np.random.default_rng(dis_seq), _sample_anatomy(np.random.default_rng(anat_seq))
+        )
 
     def render(self, i: int, overrides: Mapping[str, float] | None = None) -> dict:
         """Sample i with some factors replaced (a true counterfactual: same anatomy and noise).
