@@ -388,6 +388,10 @@ def _versions() -> dict[str, str]:
         "cfexplain": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
+        # The last bits of a CPU kernel's sums depend on the instruction set and on how the work
+        # is split between threads, so the same seed reproduces weights only with both equal.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()),
     }
 
 

@@ -494,3 +494,16 @@ def test_staged_dir_refuses_a_file(tmp_path):
         with staged_dir(tmp_path / "out.html"):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.html"]
+
+
+def test_artifact_records_what_its_weights_depend_on(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Artifact("classifier", tmp_path, "f").write()
+    finally:
+        torch.set_num_threads(threads)
+    v = Artifact.load(tmp_path).versions
+    assert v["threads"] == "1"
+    assert v["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert v["torch"] == torch.__version__
