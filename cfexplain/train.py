@@ -170,6 +170,7 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
         *(Number(k, **_POSITIVE_INT) for k in ("images", "feature_images", "batch_size")),
         Number("quantile", low=0.0, high=1.0, above=True),
         Number("margin", low=0.0),
+        Number("evidence_gap", low=0.0, above=True),
     ),
     "segmentation": _numbers(
         "segmentation",

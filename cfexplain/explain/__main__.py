@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from cfexplain.explain.pipeline import build_methods, method_notes, write_gallery
+from cfexplain.explain.pipeline import build_methods, guard_notes, method_notes, write_gallery
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
 from cfexplain.utils.cli import ConfigError, run_command, tracked
@@ -31,7 +31,7 @@ def explain(cfg: DictConfig) -> Path:
     run = TrainedRun.open(cfg)
     notes: list[str] = []
     methods = build_methods(cfg, run, notes)
-    notes += method_notes(methods, run.classes)
+    notes += method_notes(methods, run.classes) + guard_notes(cfg, run)
     for n in notes:
         log.info(f"[explain] {n}")
     out = Path(cfg.out) if cfg.out else run.output_dir("explain", stamped=True)

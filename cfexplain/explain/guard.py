@@ -10,11 +10,18 @@ at explain time:
   training images' (Ledoit-Wolf covariance): how unlike the training data f finds it;
 - ``normative_score``: the normative autoencoder's anomaly score, when the run has one;
 - ``recon_prob_gap``: the largest change of a class probability between f(x) and
-  f(G(E(x))): whether f reads the reconstruction, which the counterfactual frames start from, as it reads the input.
+  f(G(E(x))): whether f reads the reconstruction, which the counterfactual frames start from, as it reads the input;
+- ``evidence_loss``: the largest change of f's decision margin when one cell of a 4x4 grid of x
+  is replaced by the same cell of G(E(x)): evidence f reads in one region that the generator
+  does not redraw (a marker it never learnt), which no counterfactual frame can then show.
 
-The first three say *unlike the training data*; the last says *reconstruction read
+The first three say *unlike the training data*; the last two say *reconstruction read
 differently* (the counterfactual would explain another image). A threshold is the validation
-quantile ``quantile`` of the signal plus ``margin`` times its validation interquartile range.
+quantile ``quantile`` of the signal plus ``margin`` times its validation interquartile range;
+``evidence_loss``'s comes from G's own samples instead (G can redraw whatever it drew), since a
+generator that misses a feature misses it on the validation images too. The ratio of the
+validation median to the samples' median is the run's ``evidence_gap``: far above 1, the
+generator does not draw something the classifier uses on real images, and explain says so.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ READ_DIFFERENTLY = "reconstruction read differently"
 STATUSES = (IN_DISTRIBUTION, UNLIKE_TRAINING, READ_DIFFERENTLY)
 
 DISTRIBUTION_SIGNALS = ("recon_error", "feature_distance", "normative_score")
-FIDELITY_SIGNALS = ("recon_prob_gap",)
+FIDELITY_SIGNALS = ("recon_prob_gap", "evidence_loss")
+EVIDENCE_GRID = 4  # evidence_loss swaps the cells of a 4x4 grid
 SIGNALS = DISTRIBUTION_SIGNALS + FIDELITY_SIGNALS
 GUARD_FILE = "guard.safetensors"
 MODES = ("off", "warn", "skip")
@@ -45,6 +53,7 @@ DESCRIPTIONS = {
     "feature_distance": "the classifier's features are far from the training images'",
     "normative_score": "the normative model finds it anomalous",
     "recon_prob_gap": "the classifier reads the reconstruction differently from the input",
+    "evidence_loss": "the generator does not redraw what the classifier reads in one region",
 }
 
 
@@ -78,6 +87,8 @@ class Calibration:
     quantile: float = 0.995
     margin: float = 1.0
     normative: str | None = None  # the normative model whose score is a signal
+    evidence_gap: float | None = None  # validation median / G samples' median of evidence_loss
+    evidence_limit: float = 2.5  # the gap above which explain warns
 
     def save(self, path: str | Path) -> Path:
         from cfexplain.utils.artifacts import save_tensors
@@ -88,6 +99,8 @@ class Calibration:
             "quantile": str(self.quantile),
             "margin": str(self.margin),
             "normative": self.normative or "",
+            "evidence_gap": "" if self.evidence_gap is None else str(self.evidence_gap),
+            "evidence_limit": str(self.evidence_limit),
         }
         tensors = {"feature_mean": self.feature_mean, "feature_precision": self.feature_precision}
         return save_tensors(path, {k: v.float() for k, v in tensors.items()}, meta)
@@ -107,6 +120,8 @@ class Calibration:
             quantile=float(meta["quantile"]),
             margin=float(meta["margin"]),
             normative=meta.get("normative") or None,
+            evidence_gap=float(meta["evidence_gap"]) if meta.get("evidence_gap") else None,
+            evidence_limit=float(meta.get("evidence_limit", 2.5)),
         )
 
 
@@ -160,6 +175,48 @@ def prob_gap(classifier: Any, x: Tensor, rec: Tensor, batch: int = 64) -> Tensor
     return torch.cat(gaps)
 
 
+def decision_margin(logits: Tensor, cls: Tensor) -> Tensor:
+    """``[N]`` logit of class ``cls [N]`` minus the log-sum-exp of the other classes' (for two
+    classes, the logit difference)."""
+    others = logits.scatter(1, cls[:, None], float("-inf"))
+    return logits.gather(1, cls[:, None])[:, 0] - others.logsumexp(1)
+
+
+@torch.no_grad()
+def evidence_loss(
+    classifier: Any, x: Tensor, rec: Tensor, grid: int = EVIDENCE_GRID, batch: int = 64
+) -> tuple[Tensor, Tensor]:
+    """``(loss [N], cell [N])`` of images ``x`` and their reconstructions ``rec`` ``[N, C, H, W]``:
+    the largest |change| of f's decision margin for the class f gives x when one cell of a
+    ``grid`` x ``grid`` partition of x is replaced by the same cell of ``rec``, and that cell's
+    row-major index."""
+    n, _, h, w = x.shape
+    rows = [(i * h // grid, (i + 1) * h // grid) for i in range(grid)]
+    cols = [(j * w // grid, (j + 1) * w // grid) for j in range(grid)]
+    losses = []
+    for a, b in zip(x.split(batch), rec.split(batch)):
+        logits = classifier(a).float()
+        cls = logits.argmax(1)
+        base = decision_margin(logits, cls)
+        per_cell = []
+        for r0, r1 in rows:
+            for c0, c1 in cols:
+                y = a.clone()
+                y[:, :, r0:r1, c0:c1] = b[:, :, r0:r1, c0:c1]
+                per_cell.append((decision_margin(classifier(y).float(), cls) - base).abs())
+        losses.append(torch.stack(per_cell, 1).cpu())
+    loss, cell = torch.cat(losses).max(1)
+    return loss, cell
+
+
+def cell_name(cell: int, grid: int = EVIDENCE_GRID) -> str:
+    """Where cell ``cell`` of a ``grid`` x ``grid`` partition lies, in words."""
+    r, c = divmod(int(cell), grid)
+    vert = "top" if r == 0 else "bottom" if r == grid - 1 else "middle"
+    horiz = "left" if c == 0 else "right" if c == grid - 1 else "centre"
+    return f"{vert} {horiz} (row {r + 1}, column {c + 1} of {grid}x{grid})"
+
+
 @dataclass
 class Models:
     """What the signals read: f, G, E, the LPIPS of the encoder stage, a normative model."""
@@ -183,10 +240,13 @@ def image_signals(models: Models, x: Tensor, mean: Tensor, precision: Tensor) ->
     a normative model)."""
     x = x.to(models.device)
     rec, err = reconstruct(models.generator, models.encoder, x, models.perceptual, models.batch)
+    loss, cell = evidence_loss(models.classifier, x, rec, batch=models.batch)
     signals = {
         "recon_error": err,
         "feature_distance": mahalanobis(models.features.features(x), mean, precision),
         "recon_prob_gap": prob_gap(models.classifier, x, rec, models.batch),
+        "evidence_loss": loss,
+        "evidence_cell": cell.float(),  # where: named in the reason, not a signal itself
     }
     if models.normative is not None:
         with torch.no_grad():
@@ -200,6 +260,21 @@ def judge(models: Models, x: Tensor, calibration: Calibration) -> list[Verdict]:
     """The verdict on each image of ``x [N, C, H, W]``."""
     signals = image_signals(models, x, calibration.feature_mean, calibration.feature_precision)
     return assess(signals, calibration)
+
+
+def evidence_note(calibration: Calibration) -> str | None:
+    """The run-level warning when the generator misses evidence the classifier uses on real
+    images (``evidence_gap`` above the calibration's ``evidence_limit``), else None."""
+    gap, limit = calibration.evidence_gap, calibration.evidence_limit
+    if gap is None or not gap > limit:
+        return None
+    return (
+        f"The generator does not redraw part of what the classifier reads in real images: "
+        f"swapping one region of a validation image for its reconstruction moves the "
+        f"classifier {gap:.1f}x as much as it does on the generator's own samples (guard "
+        f"evidence_gap > {limit:g}). The counterfactuals cannot show a change of that feature; "
+        f"flagged images name the region (evidence_loss)."
+    )
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -219,14 +294,21 @@ def calibrate(
     quantile: float = 0.995,
     margin: float = 1.0,
     normative: str | None = None,
+    generated: Mapping[str, Tensor] | None = None,
+    evidence_limit: float = 2.5,
 ) -> Calibration:
-    """Thresholds from the validation split's signals (``[N]`` each; absent signals skipped)."""
+    """Thresholds from the validation split's signals (``[N]`` each; absent signals skipped);
+    a signal also in ``generated`` (the same signal of G's own samples) takes its threshold from
+    those, and ``evidence_loss`` there gives the run's ``evidence_gap`` (explain warns above
+    ``evidence_limit``)."""
     thresholds, stats = {}, {}
+    generated = generated or {}
     for name in SIGNALS:
         if name not in val_signals:
             continue
         v = val_signals[name].double()
-        thresholds[name] = threshold(v, quantile, margin)
+        ref = generated[name].double() if name in generated else v
+        thresholds[name] = threshold(ref, quantile, margin)
         stats[name] = {
             "mean": float(v.mean()),
             "q50": float(v.quantile(0.5)),
@@ -234,8 +316,22 @@ def calibrate(
             "max": float(v.max()),
             "threshold": thresholds[name],
         }
+        if name in generated:
+            stats[name] |= {"generated_q50": float(ref.quantile(0.5))}
+    gap = None
+    if "evidence_loss" in stats and "evidence_loss" in generated:
+        e = stats["evidence_loss"]
+        gap = e["q50"] / max(e["generated_q50"], 1e-12)
     return Calibration(
-        thresholds, feature_mean, feature_precision, stats, quantile, margin, normative
+        thresholds,
+        feature_mean,
+        feature_precision,
+        stats,
+        quantile,
+        margin,
+        normative,
+        gap,
+        evidence_limit,
     )
 
 
@@ -249,7 +345,12 @@ def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verd
         values = {k: float(signals[k][i]) for k in names}
         over = [k for k in names if not values[k] <= calibration.thresholds[k]]  # NaN is over
         reasons = [
-            f"{k} {values[k]:.3g} > {calibration.thresholds[k]:.3g} ({DESCRIPTIONS[k]})"
+            f"{k} {values[k]:.3g} > {calibration.thresholds[k]:.3g} ({DESCRIPTIONS[k]}"
+            + (
+                f": {cell_name(int(signals['evidence_cell'][i]))})"
+                if k == "evidence_loss" and "evidence_cell" in signals
+                else ")"
+            )
             for k in over
         ]
         if any(k in DISTRIBUTION_SIGNALS for k in over):

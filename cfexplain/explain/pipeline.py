@@ -407,6 +407,17 @@ def guard_mode(cfg: DictConfig, run: TrainedRun) -> tuple[str, str | None]:
     return mode, None
 
 
+def guard_notes(cfg: DictConfig, run: TrainedRun) -> list[str]:
+    """The guard's run-level warning (a generator that misses evidence the classifier uses), for
+    the page's notes; none with the guard off or absent."""
+    if str(cfg.guard) == "off" or run.guard is None:
+        return []
+    from cfexplain.explain.guard import evidence_note
+
+    note = evidence_note(run.guard)
+    return [note] if note else []
+
+
 class Tally:
     """Per-image metrics summed apart for in-distribution (or unchecked) and flagged images:
     flip rate and monotonicity describe only images the models can represent."""

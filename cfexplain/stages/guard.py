@@ -25,7 +25,7 @@ from cfexplain.nn.perceptual import build_perceptual
 from cfexplain.stages._shared import sample_images, write_artifact
 from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact
-from cfexplain.utils.seeding import Stream
+from cfexplain.utils.seeding import Stream, generator
 from cfexplain.utils.tracking import Run
 
 log = logging.getLogger("cfexplain")
@@ -42,7 +42,17 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
     mean, precision = guard.feature_model(models.features.features(train_x))
     val = guard.image_signals(models, _images(cfg, "val"), mean, precision)
     kind = str(c.normative) if models.normative is not None else None
-    calibration = guard.calibrate(val, mean, precision, float(c.quantile), float(c.margin), kind)
+    generated = {"evidence_loss": _generated_evidence(models, len(val["evidence_loss"]), seed)}
+    calibration = guard.calibrate(
+        val,
+        mean,
+        precision,
+        float(c.quantile),
+        float(c.margin),
+        kind,
+        generated,
+        float(c.evidence_gap),
+    )
     metrics: dict[str, Any] = {}
     for split, signals in (("val", val), ("test", None)):
         if signals is None:
@@ -52,15 +62,29 @@ def fit(cfg: DictConfig, run: Run) -> Artifact:
         metrics[f"{split}/images"] = len(verdicts)
     for name, stats in calibration.stats.items():
         metrics |= {f"{name}/{k}": v for k, v in stats.items()}
+    metrics["evidence_gap"] = calibration.evidence_gap
     if run.is_main:
         calibration.save(run.dir / guard.GUARD_FILE)
         run.log({k: v for k, v in metrics.items() if isinstance(v, float)})
         run.summary(metrics)
         log.info(f"[guard] thresholds {calibration.thresholds}")
+        note = guard.evidence_note(calibration)
+        if note:
+            log.warning(f"[guard] {note}")
     info = {"signals": sorted(calibration.thresholds), "normative": kind, "feature_images": n_train}
     artifact = write_artifact(run, metrics, {"guard": guard.GUARD_FILE}, info)
     d.barrier()
     return artifact
+
+
+@torch.no_grad()
+def _generated_evidence(models: guard.Models, n: int, seed: int) -> torch.Tensor:
+    """``evidence_loss [n]`` of G's own samples: what re-encoding costs when G can draw it all."""
+    G = models.generator
+    z = torch.randn(n, G.z_dim, generator=generator(seed, Stream.GUARD_SAMPLES))
+    y = torch.cat([G(b.to(models.device), noise_mode="const") for b in z.split(models.batch)])
+    rec, _ = guard.reconstruct(G, models.encoder, y, batch=models.batch)
+    return guard.evidence_loss(models.classifier, y, rec, batch=models.batch)[0]
 
 
 def _images(cfg: DictConfig, split: str) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Stream:
     DIRECTION_EVAL_REAL = 51  # real test images of the direction's evaluation
     ORACLE_STEP = 71  # augmentation draws of each oracle training step
     GUARD_FEATURES = 80  # training images whose classifier features the guard's Gaussian fits
+    GUARD_SAMPLES = 81  # latents of G's own samples, the reference of the guard's evidence_loss
     REPORTER_STEP = 90  # the global torch seed of each reporter step (dropout)
 
 

@@ -98,3 +98,71 @@ def test_calibration_round_trips_through_its_file(tmp_path):
     assert back.stats == cal.stats
     assert torch.equal(back.feature_precision, cal.feature_precision.float())
     assert (back.quantile, back.margin) == (cal.quantile, cal.margin)
+    assert back.evidence_gap is None
+    gapped = guard.calibrate(
+        {"evidence_loss": 3 * _normal(100, 9)},
+        torch.arange(3.0),
+        torch.eye(3),
+        generated={"evidence_loss": _normal(100, 10)},
+        evidence_limit=4.0,
+    )
+    back = guard.Calibration.load(gapped.save(tmp_path / "gapped.safetensors"))
+    assert (back.evidence_gap, back.evidence_limit) == (gapped.evidence_gap, 4.0)
+
+
+class _CornerReader(torch.nn.Module):
+    """Three classes; the logits read the mean of the top-left 4x4 corner alone."""
+
+    def forward(self, x):
+        m = x[:, 0, :4, :4].mean(dim=(1, 2))
+        return torch.stack([-5 * m, 5 * m, torch.zeros_like(m)], dim=1)
+
+
+def test_decision_margin_is_the_logit_against_the_other_classes():
+    logits = torch.tensor([[1.0, 3.0], [2.0, -1.0], [0.5, 2.0]])
+    assert guard.decision_margin(logits, torch.tensor([1, 0, 1])).tolist() == pytest.approx(
+        [2.0, 3.0, 1.5]
+    )
+    three = torch.tensor([[1.0, 2.0, 0.0]])
+    expected = 2.0 - math.log(math.exp(1.0) + math.exp(0.0))
+    assert guard.decision_margin(three, torch.tensor([1]))[0] == pytest.approx(expected)
+
+
+def test_evidence_loss_finds_the_region_the_reconstruction_drops():
+    x = torch.zeros(3, 1, 16, 16)
+    x[:, :, :4, :4] = 1.0  # a bright plate in the corner the classifier reads
+    rec = x.clone()
+    rec[0, :, :4, :4] = 0.0  # image 0: the reconstruction drops the plate
+    rec[1, :, 8:, 8:] = -1.0  # image 1: it differs only where the classifier does not look
+    loss, cell = guard.evidence_loss(_CornerReader(), x, rec, grid=4)
+    # image 0: margin of class 1 falls from 5 - logsumexp(-5, 0) to 0 - logsumexp(0, 0)
+    drop = (5 - math.log(math.exp(-5) + 1)) - (0 - math.log(2))
+    assert loss[0] == pytest.approx(drop, abs=1e-5) and cell[0] == 0
+    assert loss[1] == 0 and loss[2] == 0
+    assert guard.cell_name(0) == "top left (row 1, column 1 of 4x4)"
+    assert guard.cell_name(15).startswith("bottom right")
+    assert guard.cell_name(6).startswith("middle centre")
+
+
+def test_evidence_threshold_comes_from_the_generator_and_the_gap_warns():
+    val = {"recon_error": _normal(1000, 9), "evidence_loss": 4 * _normal(1000, 10)}
+    own = {"evidence_loss": _normal(1000, 11)}
+    cal = guard.calibrate(val, torch.zeros(2), torch.eye(2), 0.99, 0.5, generated=own)
+    assert cal.thresholds["evidence_loss"] == pytest.approx(
+        guard.threshold(own["evidence_loss"], 0.99, 0.5)
+    )
+    s = cal.stats["evidence_loss"]
+    assert cal.evidence_gap == pytest.approx(s["q50"] / s["generated_q50"])
+    assert 3.0 < cal.evidence_gap < 5.0  # the validation losses are 4x the samples'
+    assert f"{cal.evidence_gap:.1f}x as much" in (guard.evidence_note(cal) or "")
+    calm = guard.calibrate(val, torch.zeros(2), torch.eye(2), generated=val)
+    assert calm.evidence_gap == pytest.approx(1.0) and guard.evidence_note(calm) is None
+    signals = {
+        "recon_error": torch.tensor([0.1]),
+        "evidence_loss": torch.tensor([100.0]),
+        "evidence_cell": torch.tensor([3.0]),
+    }
+    (v,) = guard.assess(signals, cal)
+    assert v.status == guard.READ_DIFFERENTLY
+    assert v.reasons[0].startswith("evidence_loss 100 >")
+    assert "top right" in v.reasons[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from cfexplain.data import build_dataset
 from cfexplain.explain.__main__ import explain
 from cfexplain.explain.guard import IN_DISTRIBUTION, UNLIKE_TRAINING, judge
 from cfexplain.runs import TrainedRun
+from cfexplain.utils.artifacts import Artifact
 from tests.conftest import compose_config, smoke_chain
 from tests.explain.test_command import explain_cfg
 
@@ -137,3 +139,27 @@ def test_long_and_repeated_names_get_their_own_reports(guarded_run, tmp_path):
     reports = sorted(p.name for p in (out / "reports").glob("*.html"))
     assert len(reports) == 3 and "scan.html" in reports and "scan_2.html" in reports
     assert all(len(p.encode()) < 200 for p in reports)
+
+
+def test_a_generator_missing_the_classifiers_evidence_is_named_on_the_page(guarded_run, tmp_path):
+    art = Artifact.load(guarded_run / "guard")
+    gap = art.metrics["evidence_gap"]
+    cal = TrainedRun(guarded_run).guard
+    assert gap == pytest.approx(cal.evidence_gap) and gap > 0
+    assert "evidence_loss" in cal.thresholds
+    stats = cal.stats["evidence_loss"]
+    assert stats["threshold"] > stats["generated_q50"]  # calibrated on G's own samples
+    out = tmp_path / "quiet"
+    explain(explain_cfg(f"run={guarded_run}", "limit=1", f"out={out}", FAST, "logger=none"))
+    quiet = "does not redraw part of what the classifier reads" in (out / "index.html").read_text()
+    assert quiet == (gap > cal.evidence_limit)
+    # The same run recalibrated with a limit below its gap: the page must say it.
+    copy = tmp_path / "runs" / "knee"
+    shutil.copytree(guarded_run, copy)
+    smoke_chain(copy.parent, "stages=[guard]", f"guard.evidence_gap={gap / 2}")
+    assert TrainedRun(copy).guard.evidence_limit == pytest.approx(gap / 2)
+    out = tmp_path / "loud"
+    explain(explain_cfg(f"run={copy}", "limit=1", f"out={out}", FAST, "logger=none"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("does not redraw part of what the classifier reads" in n for n in summary["notes"])
+    assert "does not redraw part of what the classifier reads" in (out / "index.html").read_text()
