@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from cfexplain.evaluate import pipeline as E
 from cfexplain.evaluate.shortcut import marker_reliance
+from cfexplain.explain.guard import evidence_note
 from cfexplain.explain.pipeline import build_methods, split_counterfactual
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
@@ -57,6 +58,9 @@ def evaluate(cfg: DictConfig) -> Path:
     # Attributes are judged by the factors they move, not as a map.
     maps = [m for m in methods if m != "attributes"]
     names = (["counterfactual"] if counterfactual is not None else []) + maps
+    blind_spot = evidence_note(run.guard) if run.guard is not None else None
+    if blind_spot:  # the generator misses what f reads: no counterfactual can show it
+        notes.append(blind_spot)
     if "normative" in methods:
         notes.append(
             "normative: the residual never reads the classifier, so the randomisation check "
@@ -97,6 +101,7 @@ def _facts(run: TrainedRun, per: dict[str, Any], n: int, target: int) -> dict[st
     art = run.artifact("classifier")
     return {
         "run": str(run.dir),
+        "evidence_gap": None if run.guard is None else run.guard.evidence_gap,
         "classifier": art.info.get("model", ""),
         "classifier_test_auc": art.metrics.get("test/auc", math.nan),
         "shortcut_rate": float(run.config.data.get("shortcut_rate", 0.0) or 0.0),

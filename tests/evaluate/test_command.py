@@ -79,6 +79,7 @@ def test_table_has_every_method_and_metric(evaluated):
     )
     reliance = summary["marker_reliance"]
     assert 0.0 <= reliance["accuracy_marker_removed"] <= 1.0
+    assert summary["evidence_gap"] is None  # no guard stage (tests/explain/test_guard_run.py)
     assert len(list(csv.reader((out / "per_image.csv").open()))) == 1 + 8
     page = (out / "index.html").read_text()
     assert "cfexplain evaluation" in page and "randomisation.png" in page

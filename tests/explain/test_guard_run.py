@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 
 from cfexplain.data import build_dataset
+from cfexplain.evaluate.__main__ import evaluate
 from cfexplain.explain.__main__ import explain
 from cfexplain.explain.guard import IN_DISTRIBUTION, UNLIKE_TRAINING, judge
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import Artifact
 from tests.conftest import compose_config, smoke_chain
+from tests.evaluate.test_command import TINY, evaluate_cfg
 from tests.explain.test_command import explain_cfg
 
 FAST = "methods=[counterfactual,gradcam]"
@@ -163,3 +165,10 @@ def test_a_generator_missing_the_classifiers_evidence_is_named_on_the_page(guard
     summary = json.loads((out / "summary.json").read_text())
     assert any("does not redraw part of what the classifier reads" in n for n in summary["notes"])
     assert "does not redraw part of what the classifier reads" in (out / "index.html").read_text()
+    # The evaluation of the run says it as well: its counterfactual numbers share the blind spot.
+    page = evaluate(
+        evaluate_cfg(f"run={copy}", "methods=[gradcam]", *TINY, f"out={tmp_path / 'ev'}")
+    )
+    summary = json.loads((page.parent / "summary.json").read_text())
+    assert summary["evidence_gap"] == pytest.approx(gap)
+    assert any("does not redraw part of what the classifier reads" in n for n in summary["notes"])
