@@ -190,7 +190,7 @@ def evidence_loss(
     the largest |change| of f's decision margin for the class f gives x when one cell of a
     ``grid`` x ``grid`` partition of x is replaced by the same cell of ``rec``, and that cell's
     row-major index."""
-    n, _, h, w = x.shape
+    h, w = x.shape[-2:]
     rows = [(i * h // grid, (i + 1) * h // grid) for i in range(grid)]
     cols = [(j * w // grid, (j + 1) * w // grid) for j in range(grid)]
     losses = []
