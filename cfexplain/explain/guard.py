@@ -1,7 +1,7 @@
 """The out-of-distribution and fidelity guard: never explain with confidence what the models
 cannot see.
 
-Every explained image gets four signals, each compared with a threshold calibrated on the run's
+Every explained image gets five signals, each compared with a threshold calibrated on the run's
 own validation split when the run was trained (the ``guard`` stage), so nothing is recomputed
 at explain time:
 
