@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from cfexplain.explain.attribution import normalise
+from cfexplain.explain.guard import EVIDENCE_GRID
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import animated_gif, to_uint8, upscale
 from cfexplain.utils.markup import esc, facts_table, fmt, notes_html, page
@@ -196,10 +197,35 @@ def _map_rgb(row: Row, name: str, m: Tensor, signed: bool) -> np.ndarray:
     return drawn if drawn is not None else overlay(row.image[None], m[None], signed)[0]
 
 
+EVIDENCE_RGB = (230, 30, 30)
+
+
+def mark_cell(rgb: np.ndarray, cell: int, grid: int) -> np.ndarray:
+    """A copy of ``rgb [H, W, 3]`` with cell ``cell`` (row-major) of a ``grid`` x ``grid``
+    partition outlined in red, one pixel wide."""
+    out = rgb.copy()
+    h, w = out.shape[:2]
+    r, c = divmod(int(cell), grid)
+    r0, r1, c0, c1 = r * h // grid, (r + 1) * h // grid - 1, c * w // grid, (c + 1) * w // grid - 1
+    for sl in (np.s_[r0, c0 : c1 + 1], np.s_[r1, c0 : c1 + 1]):
+        out[sl] = EVIDENCE_RGB
+    for sl in (np.s_[r0 : r1 + 1, c0], np.s_[r0 : r1 + 1, c1]):
+        out[sl] = EVIDENCE_RGB
+    return out
+
+
+def input_rgb(row: Row) -> np.ndarray:
+    """The input as RGB, with the region the generator does not redraw (the guard's
+    ``evidence_loss`` cell) outlined when the guard named one."""
+    rgb = gray_rgb(row.image[None])[0]
+    cell = getattr(row.guard, "cell", None)
+    return rgb if cell is None else mark_cell(rgb, cell, EVIDENCE_GRID)
+
+
 def strip_image(row: Row, size: int = 96) -> Image.Image:
     """One PNG strip: input | reconstruction | frames with p(target) under each | difference |
     every map over the input."""
-    tiles = [(gray_rgb(row.image[None])[0], "input", f"p={row.prob:.2f}")]
+    tiles = [(input_rgb(row), "input", f"p={row.prob:.2f}")]
     if row.has_counterfactual:
         rp = f"p={row.recon_prob:.2f}" if row.recon_prob is not None else ""
         if row.is_ordinal and row.recon_grade is not None:
@@ -314,7 +340,7 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
         _save_png(img, folder / name)
         return f"{rel}/{name}"
 
-    files["input"] = put("input.png", upscale(gray_rgb(row.image[None])[0], size))
+    files["input"] = put("input.png", upscale(input_rgb(row), size))
     for name, (m, signed) in row.maps.items():
         files["maps"][name] = put(f"map_{name}.png", upscale(_map_rgb(row, name, m, signed), size))
     files["strip"] = put("strip.png", strip_image(row, size))

@@ -64,6 +64,7 @@ class Verdict:
     status: str
     values: dict[str, float]
     reasons: list[str] = field(default_factory=list)  # "recon_error 0.31 > 0.070", ...
+    cell: int | None = None  # evidence_loss's cell (row-major, EVIDENCE_GRID) when it is over
 
     @property
     def flagged(self) -> bool:
@@ -347,7 +348,7 @@ def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verd
         reasons = [
             f"{k} {values[k]:.3g} > {calibration.thresholds[k]:.3g} ({DESCRIPTIONS[k]}"
             + (
-                f": {cell_name(int(signals['evidence_cell'][i]))})"
+                f": {cell_name(int(signals['evidence_cell'][i]))}, outlined in red)"
                 if k == "evidence_loss" and "evidence_cell" in signals
                 else ")"
             )
@@ -359,5 +360,8 @@ def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verd
             status = READ_DIFFERENTLY
         else:
             status = IN_DISTRIBUTION
-        verdicts.append(Verdict(status, values, reasons))
+        cell = None
+        if "evidence_loss" in over and "evidence_cell" in signals:
+            cell = int(signals["evidence_cell"][i])
+        verdicts.append(Verdict(status, values, reasons, cell))
     return verdicts

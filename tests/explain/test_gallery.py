@@ -52,6 +52,27 @@ def make_row(name: str = "a.png", counterfactual: bool = True, k: int = 5, true:
     return row
 
 
+def test_the_region_the_generator_does_not_redraw_is_outlined_on_the_input(tmp_path):
+    from cfexplain.explain.guard import READ_DIFFERENTLY, Verdict
+
+    def red(img: np.ndarray) -> np.ndarray:
+        return (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+
+    row = make_row()  # 16 px: the 4x4 grid's cells are 4 px
+    plain = np.asarray(
+        Image.open(tmp_path / write_row_files(row, tmp_path / "i" / "0", "t")["input"])
+    )
+    assert not red(plain).any()  # gray input, nothing outlined without a named cell
+    row.guard = Verdict(READ_DIFFERENTLY, {"evidence_loss": 9.0}, ["evidence_loss ..."], cell=7)
+    files = write_row_files(row, tmp_path / "i" / "1", "t", size=32)
+    marked = red(np.asarray(Image.open(tmp_path / files["input"]).convert("RGB")))
+    ys, xs = np.nonzero(marked)  # cell 7: row 2, column 4 -> pixels 4-7 x 12-15, upscaled 2x
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (8, 15, 24, 31)
+    assert not marked[10:14, 26:30].any()  # an outline, not a filled box
+    strip = np.asarray(strip_image(row, size=32).convert("RGB"))
+    assert red(strip[:, :34]).any() and not red(strip[:, 34:]).any()  # the input tile alone
+
+
 def test_colours_diverge_around_zero_and_unsigned_starts_black():
     m = torch.tensor([[[[-2.0, 0.0, 2.0]]]])
     rgb = colorize(m, signed=True)[0, 0]

@@ -165,4 +165,6 @@ def test_evidence_threshold_comes_from_the_generator_and_the_gap_warns():
     (v,) = guard.assess(signals, cal)
     assert v.status == guard.READ_DIFFERENTLY
     assert v.reasons[0].startswith("evidence_loss 100 >")
-    assert "top right" in v.reasons[0]
+    assert "top right" in v.reasons[0] and v.cell == 3
+    (calm_verdict,) = guard.assess({**signals, "evidence_loss": torch.tensor([0.0])}, cal)
+    assert calm_verdict.cell is None  # a cell is named only when its signal is over
