@@ -214,12 +214,17 @@ def mark_cell(rgb: np.ndarray, cell: int, grid: int) -> np.ndarray:
     return out
 
 
-def input_rgb(row: Row) -> np.ndarray:
-    """The input as RGB, with the region the generator does not redraw (the guard's
-    ``evidence_loss`` cell) outlined when the guard named one."""
-    rgb = gray_rgb(row.image[None])[0]
-    cell = getattr(row.guard, "cell", None)
+def outlined_rgb(image: Tensor, verdict: Any) -> np.ndarray:
+    """``image [C, H, W]`` as RGB, with the region the generator does not redraw (the guard
+    ``verdict``'s ``evidence_loss`` cell) outlined when it named one."""
+    rgb = gray_rgb(image[None])[0]
+    cell = getattr(verdict, "cell", None)
     return rgb if cell is None else mark_cell(rgb, cell, EVIDENCE_GRID)
+
+
+def input_rgb(row: Row) -> np.ndarray:
+    """The row's input as RGB, outlined where the guard says G does not redraw it."""
+    return outlined_rgb(row.image, row.guard)
 
 
 def strip_image(row: Row, size: int = 96) -> Image.Image:

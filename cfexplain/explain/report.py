@@ -324,15 +324,18 @@ def _section_concepts(c: _Content) -> str:
 
 
 def _section_looked(c: _Content) -> str:
-    from cfexplain.explain.gallery import gray_rgb, overlay
+    from cfexplain.explain.gallery import outlined_rgb, overlay
     from cfexplain.utils.images import upscale
 
     x = c.image[None]
-    original = _uri(np.asarray(upscale(gray_rgb(x)[0], _SIZE)))
+    original = _uri(np.asarray(upscale(outlined_rgb(c.image, c.guard), _SIZE)))
     heat = _uri(np.asarray(upscale(overlay(x, c.guided_gradcam, signed=True)[0], _SIZE)))
+    caption = "The image"
+    if getattr(c.guard, "cell", None) is not None:
+        caption += " (red box: a region the generator does not redraw)"
     return (
         "<h2>Where it looked</h2>"
-        f'<div class="figs">{_img(original, "The image")}'
+        f'<div class="figs">{_img(original, caption)}'
         f"{_img(heat, f'Evidence for {c.answer}')}</div>"
         f'<p class="note">Coloured areas are the details the model relied on (guided grad-CAM): '
         f"red pushed it towards “{esc(c.answer)}”, blue pushed it away. Uncoloured areas "

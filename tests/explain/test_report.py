@@ -6,6 +6,7 @@ import base64
 import io
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -167,3 +168,31 @@ def test_ordinal_walk_shows_expected_and_most_likely_grade_per_step(tmp_path, pa
         _write(tmp_path, parts, **walk)
     with pytest.raises(ValueError, match="frame_argmax"):
         _write(tmp_path, parts, **walk, frame_argmax=[0, 1, 2, 3, 7])
+
+
+def _looked_picture(page: str) -> np.ndarray:
+    """The first picture of "Where it looked" (the image itself), decoded to RGB."""
+    section = page.split("<h2>Where it looked</h2>", 1)[1]
+    b64 = re.search(r'src="data:image/png;base64,([^"]+)"', section).group(1)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def test_the_region_the_generator_does_not_redraw_is_outlined(tmp_path, parts):
+    from cfexplain.explain.guard import READ_DIFFERENTLY, Verdict
+
+    def red(img: np.ndarray) -> np.ndarray:
+        return (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+
+    _, plain = _write(tmp_path / "a", parts)
+    assert not red(_looked_picture(plain)).any() and "red box" not in plain
+    verdict = Verdict(READ_DIFFERENTLY, {"evidence_loss": 9.0}, ["evidence_loss 9 > 5"], cell=0)
+    _, page = _write(tmp_path / "b", parts, guard=verdict)
+    marked = red(_looked_picture(page))
+    ys, xs = np.nonzero(marked)  # cell 0 of 4x4: the top-left quarter of each side
+    side = marked.shape[0]
+    assert ys.min() == 0 and xs.min() == 0
+    assert (
+        side // 4 - side // 16 <= ys.max() < side // 4
+        and side // 4 - side // 16 <= xs.max() < side // 4
+    )
+    assert "red box: a region the generator does not redraw" in page
