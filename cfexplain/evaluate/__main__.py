@@ -58,7 +58,7 @@ def evaluate(cfg: DictConfig) -> Path:
     # Attributes are judged by the factors they move, not as a map.
     maps = [m for m in methods if m != "attributes"]
     names = (["counterfactual"] if counterfactual is not None else []) + maps
-    blind_spot = evidence_note(run.guard) if run.guard is not None else None
+    blind_spot = evidence_note(run.guard)
     if blind_spot:  # the generator misses what f reads: no counterfactual can show it
         notes.append(blind_spot)
     if "normative" in methods:

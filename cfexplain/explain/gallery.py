@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from cfexplain.explain.attribution import normalise
-from cfexplain.explain.guard import EVIDENCE_GRID
+from cfexplain.explain.guard import EVIDENCE_GRID, cell_region
 from cfexplain.utils.artifacts import write_bytes, write_json, write_text
 from cfexplain.utils.images import animated_gif, to_uint8, upscale
 from cfexplain.utils.markup import esc, facts_table, fmt, notes_html, page
@@ -202,15 +202,12 @@ EVIDENCE_RGB = (230, 30, 30)
 
 def mark_cell(rgb: np.ndarray, cell: int, grid: int) -> np.ndarray:
     """A copy of ``rgb [H, W, 3]`` with cell ``cell`` (row-major) of a ``grid`` x ``grid``
-    partition outlined in red, one pixel wide."""
+    partition (:func:`~cfexplain.explain.guard.cell_region`) outlined in red, one pixel wide."""
     out = rgb.copy()
     h, w = out.shape[:2]
-    r, c = divmod(int(cell), grid)
-    r0, r1, c0, c1 = r * h // grid, (r + 1) * h // grid - 1, c * w // grid, (c + 1) * w // grid - 1
-    for sl in (np.s_[r0, c0 : c1 + 1], np.s_[r1, c0 : c1 + 1]):
-        out[sl] = EVIDENCE_RGB
-    for sl in (np.s_[r0 : r1 + 1, c0], np.s_[r0 : r1 + 1, c1]):
-        out[sl] = EVIDENCE_RGB
+    rows, cols = cell_region(cell, h, w, grid)
+    out[[rows.start, rows.stop - 1], cols] = EVIDENCE_RGB
+    out[rows, [cols.start, cols.stop - 1]] = EVIDENCE_RGB
     return out
 
 

@@ -43,6 +43,7 @@ STATUSES = (IN_DISTRIBUTION, UNLIKE_TRAINING, READ_DIFFERENTLY)
 DISTRIBUTION_SIGNALS = ("recon_error", "feature_distance", "normative_score")
 FIDELITY_SIGNALS = ("recon_prob_gap", "evidence_loss")
 EVIDENCE_GRID = 4  # evidence_loss swaps the cells of a 4x4 grid
+EVIDENCE_LIMIT = 2.5  # default evidence_gap above which explain and evaluate warn
 SIGNALS = DISTRIBUTION_SIGNALS + FIDELITY_SIGNALS
 GUARD_FILE = "guard.safetensors"
 MODES = ("off", "warn", "skip")
@@ -89,7 +90,7 @@ class Calibration:
     margin: float = 1.0
     normative: str | None = None  # the normative model whose score is a signal
     evidence_gap: float | None = None  # validation median / G samples' median of evidence_loss
-    evidence_limit: float = 2.5  # the gap above which explain warns
+    evidence_limit: float = EVIDENCE_LIMIT  # the gap above which explain warns
 
     def save(self, path: str | Path) -> Path:
         from cfexplain.utils.artifacts import save_tensors
@@ -122,7 +123,7 @@ class Calibration:
             margin=float(meta["margin"]),
             normative=meta.get("normative") or None,
             evidence_gap=float(meta["evidence_gap"]) if meta.get("evidence_gap") else None,
-            evidence_limit=float(meta.get("evidence_limit", 2.5)),
+            evidence_limit=float(meta.get("evidence_limit", EVIDENCE_LIMIT)),
         )
 
 
@@ -192,22 +193,27 @@ def evidence_loss(
     ``grid`` x ``grid`` partition of x is replaced by the same cell of ``rec``, and that cell's
     row-major index."""
     h, w = x.shape[-2:]
-    rows = [(i * h // grid, (i + 1) * h // grid) for i in range(grid)]
-    cols = [(j * w // grid, (j + 1) * w // grid) for j in range(grid)]
     losses = []
     for a, b in zip(x.split(batch), rec.split(batch)):
         logits = classifier(a).float()
         cls = logits.argmax(1)
         base = decision_margin(logits, cls)
         per_cell = []
-        for r0, r1 in rows:
-            for c0, c1 in cols:
-                y = a.clone()
-                y[:, :, r0:r1, c0:c1] = b[:, :, r0:r1, c0:c1]
-                per_cell.append((decision_margin(classifier(y).float(), cls) - base).abs())
+        for cell in range(grid * grid):
+            rows, cols = cell_region(cell, h, w, grid)
+            y = a.clone()
+            y[..., rows, cols] = b[..., rows, cols]
+            per_cell.append((decision_margin(classifier(y).float(), cls) - base).abs())
         losses.append(torch.stack(per_cell, 1).cpu())
     loss, cell = torch.cat(losses).max(1)
     return loss, cell
+
+
+def cell_region(cell: int, h: int, w: int, grid: int = EVIDENCE_GRID) -> tuple[slice, slice]:
+    """``(rows, columns)`` of cell ``cell`` (row-major) of a ``grid`` x ``grid`` partition of an
+    ``h`` x ``w`` image."""
+    r, c = divmod(int(cell), grid)
+    return slice(r * h // grid, (r + 1) * h // grid), slice(c * w // grid, (c + 1) * w // grid)
 
 
 def cell_name(cell: int, grid: int = EVIDENCE_GRID) -> str:
@@ -263,9 +269,12 @@ def judge(models: Models, x: Tensor, calibration: Calibration) -> list[Verdict]:
     return assess(signals, calibration)
 
 
-def evidence_note(calibration: Calibration) -> str | None:
+def evidence_note(calibration: Calibration | None) -> str | None:
     """The run-level warning when the generator misses evidence the classifier uses on real
-    images (``evidence_gap`` above the calibration's ``evidence_limit``), else None."""
+    images (``evidence_gap`` above the calibration's ``evidence_limit``), else None (also for a
+    run without a guard)."""
+    if calibration is None:
+        return None
     gap, limit = calibration.evidence_gap, calibration.evidence_limit
     if gap is None or not gap > limit:
         return None
@@ -296,7 +305,7 @@ def calibrate(
     margin: float = 1.0,
     normative: str | None = None,
     generated: Mapping[str, Tensor] | None = None,
-    evidence_limit: float = 2.5,
+    evidence_limit: float = EVIDENCE_LIMIT,
 ) -> Calibration:
     """Thresholds from the validation split's signals (``[N]`` each; absent signals skipped);
     a signal also in ``generated`` (the same signal of G's own samples) takes its threshold from
@@ -345,13 +354,15 @@ def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verd
     for i in range(n):
         values = {k: float(signals[k][i]) for k in names}
         over = [k for k in names if not values[k] <= calibration.thresholds[k]]  # NaN is over
+        cell = None
+        if "evidence_loss" in over and "evidence_cell" in signals:
+            cell = int(signals["evidence_cell"][i])
+        where = (
+            {"evidence_loss": f": {cell_name(cell)}, outlined in red"} if cell is not None else {}
+        )
         reasons = [
             f"{k} {values[k]:.3g} > {calibration.thresholds[k]:.3g} ({DESCRIPTIONS[k]}"
-            + (
-                f": {cell_name(int(signals['evidence_cell'][i]))}, outlined in red)"
-                if k == "evidence_loss" and "evidence_cell" in signals
-                else ")"
-            )
+            f"{where.get(k, '')})"
             for k in over
         ]
         if any(k in DISTRIBUTION_SIGNALS for k in over):
@@ -360,8 +371,5 @@ def assess(signals: Mapping[str, Tensor], calibration: Calibration) -> list[Verd
             status = READ_DIFFERENTLY
         else:
             status = IN_DISTRIBUTION
-        cell = None
-        if "evidence_loss" in over and "evidence_cell" in signals:
-            cell = int(signals["evidence_cell"][i])
         verdicts.append(Verdict(status, values, reasons, cell))
     return verdicts

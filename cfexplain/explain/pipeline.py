@@ -410,7 +410,7 @@ def guard_mode(cfg: DictConfig, run: TrainedRun) -> tuple[str, str | None]:
 def guard_notes(cfg: DictConfig, run: TrainedRun) -> list[str]:
     """The guard's run-level warning (a generator that misses evidence the classifier uses), for
     the page's notes; none with the guard off or absent."""
-    if str(cfg.guard) == "off" or run.guard is None:
+    if str(cfg.guard) == "off":
         return []
     from cfexplain.explain.guard import evidence_note
 

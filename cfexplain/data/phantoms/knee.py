@@ -979,6 +979,7 @@ class KneePhantom(CachedPhantom):
 
     def _disease(self, i: int) -> dict[str, float]:
         """Sample i's own disease factors (before any ``decorrelate`` exchange)."""
+        # spawn(2) gives the same first two children as params' spawn(5)
         anat_seq, dis_seq = sample_seed(self.seed, self.split, i).spawn(2)
         return _sample_disease(
             np.random.default_rng(dis_seq), _sample_anatomy(np.random.default_rng(anat_seq))
