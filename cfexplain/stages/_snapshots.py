@@ -223,15 +223,22 @@ def generate(
     return torch.cat([G(zb.to(device), psi=psi, noise_mode="const").cpu() for zb in z.split(batch)])
 
 
-def best_index(snapshots: list[dict[str, Any]], metric: str) -> int | None:
-    """The snapshot with the lowest ``metric`` (the first of ties) among those not marked
-    collapsed; None if none qualifies."""
+def best_index(snapshots: list[dict[str, Any]], metric: str, tolerance: float = 1.0) -> int | None:
+    """The latest snapshot whose ``metric`` is within ``tolerance`` times the lowest, among those
+    not marked collapsed; None if none qualifies. With ``tolerance`` 1 that is the lowest (the
+    first of ties). Above 1 a later snapshot that measures as good, within the metric's noise,
+    wins: G keeps refining what a 500-image distance cannot see. The index never moves back to
+    a snapshot before the current best (a new lowest value is itself the latest within range),
+    so the training state kept for it stays the right one."""
     scored = [
         (m[metric], i)
         for i, m in enumerate(snapshots)
         if m.get(metric) is not None and not m.get("collapsed", False)
     ]
-    return min(scored)[1] if scored else None
+    if not scored:
+        return None
+    bound = min(scored)[0] * tolerance
+    return max(i for v, i in scored if v <= bound) if tolerance > 1 else min(scored)[1]
 
 
 # ----------------------------------------------------------------------------- collapse

@@ -371,7 +371,8 @@ def _snapshot(
         # while recall went to 0 on a collapsing KL run).
         prev = None if s["best"] is None else snaps[s["best"]]
         roll_back = _collapsed(rule, s, prev, str(g.keep_metric))
-        s["best"] = best_index(snaps, str(g.keep_metric))
+        tolerance = float(g.get("keep_tolerance", 1.0))
+        s["best"] = best_index(snaps, str(g.keep_metric), tolerance)
         new_best = s["best"] == len(snaps) - 1
     flags = torch.tensor([new_best, roll_back], dtype=torch.int64)
     if d.enabled:
@@ -494,7 +495,9 @@ def _finish(
 
 def _kept_metrics(g: DictConfig, s: dict[str, Any], kept: dict[str, Any]) -> dict[str, Any]:
     """Which snapshot was kept and why, the last snapshot's headline metrics, the collapses."""
-    why = f"lowest {g.keep_metric}" if g.keep == "best" else "the last snapshot"
+    tol = float(g.get("keep_tolerance", 1.0))
+    within = f"latest within {tol:g}x the lowest" if tol > 1 else "lowest"
+    why = f"{within} {g.keep_metric}" if g.keep == "best" else "the last snapshot"
     last = s["snapshots"][-1]
     out: dict[str, Any] = {
         "kept": f"G_ema at {kept['kimg']} kimg ({why})",

@@ -199,6 +199,24 @@ def test_recall_lost_is_collapse_and_a_collapsed_snapshot_is_never_the_best():
     assert best_index([{**late, "collapsed": True}], "fd_fixed_val") is None
 
 
+def test_keep_tolerance_keeps_the_latest_snapshot_as_good_as_the_lowest():
+    from cfexplain.stages._snapshots import best_index
+
+    fds = [0.0169, 0.0249, 0.0147, 0.0165, 0.0158, 0.0192]  # late snapshots of a screen run
+    snaps = [{"fd_fixed_val": v} for v in fds]
+    assert best_index(snaps, "fd_fixed_val") == 2  # the lowest
+    assert best_index(snaps, "fd_fixed_val", 1.2) == 4  # 0.0158 <= 1.2 x 0.0147; 0.0192 is not
+    assert best_index(snaps, "fd_fixed_val", 1.05) == 2
+    # Never back before the current best: a new lowest value is the latest within range.
+    picks = [best_index(snaps[: k + 1], "fd_fixed_val", 1.2) for k in range(len(snaps))]
+    assert picks == [0, 0, 2, 3, 4, 4]
+    assert all(b >= a for a, b in zip(picks, picks[1:]))
+    assert (
+        best_index([*snaps[:5], {"fd_fixed_val": 0.015, "collapsed": True}], "fd_fixed_val", 1.2)
+        == 4
+    )
+
+
 def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(smoke_cfg, monkeypatch):
     cfg = smoke_cfg("stages=[classifier,generator]", "generator.kimg=0.4", "checkpoint_every=2")
     calls = {"n": 0}
