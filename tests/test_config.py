@@ -86,10 +86,12 @@ def test_cpu_32_is_cpu_demo_at_32_px_in_its_own_runs_folder():
     small = compose_config("+dataset=knee", "preset=cpu_32")
     assert small.experiment == "knee_32px" and demo.experiment == "knee"
     assert small.generator.max_minutes is None and small.generator.kimg <= 80  # work budget
-    # Everything but the resolution and the generator's width and length comes from cpu_demo.
+    # Everything but the resolution and the generator's width, length and batch (cpu_32 stays
+    # at the batch 16 its numbers were measured at) comes from cpu_demo.
     for key in ("encoder", "direction", "classifier", "normative"):
         assert small[key] == demo[key], key
-    own = {"G", "D", "kimg", "max_minutes", "snapshot_kimg"}
+    assert (small.generator.batch_size, demo.generator.batch_size) == (16, 8)
+    own = {"G", "D", "kimg", "max_minutes", "snapshot_kimg", "batch_size"}
     assert {k: v for k, v in small.generator.items() if k not in own} == {
         k: v for k, v in demo.generator.items() if k not in own
     }
