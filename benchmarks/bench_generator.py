@@ -1,7 +1,7 @@
 """Generator speed: our StyleGAN2 against a straightforward reference of the same network.
 
     python benchmarks/bench_generator.py [--configs cpu_demo auto32] [--batch 16] [--repeats 3]
-    python benchmarks/bench_generator.py --train [--baseline f2970dc] [--rounds 8]
+    python benchmarks/bench_generator.py --train [--baseline f2970dc] [--rounds 8] [overrides...]
 
 For each configuration (``cpu_demo``: the generator block of the default preset at 64 px; ``auto32``:
 the published ``auto`` configuration at 32 px, channel_base 16384, channel_max 512, 2 mapping
@@ -246,14 +246,16 @@ def conv_peak(repeats: int = 5) -> float:
     return max(layouts.values())
 
 
-def bench_train(ref: str, rounds: int, p: float = 0.2, block: int = 10) -> None:
+def bench_train(
+    ref: str, rounds: int, p: float = 0.2, block: int = 10, overrides: tuple[str, ...] = ()
+) -> None:
     from hydra import compose, initialize_config_module
 
     from cfexplain.stages import generator as stage
     from cfexplain.utils import distributed
 
     with initialize_config_module(config_module="cfexplain.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["+dataset=knee"])
+        cfg = compose(config_name="config", overrides=["+dataset=knee", *overrides])
     d = distributed.setup("cpu")
     g = cfg.generator
     res, batch = int(cfg.data.resolution), int(g.batch_size)
@@ -324,9 +326,12 @@ def main() -> None:
     ap.add_argument("--baseline", default="f2970dc", help="commit whose networks --train runs")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--p", type=float, default=0.2, help="--train: ADA augmentation probability")
+    ap.add_argument(
+        "overrides", nargs="*", help="--train: config overrides (generator.batch_size=16)"
+    )
     args = ap.parse_args()
     if args.train:
-        bench_train(args.baseline, args.rounds, args.p)
+        bench_train(args.baseline, args.rounds, args.p, overrides=tuple(args.overrides))
         return
     print(f"device cpu, {torch.get_num_threads()} threads, fp32, batch {args.batch}")
     header = (

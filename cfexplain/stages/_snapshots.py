@@ -226,7 +226,7 @@ def generate(
 def best_index(snapshots: list[dict[str, Any]], metric: str, tolerance: float = 1.0) -> int | None:
     """The latest snapshot whose ``metric`` is within ``tolerance`` times the lowest, among those
     not marked collapsed; None if none qualifies. With ``tolerance`` 1 that is the lowest (the
-    first of ties). Above 1 a later snapshot that measures as good, within the metric's noise,
+    last of ties). Above 1 a later snapshot that measures as good, within the metric's noise,
     wins: G keeps refining what a 500-image distance cannot see. The index never moves back to
     a snapshot before the current best (a new lowest value is itself the latest within range),
     so the training state kept for it stays the right one."""
@@ -238,7 +238,7 @@ def best_index(snapshots: list[dict[str, Any]], metric: str, tolerance: float = 
     if not scored:
         return None
     bound = min(scored)[0] * tolerance
-    return max(i for v, i in scored if v <= bound) if tolerance > 1 else min(scored)[1]
+    return max(i for v, i in scored if v <= bound)
 
 
 # ----------------------------------------------------------------------------- collapse
