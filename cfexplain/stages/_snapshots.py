@@ -248,10 +248,16 @@ def best_index(snapshots: list[dict[str, Any]], metric: str, tolerance: float = 
 class CollapseRule:
     """When the snapshots say training has collapsed, and what recovering costs.
 
-    A snapshot is collapsed when the classifier's class shares of generated images are more
-    than ``class_gap`` off the real ones, the kept metric is more than ``fd_ratio`` times its
-    best so far, or recall (the share of real images the generated ones cover) is below
-    ``recall_ratio`` times the best snapshot's. A collapsed snapshot is never kept nor rolled
+    A snapshot is collapsed when the classifier's class shares of generated images moved more
+    than ``class_gap`` further off the real ones than the best snapshot's while the kept metric
+    got worse than the best's, when the kept metric is more than ``fd_ratio`` times its best so
+    far, or when recall (the share of real images the generated ones cover) is below
+    ``recall_ratio`` times the best snapshot's. The class-share rule is relative and asks for a
+    worse yardstick because the shares are read by the run's own classifier: a shortcut
+    classifier calls an image diseased by its marker, so a G that improves but does not draw the
+    marker yet sits 40 points off for tens of kimg (an absolute 30-point rule rolled such a run
+    back three times, to states that drew no marker at all). Mode collapse onto one class moves
+    the shares and worsens the fixed yardstick together. A collapsed snapshot is never kept nor rolled
     back to; before ``start_kimg`` it does not count toward a rollback (early training swings and
     recovers: the cpu_demo knee G's class shares were 28 points off at 10 kimg and 0.2 at 80).
     ``patience`` collapsed snapshots in a row trigger a rollback to the best state with the
@@ -276,10 +282,14 @@ class CollapseRule:
     def reasons(self, snap: dict[str, Any], best: dict[str, Any] | None, metric: str) -> list[str]:
         """Why ``snap`` counts as collapsed against the ``best`` snapshot (empty: it does not)."""
         out = []
-        gap = snap.get("class_share_gap")
-        if gap is not None and gap > self.class_gap:
-            out.append(f"class shares {gap:.2f} off the real ones (> {self.class_gap:g})")
         value, ref = snap.get(metric), (best or {}).get(metric)
+        gap, ref_gap = snap.get("class_share_gap"), (best or {}).get("class_share_gap", 0.0)
+        worse = best is None or (value is not None and ref is not None and value > ref)
+        if gap is not None and gap > ref_gap + self.class_gap and worse:
+            out.append(
+                f"class shares {gap:.2f} off the real ones, more than {self.class_gap:g} beyond"
+                f" the best snapshot's {ref_gap:.2f}, while {metric} got worse"
+            )
         if value is not None and ref is not None and value > self.fd_ratio * ref:
             out.append(f"{metric} {value:.3g} > {self.fd_ratio:g} x its best {ref:.3g}")
         recall, ref = snap.get("recall"), (best or {}).get("recall")

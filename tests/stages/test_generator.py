@@ -176,13 +176,39 @@ def test_collapse_rule_counts_collapsed_snapshots_in_a_row():
     # counts toward no rollback.
     late = stage.CollapseRule(start_kimg=100.0, patience=1)
     streak, events = s["collapse_streak"], len(s["collapse_events"])
-    s["snapshots"].append({"kimg": 50.0, "fd_fixed_val": 1.0, "class_share_gap": 0.45})
+    s["snapshots"].append({"kimg": 50.0, "fd_fixed_val": 1.1, "class_share_gap": 0.45})
     assert stage._collapsed(late, s, best, "fd_fixed_val") is False
     assert s["snapshots"][-1]["collapsed"] is True
     assert s["collapse_streak"] == streak and len(s["collapse_events"]) == events
     s["snapshots"].append({"kimg": 55.0, "fd_fixed_val": 1.1, "class_share_gap": 0.05})
     assert stage._collapsed(late, s, best, "fd_fixed_val") is False
     assert s["snapshots"][-1]["collapsed"] is False
+
+
+def test_class_shares_count_as_collapse_only_when_they_moved_and_the_yardstick_got_worse():
+    rule = stage.CollapseRule.from_config(compose_config("+dataset=knee").generator.collapse)
+    # The shortcut knee at batch 8: its classifier calls an image diseased by its marker, so while
+    # G learned the knee but not yet the marker its shares sat ~40 points off with the fixed FD
+    # falling; the absolute rule flagged 15 to 50 kimg and rolled back to states with no marker.
+    trace = [(10.0, 0.1734, 0.02, 0.07), (15.0, 0.0828, 0.13, 0.33), (20.0, 0.0626, 0.22, 0.42),
+             (40.0, 0.0145, 0.59, 0.39), (45.0, 0.0211, 0.61, 0.38), (50.0, 0.0218, 0.59, 0.36),
+             (60.0, 0.0101, 0.73, 0.18)]  # fmt: skip
+    best = None
+    for kimg, fd, recall, gap in trace:
+        snap = {"kimg": kimg, "fd_fixed_val": fd, "recall": recall, "class_share_gap": gap}
+        assert rule.reasons(snap, best, "fd_fixed_val") == [], kimg
+        if best is None or fd < best["fd_fixed_val"]:
+            best = snap
+    # Mode collapse onto one class: the shares move away from the best's and the FD worsens.
+    best = {"kimg": 60.0, "fd_fixed_val": 0.0101, "recall": 0.73, "class_share_gap": 0.05}
+    onto_one = {"kimg": 65.0, "fd_fixed_val": 0.02, "recall": 0.6, "class_share_gap": 0.45}
+    [why] = rule.reasons(onto_one, best, "fd_fixed_val")
+    assert why.startswith("class shares 0.45 off the real ones, more than 0.3 beyond")
+    assert rule.reasons({**onto_one, "fd_fixed_val": 0.01}, best, "fd_fixed_val") == []
+    assert rule.reasons({**onto_one, "class_share_gap": 0.34}, best, "fd_fixed_val") == []
+    # With no best yet (the first snapshot) the rule is absolute.
+    assert rule.reasons(onto_one, None, "fd_fixed_val") != []
+    assert rule.reasons({**onto_one, "class_share_gap": 0.2}, None, "fd_fixed_val") == []
 
 
 def test_recall_lost_is_collapse_and_a_collapsed_snapshot_is_never_the_best():
