@@ -163,6 +163,10 @@ def _print_table(summary: dict[str, Any]) -> None:
             f"attribute {r['rank'] + 1} {r['attribute']}: {r['dominant']} "
             f"(specificity {r['specificity']:.2f}){marker}"
         )
+    for r in summary.get("attributes", {}).get("best_coordinates", []):
+        from cfexplain.evaluate.report import coordinate_line
+
+        print(f"best coordinate for {r['factor']}: {coordinate_line(r)}")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="evaluate")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 from cfexplain.evaluate.oracles import CAUSAL, NUISANCE, FactorOracle
 from cfexplain.explain.counterfactual import Counterfactuals
 from cfexplain.utils.quality import FeatureStats
+
+if TYPE_CHECKING:
+    from cfexplain.explain.attributes import StyleLayout
 
 # Half a standard deviation of the factor on the phantom: below one KL step of every disease
 # factor, yet above the reading noise of a demo-scale oracle for most images. For binary factors
@@ -286,6 +289,86 @@ def attribute_factors(
             row["marker_toggled_all"] = float(toggled.float().mean())
         out.append(row)
     return out
+
+
+@torch.no_grad()
+def factor_coordinates(
+    oracle: FactorOracle,
+    G: nn.Module,
+    s: Tensor,
+    step: Tensor,
+    layout: StyleLayout,
+    has_marker: Tensor | None = None,
+    batch_size: int = 64,
+    min_change: float = MNAC_THRESHOLD,
+) -> list[dict[str, Any]]:
+    """Per factor, the single style coordinate that moves it most: every coordinate of
+    ``s [N, S]`` shifted by ``±step [S]`` (``d · σ``) alone, every factor read before and after.
+
+    What AttFind could at best find for that factor, whatever the classifier reads: when even
+    the best coordinate is unspecific (or, for the marker, toggles it in few images), the
+    generator has no attribute for the factor and no classifier-driven search can surface one.
+    Per factor: ``layer``, ``channel``, ``sign``, ``change`` (that factor's mean |standardised
+    change|), ``specificity`` (its share of the coordinate's summed mean |changes|), and for the
+    marker ``marker_toggled`` (share of the images with a marker, ``has_marker [N]``, whose
+    reading crosses 0.5 at +d or -d; the coordinate is chosen on it); and ``most_specific``: of
+    the (coordinate, sign) pairs that move the factor by at least ``min_change``, the one whose
+    change falls most on it (None when none moves it that far). ``N · 2S`` renders."""
+    from cfexplain.explain.attributes import one_at_a_time, render
+
+    names, (n, S) = list(oracle.factors), s.shape
+    scale = oracle.change_scale.float().cpu()
+    before = read_factors(oracle, torch.cat([render(G, b) for b in s.split(batch_size)]))
+    rows = torch.arange(S).repeat(2)
+    signs = torch.cat([torch.ones(S), -torch.ones(S)])
+    moved_abs = torch.zeros(2 * S, len(names))
+    flips = torch.zeros(2, S, n, dtype=torch.bool)  # the marker reading crosses 0.5
+    j = names.index("marker") if "marker" in names else None
+    for i in range(n):
+        after = torch.cat(
+            [
+                read_factors(oracle, render(G, sb), batch_size)
+                for sb in one_at_a_time(s[i], rows, signs, step, batch_size)
+            ]
+        )
+        moved_abs += ((after - before[i]) / scale).abs()
+        if j is not None:
+            flips[:, :, i] = ((after[:, j] > 0.5) != (before[i, j] > 0.5)).view(2, S)
+    mean = (moved_abs / n).view(2, S, len(names))
+    pool = has_marker.cpu() if has_marker is not None else torch.ones(n, dtype=torch.bool)
+    toggled = (flips[0] | flips[1])[:, pool].float().mean(1) if pool.any() else None
+    out = []
+    for f, name in enumerate(names):
+        if name == "marker" and toggled is not None:
+            c = int(toggled.argmax())
+            sign = 0 if mean[0, c, f] >= mean[1, c, f] else 1
+        else:
+            sign, c = divmod(int(mean[:, :, f].flatten().argmax()), S)
+        row = {"factor": name, **_coordinate(layout, mean, sign, c, f)}
+        if name == "marker" and toggled is not None:
+            row["marker_toggled"] = float(toggled[c])
+        share = mean[:, :, f] / mean.sum(-1).clamp_min(1e-12)
+        strong = mean[:, :, f] >= min_change
+        row["most_specific"] = None
+        if strong.any():
+            sign, c = divmod(int(share.where(strong, -1.0).flatten().argmax()), S)
+            row["most_specific"] = _coordinate(layout, mean, sign, c, f)
+        out.append(row)
+    return out
+
+
+def _coordinate(layout: StyleLayout, mean: Tensor, sign: int, c: int, f: int) -> dict[str, Any]:
+    """Coordinate ``c`` moved with sign index ``sign`` (0: +d) as factor ``f`` sees it in
+    ``mean [2, S, F]`` (mean |standardised change|)."""
+    layer, channel = layout.locate(c)
+    return {
+        "coordinate": c,
+        "layer": layer,
+        "channel": channel,
+        "sign": 1 if sign == 0 else -1,
+        "change": float(mean[sign, c, f]),
+        "specificity": float(mean[sign, c, f] / mean[sign, c].sum().clamp_min(1e-12)),
+    }
 
 
 def calibration_rows(calibration: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

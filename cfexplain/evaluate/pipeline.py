@@ -499,7 +499,12 @@ def attribute_summary(
     """The attribute × factor table of the target's attributes on the evaluated images (encoded
     through E; without an encoder, as many G samples, whose marker the oracle reads), and the
     true one-factor edits as its calibration rows."""
-    from cfexplain.evaluate.factors import attribute_factors, calibration_rows, read_factors
+    from cfexplain.evaluate.factors import (
+        attribute_factors,
+        calibration_rows,
+        factor_coordinates,
+        read_factors,
+    )
     from cfexplain.explain.attributes import render, run_styles, to_styles
 
     target, found, G = int(cfg.target), run.attributes, run.generator
@@ -518,7 +523,7 @@ def attribute_summary(
     chosen = found.of_class(target)
     steps = [found.step(a) for a in chosen]
     rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, batch_size=size)
-    return {
+    out = {
         "shift": found.shift,
         "images": n,
         "source": images,
@@ -527,3 +532,15 @@ def attribute_summary(
         "rows": rows,
         "calibration": calibration_rows(calibration),
     }
+    scan = min(int(cfg.attribute_scan), n)
+    if scan > 0:
+        step = (found.shift * found.std.float()).to(s.device)
+        best = factor_coordinates(
+            oracle, G, s[:scan], step, found.layout, has_marker[:scan], size, cfg.mnac_threshold
+        )
+        # [class, rank] of the attribute AttFind chose on that coordinate (the target's first).
+        picked = {a.coordinate: [a.cls, a.rank] for a in [*found.attributes, *reversed(chosen)]}
+        for r in best:
+            r["attfind"] = picked.get(r["coordinate"])
+        out |= {"scan_images": scan, "best_coordinates": best}
+    return out

@@ -184,6 +184,46 @@ def attributes_html(attrs: dict[str, Any]) -> list[str]:
         "that differ in one factor only: what a perfectly specific change reads "
         "through the same oracles (mean signed change).</p>",
         f'<table class="attributes"><tr>{head}</tr>{body}</table>',
+        *(coordinates_html(attrs) if attrs.get("best_coordinates") else []),
+    ]
+
+
+def coordinate_line(r: dict[str, Any]) -> str:
+    """One factor's best single style coordinate (:func:`~cfexplain.evaluate.factors.factor_coordinates`)."""
+    arrow = "+" if r["sign"] > 0 else "-"
+    chosen = r.get("attfind")
+    found = (
+        f"AttFind's attribute {chosen[1] + 1} of class {chosen[0]}"
+        if chosen
+        else "not chosen by AttFind"
+    )
+    marker = f", marker toggled {r['marker_toggled']:.2f}" if "marker_toggled" in r else ""
+    line = (f"{r['layer']}[{r['channel']}]{arrow} change {r['change']:.2f}, specificity "
+            f"{r['specificity']:.2f}{marker} ({found})")  # fmt: skip
+    top = r.get("most_specific")
+    if top is None:
+        return line + "; no coordinate moves it by the MNAC threshold"
+    if top["coordinate"] == r["coordinate"] and top["sign"] == r["sign"]:
+        return line + "; also the most specific"
+    arrow = "+" if top["sign"] > 0 else "-"
+    return (line + f"; most specific: {top['layer']}[{top['channel']}]{arrow} change "
+            f"{top['change']:.2f}, specificity {top['specificity']:.2f}")  # fmt: skip
+
+
+def coordinates_html(attrs: dict[str, Any]) -> list[str]:
+    rows = "".join(
+        f"<tr><td>{_cell(r['factor'])}</td><td>{_cell(coordinate_line(r))}</td></tr>"
+        for r in attrs["best_coordinates"]
+    )
+    return [
+        "<h3>The best single coordinate per factor</h3>",
+        f"<p>Every style coordinate shifted alone by ±d std on {_cell(attrs['scan_images'])} of "
+        "the images; per factor, the one that moves it most (mean |standardised change|; the "
+        "marker: the one that toggles it in most images with one) and its specificity; then, of the "
+        "coordinates that move it by at least the MNAC threshold, the most specific. What "
+        "AttFind could at best find for that factor, whatever the classifier reads: an "
+        "unspecific best coordinate means G has no single attribute for the factor.</p>",
+        f'<table class="attributes">{rows}</table>',
     ]
 
 

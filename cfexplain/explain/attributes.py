@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,14 +179,24 @@ def shift_effects(
     bar = tqdm(total=len(s) * len(rows), desc="attfind", unit="img", disable=not progress)
     for n in range(len(s)):
         parts = []
-        for r, sg in zip(rows.split(batch), signs.split(batch)):
-            sb = s[n].expand(len(r), S).clone()
-            sb[torch.arange(len(r)), r.to(device)] += sg * step[r.to(device)]
+        for sb in one_at_a_time(s[n], rows, signs, step, batch):
             parts.append(log_odds(classifier(render(G, sb))).cpu())
-            bar.update(len(r))
+            bar.update(len(sb))
         out[n] = torch.cat(parts).view(2, len(coords), -1)
     bar.close()
     return Effects(base.cpu(), out.transpose(1, 2).contiguous(), coords, float(shift))
+
+
+def one_at_a_time(
+    s: Tensor, rows: Tensor, signs: Tensor, step: Tensor, batch: int
+) -> Iterator[Tensor]:
+    """Batches of one image's styles ``s [S]``, row ``i`` with coordinate ``rows[i]`` moved by
+    ``signs[i] · step[rows[i]]`` and every other coordinate as it is."""
+    for r, sg in zip(rows.split(batch), signs.split(batch)):
+        r = r.to(s.device)
+        sb = s.expand(len(r), len(s)).clone()
+        sb[torch.arange(len(r)), r] += sg.to(s.device) * step[r]
+        yield sb
 
 
 def screen_coordinates(

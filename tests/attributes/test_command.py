@@ -163,9 +163,26 @@ def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
     # a 20-step oracle reads little, so only the shape: signed changes of every factor
     assert set(sclerosis["change"]) == set(attrs["factors"])
     assert 0.0 < sclerosis["specificity_mean"] <= 1.0
+    # The best single coordinate per factor, over every coordinate of the scanned images.
+    best = attrs["best_coordinates"]
+    assert attrs["scan_images"] == 8 and [r["factor"] for r in best] == attrs["factors"]
+    every = TrainedRun(attr_run).attributes.attributes
+    for r in best:
+        assert r["change"] >= 0.0 and 0.0 <= r["specificity"] <= 1.0
+        top = r["most_specific"]
+        assert top is None or (top["change"] >= 0.5 and top["specificity"] >= r["specificity"]
+                               or r["change"] < 0.5)  # fmt: skip
+        same = [a for a in every if a.coordinate == r["coordinate"]]
+        if not same:
+            assert r["attfind"] is None
+        elif any(a.cls == 1 for a in same):  # the target's attribute is named first
+            assert r["attfind"] == [1, next(a.rank for a in same if a.cls == 1)]
+        else:
+            assert r["attfind"] in [[a.cls, a.rank] for a in same]
     page = (out / "index.html").read_text()
     assert "StyleSpace attributes, factor by factor" in page
     assert page.count("true edit:") == len(edits)
+    assert "The best single coordinate per factor" in page
 
 
 def test_without_an_encoder_attributes_come_from_and_are_judged_on_g_samples(

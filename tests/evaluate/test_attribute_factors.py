@@ -9,7 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from cfexplain.evaluate.factors import attribute_factors, calibration_rows, dominant_factor
+from cfexplain.evaluate.factors import (
+    attribute_factors,
+    calibration_rows,
+    dominant_factor,
+    factor_coordinates,
+)
 from cfexplain.explain.attributes import Attribute, render, style_layout, to_styles
 from tests.explain.test_attributes import generator
 
@@ -77,3 +82,46 @@ def test_planted_attribute_is_specific_to_its_factor_and_toggles_the_marker():
     assert r["change"]["exposure"] == pytest.approx(float(delta.mean()), rel=1e-4)
     assert r["marker_toggled"] == 1.0 and r["marker_toggled_all"] == 1.0
     assert rows[1]["marker_toggled"] == 0.0
+
+
+def test_the_scan_finds_the_planted_coordinate_for_exposure_and_marker():
+    G = generator(1)
+    layout = style_layout(G)
+    with torch.no_grad():
+        G.synthesis.blocks()[-1].torgb.weight[:, 3] *= 30.0
+        z = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+        every = to_styles(G, G.mapping(z))
+        s = every[:6]
+        centre = float(render(G, s).mean(dim=(1, 2, 3)).median())
+    planted = layout.offsets[-1] + 3
+    step = 3.0 * every.std(0)  # AttFind's d = 3 std of each coordinate
+    has_marker = torch.tensor([True, True, True, False, False, False])
+    rows = factor_coordinates(BrightnessOracle(centre), G, s, step, layout, has_marker, 16)
+    best = {r["factor"]: r for r in rows}
+    assert list(best) == ["osteophyte", "exposure", "marker"]
+    for factor in ("exposure", "marker"):
+        assert best[factor]["coordinate"] == planted
+        assert (best[factor]["layer"], best[factor]["channel"]) == layout.locate(planted)
+    assert best["marker"]["marker_toggled"] == 1.0
+    assert best["osteophyte"]["change"] == 0.0  # the oracle never reads it
+    # The exposure's change, exactly: the mean |brightness change| (in 0.01) of the better sign.
+    with torch.no_grad():
+        moved = [s.clone(), s.clone()]
+        moved[0][:, planted] += step[planted]
+        moved[1][:, planted] -= step[planted]
+        changes = [float(((render(G, m) - render(G, s)).mean(dim=(1, 2, 3)) / 0.01).abs().mean())
+                   for m in moved]  # fmt: skip
+    r = best["exposure"]
+    assert r["change"] == pytest.approx(max(changes), rel=1e-4)
+    assert r["sign"] == (1 if changes[0] >= changes[1] else -1)
+    assert 0.5 < r["specificity"] <= 1.0
+    # A weak coordinate that moves brightness but never the marker is purer than the planted one.
+    top = r["most_specific"]
+    assert top["change"] >= 0.5 and top["specificity"] > r["specificity"]
+    assert best["osteophyte"]["most_specific"] is None  # nothing moves it by 0.5
+    # A threshold only the planted coordinate reaches leaves it; one none reaches, nothing.
+    oracle = BrightnessOracle(centre)
+    rows = factor_coordinates(oracle, G, s, step, layout, has_marker, 16, 0.9 * r["change"])
+    assert rows[1]["most_specific"]["coordinate"] == planted
+    rows = factor_coordinates(oracle, G, s, step, layout, has_marker, 16, 1e9)
+    assert all(r["most_specific"] is None for r in rows)
