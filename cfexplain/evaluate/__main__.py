@@ -163,6 +163,9 @@ def _print_table(summary: dict[str, Any]) -> None:
             f"attribute {r['rank'] + 1} {r['attribute']}: {r['dominant']} "
             f"(specificity {r['specificity']:.2f}){marker}"
         )
+    if "marker_reconstructed" in summary.get("attributes", {}):
+        share = summary["attributes"]["marker_reconstructed"]
+        print(f"marker drawn by G(s) on {share:.2f} of the images with one")
     for r in summary.get("attributes", {}).get("best_coordinates", []):
         from cfexplain.evaluate.report import coordinate_line
 

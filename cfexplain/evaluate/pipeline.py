@@ -532,6 +532,13 @@ def attribute_summary(
         "rows": rows,
         "calibration": calibration_rows(calibration),
     }
+    if "marker" in out["factors"] and has_marker.any():
+        # How many marked images G(s) shows a marker on: an attribute can only remove what
+        # the reconstruction draws (the rest of its toggles are additions).
+        with torch.no_grad():
+            shown = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
+        drawn = shown[:, out["factors"].index("marker")] > 0.5
+        out["marker_reconstructed"] = float(drawn[has_marker.cpu()].float().mean())
     scan = min(int(cfg.attribute_scan), n)
     if scan > 0:
         step = (found.shift * found.std.float()).to(s.device)

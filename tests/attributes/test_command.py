@@ -163,6 +163,8 @@ def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
     # a 20-step oracle reads little, so only the shape: signed changes of every factor
     assert set(sclerosis["change"]) == set(attrs["factors"])
     assert 0.0 < sclerosis["specificity_mean"] <= 1.0
+    if attrs["images_with_marker"]:
+        assert 0.0 <= attrs["marker_reconstructed"] <= 1.0
     # The best single coordinate per factor, over every coordinate of the scanned images.
     best = attrs["best_coordinates"]
     assert attrs["scan_images"] == 8 and [r["factor"] for r in best] == attrs["factors"]
