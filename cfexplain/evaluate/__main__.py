@@ -163,13 +163,14 @@ def _print_table(summary: dict[str, Any]) -> None:
             f"attribute {r['rank'] + 1} {r['attribute']}: {r['dominant']} "
             f"(specificity {r['specificity']:.2f}){marker}"
         )
-    if "marker_reconstructed" in summary.get("attributes", {}):
-        share = summary["attributes"]["marker_reconstructed"]
-        print(f"marker drawn by G(s) on {share:.2f} of the images with one")
-    for r in summary.get("attributes", {}).get("best_coordinates", []):
+    attrs = summary.get("attributes", {})
+    if "marker_reconstructed" in attrs:
+        print(f"marker drawn by G(s) on {attrs['marker_reconstructed']:.2f} of the images with one")
+    if attrs.get("best_coordinates"):
         from cfexplain.evaluate.report import coordinate_line
 
-        print(f"best coordinate for {r['factor']}: {coordinate_line(r)}")
+        for r in attrs["best_coordinates"]:
+            print(f"best coordinate for {r['factor']}: {coordinate_line(r)}")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="evaluate")

@@ -232,8 +232,10 @@ def attribute_factors(
     steps: Sequence[float],
     has_marker: Tensor | None = None,
     batch_size: int = 64,
+    before: Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """Every factor read before and after each attribute's change, over the images ``s [N, S]``.
+    """Every factor read before (``before [N, F]`` when already read) and after each attribute's
+    change, over the images ``s [N, S]``.
 
     ``attributes[i]`` (an :class:`~cfexplain.explain.attributes.Attribute`) moves its coordinate
     by ``steps[i]`` (``sign · d · σ``: its counterfactual); the opposite move is read too. Per
@@ -252,7 +254,7 @@ def attribute_factors(
         imgs = torch.cat([render(G, b) for b in styles.split(batch_size)])
         return read_factors(oracle, imgs, batch_size)
 
-    before = read(s)
+    before = read(s) if before is None else before
     out = []
     for a, step in zip(attributes, steps):
         after = {}
@@ -301,6 +303,7 @@ def factor_coordinates(
     has_marker: Tensor | None = None,
     batch_size: int = 64,
     min_change: float = MNAC_THRESHOLD,
+    before: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Per factor, the single style coordinate that moves it most: every coordinate of
     ``s [N, S]`` shifted by ``±step [S]`` (``d · σ``) alone, every factor read before and after.
@@ -313,12 +316,14 @@ def factor_coordinates(
     marker ``marker_toggled`` (share of the images with a marker, ``has_marker [N]``, whose
     reading crosses 0.5 at +d or -d; the coordinate is chosen on it); and ``most_specific``: of
     the (coordinate, sign) pairs that move the factor by at least ``min_change``, the one whose
-    change falls most on it (None when none moves it that far). ``N · 2S`` renders."""
+    change falls most on it (None when none moves it that far). ``N · 2S`` renders (and ``N``
+    more unless ``before [N, F]``, the factors of G(s), is given)."""
     from cfexplain.explain.attributes import one_at_a_time, render
 
     names, (n, S) = list(oracle.factors), s.shape
     scale = oracle.change_scale.float().cpu()
-    before = read_factors(oracle, torch.cat([render(G, b) for b in s.split(batch_size)]))
+    if before is None:
+        before = read_factors(oracle, torch.cat([render(G, b) for b in s.split(batch_size)]))
     rows = torch.arange(S).repeat(2)
     signs = torch.cat([torch.ones(S), -torch.ones(S)])
     moved_abs = torch.zeros(2 * S, len(names))

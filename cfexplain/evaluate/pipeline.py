@@ -509,42 +509,44 @@ def attribute_summary(
 
     target, found, G = int(cfg.target), run.attributes, run.generator
     size, n = int(cfg.batch_size), len(data["x"])
+    encoded = run.has("encoder")
     with torch.no_grad():
-        if run.has("encoder"):
+        if encoded:
             x = data["x"].to(run.device)
             s = to_styles(G, torch.cat([run.encoder(b) for b in x.split(size)]))
-            images, has_marker = "test images encoded through E", data["marker"].flatten(1).any(1)
+            images = "test images encoded through E"
         else:
             # Other samples than a `source=samples` AttFind with the same seed chose them on.
             s = run_styles(run, "samples", "", n, int(cfg.seed) + 1, size)
-            reading = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
-            has_marker = reading[:, list(oracle.factors).index("marker")] > 0.5
             images = "G samples (the run has no encoder)"
+        # Every factor of G(s), read once for the table, the scan and the marker counts.
+        before = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
+    factors = list(oracle.factors)
+    drawn = before[:, factors.index("marker")] > 0.5 if "marker" in factors else None
+    has_marker = data["marker"].flatten(1).any(1) if encoded else drawn
     chosen = found.of_class(target)
     steps = [found.step(a) for a in chosen]
-    rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, batch_size=size)
+    rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, size, before)
     out = {
         "shift": found.shift,
         "images": n,
         "source": images,
         "images_with_marker": int(has_marker.sum()),
-        "factors": list(oracle.factors),
+        "factors": factors,
         "rows": rows,
         "calibration": calibration_rows(calibration),
     }
-    if "marker" in out["factors"] and has_marker.any():
+    if encoded and drawn is not None and has_marker.any():
         # How many marked images G(s) shows a marker on: an attribute can only remove what
         # the reconstruction draws (the rest of its toggles are additions).
-        with torch.no_grad():
-            shown = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
-        drawn = shown[:, out["factors"].index("marker")] > 0.5
         out["marker_reconstructed"] = float(drawn[has_marker.cpu()].float().mean())
     scan = min(int(cfg.attribute_scan), n)
     if scan > 0:
         step = (found.shift * found.std.float()).to(s.device)
         best = factor_coordinates(
-            oracle, G, s[:scan], step, found.layout, has_marker[:scan], size, cfg.mnac_threshold
-        )
+            oracle, G, s[:scan], step, found.layout, has_marker[:scan], size,
+            float(cfg.mnac_threshold), before[:scan],
+        )  # fmt: skip
         # [class, rank] of the attribute AttFind chose on that coordinate (the target's first).
         picked = {a.coordinate: [a.cls, a.rank] for a in [*found.attributes, *reversed(chosen)]}
         for r in best:

@@ -257,9 +257,10 @@ class CollapseRule:
     classifier calls an image diseased by its marker, so a G that improves but does not draw the
     marker yet sits 40 points off for tens of kimg (an absolute 30-point rule rolled such a run
     back three times, to states that drew no marker at all). Mode collapse onto one class moves
-    the shares and worsens the fixed yardstick together. A collapsed snapshot is never kept nor rolled
-    back to; before ``start_kimg`` it does not count toward a rollback (early training swings and
-    recovers: the cpu_demo knee G's class shares were 28 points off at 10 kimg and 0.2 at 80).
+    the shares and worsens the fixed yardstick together. A collapsed snapshot is never kept nor
+    rolled back to; before ``start_kimg`` it does not count toward a rollback (early training
+    swings and recovers: the cpu_demo knee G's class shares were 28 points off at 10 kimg and
+    0.2 at 80).
     ``patience`` collapsed snapshots in a row trigger a rollback to the best state with the
     learning rates times ``lr_factor``, at most ``max_rollbacks`` times.
     """
