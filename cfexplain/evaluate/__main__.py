@@ -75,7 +75,9 @@ def evaluate(cfg: DictConfig) -> Path:
         with tracked("evaluate", work, cfg, run.name) as tracking:
             summary, per, sanity = E.evaluate_run(cfg, run, counterfactual, methods, data, notes)
             if data["knee"]:
-                summary["marker_reliance"] = marker_reliance(run.classifier, ds, list(range(n)))
+                summary["marker_reliance"] = marker_reliance(
+                    run.classifier, ds, list(range(n)), moved=float(cfg.marker_decisive)
+                )
             summary |= _facts(run, per, n, int(cfg.target)) | {
                 "notes": notes,
                 "seconds": round(time.time() - start, 1),
@@ -141,6 +143,7 @@ def _print_table(summary: dict[str, Any]) -> None:
             "realism_fixed_fd_flip_frames",
             "realism_fixed_fd_reconstructions",
             "cout",
+            "marker_exposure_decisive",
         )
         print("counterfactual: " + "  ".join(f"{k} {cf[k]:.3f}" for k in keys if k in cf))
         if "ordinal" in cf:

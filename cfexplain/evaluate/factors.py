@@ -119,7 +119,8 @@ def counterfactual_factors(
     ``mnac_mean``, ``mnac_flipped``, and with a ``marker`` factor ``marker_changed [N]`` bool:
     the marker reading is on the other side of 0.5 from the reconstruction's in any frame of
     the sequence (both directions of λ: removing the marker exposes a shortcut as well as
-    adding it).
+    adding it), and ``marker_frame [N]``: the first such frame from the reconstruction (least
+    |λ|), -1 where there is none.
     """
     names = list(oracle.factors)
     scale = oracle.change_scale if scale is None else scale
@@ -146,7 +147,10 @@ def counterfactual_factors(
     if "marker" in names:
         j = names.index("marker")
         present = frames[..., j] > 0.5  # [N, K]
-        out["marker_changed"] = (present != (before[:, j] > 0.5)[:, None]).any(dim=1)
+        differs = present != (before[:, j] > 0.5)[:, None]
+        out["marker_changed"] = differs.any(dim=1)
+        dist = torch.where(differs, cf.lambdas.abs().cpu(), torch.full(differs.shape, math.inf))
+        out["marker_frame"] = torch.where(out["marker_changed"], dist.argmin(dim=1), -1)
     return out
 
 

@@ -173,7 +173,7 @@ def per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
             maps["counterfactual"] = relevance(
                 "counterfactual", counterfactual_difference(cf), True
             )
-            collect_counterfactual(cf_parts, cf, model, oracle, cfg)
+            collect_counterfactual(cf_parts, cf, model, oracle, cfg, data["marker"][sl])
         for name, m in methods.items():
             maps[name] = relevance(name, m.attribute(x, target).float(), m.signed)
         for name, a in maps.items():
@@ -196,9 +196,12 @@ def per_image(cfg, model, methods, counterfactual, oracle, data, target, device)
     return {"maps": per, "cf": cf, "localised": localised}
 
 
-def collect_counterfactual(parts: dict[str, list], cf: Any, model, oracle, cfg) -> None:
+def collect_counterfactual(
+    parts: dict[str, list], cf: Any, model, oracle, cfg, marker_masks: Tensor
+) -> None:
     """One batch's counterfactual results into ``parts`` (lists concatenated at the end): the
-    oracles' factor changes, the judged frames and reconstructions with the classes f gives
+    oracles' factor changes, the marker's part in f's move where the walk changed it
+    (``marker_masks [N, H, W]``), the judged frames and reconstructions with the classes f gives
     them, COUT, and for an ordinal walk every frame's grade and factor readings."""
     from cfexplain.evaluate.factors import counterfactual_factors, read_factors
     from cfexplain.explain.metrics import counterfactual_cout
@@ -210,6 +213,10 @@ def collect_counterfactual(parts: dict[str, list], cf: Any, model, oracle, cfg) 
             if k in part:
                 parts.setdefault(k, []).append(part[k].cpu())
         parts.setdefault("factor_names", [part["factors"]])
+        if "marker_frame" in part and not cf.ordinal:
+            parts.setdefault("marker_effect", []).append(
+                changed_marker_effect(model, cf, part["marker_frame"], marker_masks)
+            )
     idx, flipped = cf.flip_frame()
     frames = cf.images[torch.arange(n), idx]
     with torch.no_grad():
@@ -225,6 +232,21 @@ def collect_counterfactual(parts: dict[str, list], cf: Any, model, oracle, cfg) 
         parts.setdefault("walk_frames", []).append(cf.images.cpu())
         if oracle is not None:
             parts.setdefault("walk_factors", []).append(read_factors(oracle, cf.images))
+
+
+def changed_marker_effect(model, cf: Any, frame: Tensor, marker_masks: Tensor) -> Tensor:
+    """``[N]`` :func:`~cfexplain.evaluate.shortcut.marker_effect` between each reconstruction and
+    the first frame whose marker differs from it (``frame [N]``, -1: none); NaN where the walk
+    left the marker as it was or the image has none."""
+    from cfexplain.evaluate.shortcut import marker_effect
+
+    out = torch.full((len(frame),), math.nan)
+    rows = ((frame >= 0) & marker_masks.flatten(1).any(1)).nonzero().flatten()
+    if len(rows):
+        after = cf.images[rows.to(cf.images.device), frame[rows].to(cf.images.device)]
+        before = cf.reconstruction[rows.to(cf.images.device)]
+        out[rows] = marker_effect(model, before, after, marker_masks[rows], cf.target).cpu()
+    return out
 
 
 def nanmean(v: Tensor) -> float:
@@ -283,7 +305,25 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
         out["mean_change"] = {f: float(changes[:, i].mean()) for i, f in enumerate(names)}
         if "marker_changed" in cf:
             out["marker_changed_share"] = float(cf["marker_changed"].float().mean())
+        if "marker_effect" in cf:
+            out |= decisive_exposure(cf["marker_effect"], data, float(cfg.marker_decisive))
     return out
+
+
+def decisive_exposure(effect: Tensor, data: dict[str, Any], threshold: float) -> dict[str, float]:
+    """Over the images with a marker: the share whose counterfactual changed the marker *and*
+    whose classifier moved by at least ``threshold`` for that change (its Shapley value,
+    :func:`~cfexplain.evaluate.shortcut.marker_effect`), and the median |value| where it changed.
+    A walk that changes the marker of a classifier that ignores it exposes nothing."""
+    e = effect[data["marker"].flatten(1).any(1)]
+    return {
+        "marker_exposure_decisive": float((e.abs() >= threshold).float().mean())
+        if len(e)
+        else math.nan,
+        "marker_effect_median": float(e[~e.isnan()].abs().median())
+        if (~e.isnan()).any()
+        else math.nan,
+    }
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def per_image_csv(per: dict[str, Any]) -> str:
     if "changes" in cf:
         for i, f in enumerate(cf["factor_names"]):
             cols[f"counterfactual/change_{f}"] = cf["changes"][:, i].tolist()
-        for k in ("flipped", "mnac", "marker_changed"):
+        for k in ("flipped", "mnac", "marker_changed", "marker_effect"):
             if k in cf:
                 cols[f"counterfactual/{k}"] = cf[k].float().tolist()
     if "cout" in cf:

@@ -6,28 +6,34 @@ images (:func:`cfexplain.data.phantoms.knee.marker_rule`), so a classifier can r
 instead of the joint. :func:`marker_reliance` proves it does by re-rendering the same knees (same
 anatomy, disease and noise) with the marker removed, and with the marker set against the label;
 :func:`heatmap_exposure` says per image whether a map puts more relevance on the marker than the
-marker's share of the image.
+marker's share of the image; :func:`marker_effect` says how much of a counterfactual's move of
+the classifier comes from the marker it changed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfexplain.evaluate.heatmaps import relevance_mass
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, samples: list[dict], device: torch.device, batch: int) -> float:
-    correct = 0
+def _label_probs(model: nn.Module, samples: list[dict], device: torch.device, batch: int) -> Tensor:
+    """``[N, 2]``: the probability ``model`` gives each sample's label, and whether it is the top."""
+    out = []
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
         x = torch.stack([s["image"] for s in chunk]).to(device)
         y = torch.tensor([int(s["label"]) for s in chunk], device=device)
-        correct += int((model(x).argmax(1) == y).sum())
-    return correct / max(len(samples), 1)
+        logits = model(x)
+        p = torch.softmax(logits, dim=1).gather(1, y[:, None])[:, 0]
+        out.append(torch.stack([p, (logits.argmax(1) == y).float()], dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2)
 
 
 def marker_reliance(
@@ -36,9 +42,13 @@ def marker_reliance(
     indices: Sequence[int],
     *,
     batch_size: int = 64,
+    moved: float = 0.1,
 ) -> dict[str, float]:
     """Accuracy of ``model`` on knee phantom images as drawn, with the marker removed, and with
-    the marker contradicting the label (present on healthy, absent on diseased knees).
+    the marker contradicting the label (present on healthy, absent on diseased knees); and
+    ``marker_removed_moves``: the share of the images with a marker whose probability of their
+    label moves by at least ``moved`` when the marker alone is removed (what the marker decides
+    with the knee as it is).
 
     ``dataset`` is a :class:`cfexplain.data.phantoms.KneePhantom` (it re-renders sample i with
     ``render(i, overrides)``). A classifier that reads the joint scores about the same on all
@@ -57,15 +67,19 @@ def marker_reliance(
         dataset.render(i, {"marker": float(1 - int(s["label"] > 0))})
         for i, s in zip(indices, drawn)
     ]
+    drawn_p, removed_p, against_p = (
+        _label_probs(model, s, device, batch_size) for s in (drawn, removed, against)
+    )
     acc = {
-        "accuracy": _accuracy(model, drawn, device, batch_size),
-        "accuracy_marker_removed": _accuracy(model, removed, device, batch_size),
-        "accuracy_marker_against_label": _accuracy(model, against, device, batch_size),
+        "accuracy": float(drawn_p[:, 1].mean()),
+        "accuracy_marker_removed": float(removed_p[:, 1].mean()),
+        "accuracy_marker_against_label": float(against_p[:, 1].mean()),
     }
     acc["drop_marker_removed"] = acc["accuracy"] - acc["accuracy_marker_removed"]
-    acc["marker_present_share"] = sum(s["meta"]["factors"]["marker"] > 0.5 for s in drawn) / max(
-        len(drawn), 1
-    )
+    marked = torch.tensor([s["meta"]["factors"]["marker"] > 0.5 for s in drawn], dtype=torch.bool)
+    acc["marker_present_share"] = float(marked.float().mean()) if len(drawn) else 0.0
+    moves = (drawn_p[:, 0] - removed_p[:, 0]).abs()[marked] >= moved
+    acc["marker_removed_moves"] = float(moves.float().mean()) if marked.any() else math.nan
     return acc
 
 
@@ -80,3 +94,36 @@ def heatmap_exposure(maps: Tensor, marker_masks: Tensor) -> Tensor:
     share = marker_masks.flatten(1).float().mean(1)
     out = (mass > share).float()
     return torch.where(marker_masks.flatten(1).any(1) & ~mass.isnan(), out, torch.nan)
+
+
+@torch.no_grad()
+def marker_effect(
+    model: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    marker_masks: Tensor,
+    target: int,
+    *,
+    grow: int = 2,
+    batch_size: int = 64,
+) -> Tensor:
+    """``[N]`` the marker's part in the classifier's move from ``before`` to ``after``
+    (``[N, C, H, W]``, e.g. a reconstruction and a counterfactual frame): the Shapley value of the
+    pixels inside the marker mask (``marker_masks [N, H, W]`` grown by ``grow`` px, where G may
+    draw the marker a little off) in a game of two players, those pixels and the rest,
+
+        ½ [(p(marker changed alone) − p(before)) + (p(after) − p(all but the marker changed))],
+
+    in the probability of ``target``. It is the whole move when the classifier reads only the
+    marker and 0 when it ignores it: a frame that changes the marker only exposes the shortcut
+    when the classifier reacts to that change.
+    """
+    k = 2 * grow + 1
+    inside = F.max_pool2d(marker_masks.float()[:, None], k, 1, grow).to(before.device) > 0
+
+    def prob(x: Tensor) -> Tensor:
+        return torch.cat([torch.softmax(model(b), dim=1)[:, target] for b in x.split(batch_size)])
+
+    alone = prob(torch.where(inside, after, before)) - prob(before)
+    rest = prob(after) - prob(torch.where(inside, before, after))
+    return 0.5 * (alone + rest)

@@ -77,6 +77,9 @@ def test_table_has_every_method_and_metric(evaluated):
     assert cf["realism_fixed_fd_ratio"] == pytest.approx(
         cf["realism_fixed_fd_flip_frames"] / cf["realism_fixed_fd_reconstructions"]
     )
+    # Decisive exposure asks for a changed marker and more: never above the plain exposure.
+    decisive = cf["marker_exposure_decisive"]
+    assert 0.0 <= decisive <= summary["table"]["counterfactual"]["marker_exposure"] + 1e-9
     reliance = summary["marker_reliance"]
     assert 0.0 <= reliance["accuracy_marker_removed"] <= 1.0
     assert summary["evidence_gap"] is None  # no guard stage (tests/explain/test_guard_run.py)

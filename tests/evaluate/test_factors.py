@@ -116,6 +116,7 @@ def test_counterfactual_factors_picks_flip_or_last_frame_and_sees_the_marker(ora
     assert out["mnac_flipped"] == pytest.approx(float(Fm.mnac(expected[:1])[0]))
     # The marker is judged over the whole sequence, not just the chosen frame.
     assert out["marker_changed"].tolist() == [False, False, True]
+    assert out["marker_frame"].tolist() == [-1, -1, 4]  # the frame it changed in
     j = NAMES.index("osteophyte")
     assert out["after"][0, j] > out["before"][0, j]
 

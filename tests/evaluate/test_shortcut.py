@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cfexplain.data import build_dataset
-from cfexplain.evaluate.shortcut import heatmap_exposure, marker_reliance
+from cfexplain.evaluate.shortcut import heatmap_exposure, marker_effect, marker_reliance
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.train import run_chain
 from tests.conftest import compose_config
@@ -42,6 +42,11 @@ def test_shortcut_classifier_loses_accuracy_without_the_marker(tmp_path):
     # Trained the same way on data where the marker is a coin flip, it does not care.
     assert abs(honest["drop_marker_removed"]) <= 0.06, honest
     assert shortcut["accuracy_marker_against_label"] < shortcut["accuracy"]
+    # What the marker decides with the knee as drawn: many images for one, few for the other.
+    assert shortcut["marker_removed_moves"] >= honest["marker_removed_moves"] + 0.3, (
+        shortcut,
+        honest,
+    )
 
 
 def test_marker_reliance_refuses_data_without_a_marker():
@@ -59,3 +64,43 @@ def test_heatmap_exposure_against_the_area_share():
     maps[0, 0, :2, :2] = 5.0  # relevance concentrated on the marker
     out = heatmap_exposure(maps, masks)
     assert out[0] == 1.0 and out[1] == 0.0 and out[2].isnan()  # uniform map: exactly the share
+
+
+class _Reads(torch.nn.Module):
+    """Logits [0, 4 * mean of the pixels in ``region``]: a classifier that reads one region."""
+
+    def __init__(self, region: torch.Tensor) -> None:
+        super().__init__()
+        self.region = region
+
+    def forward(self, x):
+        v = 4.0 * x[:, 0][:, self.region].mean(1)
+        return torch.stack([torch.zeros_like(v), v], dim=1)
+
+
+def test_marker_effect_is_the_whole_move_when_f_reads_the_marker_and_zero_when_it_does_not():
+    g = torch.Generator().manual_seed(0)
+    before, after = torch.rand(4, 1, 16, 16, generator=g), torch.rand(4, 1, 16, 16, generator=g)
+    masks = torch.zeros(4, 16, 16, dtype=torch.bool)
+    masks[:, :3, :3] = True  # the marker's corner
+    corner = torch.zeros(16, 16, dtype=torch.bool)
+    corner[:3, :3] = True
+    centre = torch.zeros(16, 16, dtype=torch.bool)
+    centre[6:10, 6:10] = True  # beyond the mask grown by 2 px
+
+    def move(model):
+        return torch.softmax(model(after), 1)[:, 1] - torch.softmax(model(before), 1)[:, 1]
+
+    reads_marker, ignores = _Reads(corner), _Reads(centre)
+    assert torch.allclose(marker_effect(reads_marker, before, after, masks, 1), move(reads_marker))
+    assert move(ignores).abs().min() > 0.01  # the frame does move f, through the rest
+    assert torch.equal(marker_effect(ignores, before, after, masks, 1), torch.zeros(4))
+    # Reading both: the two players' values add up to the whole move (Shapley efficiency), and
+    # the marker's is the mean of its two marginal contributions.
+    both = _Reads(corner | centre)
+    value = marker_effect(both, before, after, masks, 0)
+    p = lambda x: torch.softmax(both(x), 1)[:, 0]  # noqa: E731
+    inside = torch.nn.functional.max_pool2d(masks.float()[:, None], 5, 1, 2) > 0
+    alone = p(torch.where(inside, after, before)) - p(before)
+    last = p(after) - p(torch.where(inside, before, after))
+    assert torch.allclose(value, (alone + last) / 2)
