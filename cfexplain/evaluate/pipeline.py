@@ -201,7 +201,8 @@ def collect_counterfactual(
 ) -> None:
     """One batch's counterfactual results into ``parts`` (lists concatenated at the end): the
     oracles' factor changes, the marker's part in f's move where the walk changed it
-    (``marker_masks [N, H, W]``), the judged frames and reconstructions with the classes f gives
+    (``marker_masks [N, H, W]``), where f reacts to the change up to the strongest frame
+    (binary walks), the judged frames and reconstructions with the classes f gives
     them, COUT, and for an ordinal walk every frame's grade and factor readings."""
     from cfexplain.evaluate.factors import counterfactual_factors, read_factors
     from cfexplain.explain.metrics import counterfactual_cout
@@ -217,6 +218,10 @@ def collect_counterfactual(
             parts.setdefault("marker_effect", []).append(
                 changed_marker_effect(model, cf, part["marker_frame"], marker_masks)
             )
+    if not cf.ordinal:
+        from cfexplain.explain.pipeline import strongest_effects
+
+        parts.setdefault("effect", []).append(strongest_effects(model, cf))
     idx, flipped = cf.flip_frame()
     frames = cf.images[torch.arange(n), idx]
     with torch.no_grad():
@@ -307,6 +312,11 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
             out["marker_changed_share"] = float(cf["marker_changed"].float().mean())
         if "marker_effect" in cf:
             out |= decisive_exposure(cf["marker_effect"], data, float(cfg.marker_decisive))
+    has_marker = data["marker"].flatten(1).any(1)
+    if "effect" in cf and has_marker.any():
+        # Without the masks: does the "what f reacts to" tile put its weight on the marker?
+        shown = heatmap_exposure(cf["effect"].abs(), data["marker"])
+        out["marker_exposure_effect"] = nanmean(shown[has_marker])
     return out
 
 

@@ -130,6 +130,9 @@ class Row:
         flip: index of the first frame whose decision differs from the reconstruction's, -1 none.
         recon_prob: f's probability of the target for the reconstruction (the flip's reference).
         difference: ``[1, H, W]`` flipping frame minus reconstruction (signed).
+        effect: ``[1, H, W]`` where the classifier reacts to the change from the reconstruction
+            to the sequence's strongest frame (signed: positive carries it there;
+            :func:`cfexplain.explain.metrics.change_effects`), or None.
         maps: method name -> (raw map ``[1, H, W]``, signed).
         drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
@@ -151,6 +154,7 @@ class Row:
     flip: int = -1
     recon_prob: float | None = None
     difference: Tensor | None = None
+    effect: Tensor | None = None
     maps: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     # Maps that draw themselves (the dominant-class map's colours): uint8 RGB [H, W, 3].
@@ -240,6 +244,8 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
             tiles.append((frame, f"lam {lam:+.1f}{mark}", row.frame_caption(k)))
         if row.difference is not None:
             tiles.append((colorize(row.difference[None], signed=True)[0], "flip - G(E(x))", ""))
+        if row.effect is not None:
+            tiles.append((colorize(row.effect[None], signed=True)[0], "f reacts to", ""))
     for name, (m, signed) in row.maps.items():
         tiles.append((_map_rgb(row, name, m, signed), name[:14], ""))
     c = row.concepts
@@ -370,6 +376,9 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
         if row.difference is not None:
             diff = colorize(row.difference[None], signed=True)[0]
             files["difference"] = put("difference.png", upscale(diff, size))
+        if row.effect is not None:
+            effect = colorize(row.effect[None], signed=True)[0]
+            files["effect"] = put("effect.png", upscale(effect, size))
         gif = gif_bytes(row.frames, size)
         write_bytes(folder / "sequence.gif", gif)
         files["gif"] = f"{rel}/sequence.gif"
@@ -425,6 +434,8 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
             cells.append(_figure(src, f"λ={lam:+.1f} {row.frame_caption(k)}{mark}", "frame"))
         if "difference" in files:
             cells.append(_figure(files["difference"], "flip − G(E(x))"))
+        if "effect" in files:
+            cells.append(_figure(files["effect"], "what f reacts to"))
     for name, src in files["maps"].items():
         cells.append(_figure(src, name, "map"))
     if row.has_counterfactual:

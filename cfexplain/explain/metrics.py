@@ -9,7 +9,10 @@
 - COUT (Khorram & Fuxin 2022, "Cycle-Consistent Counterfactuals by Latent Transformations"):
   pixels move from the query image to its counterfactual in order of attribution, and the area
   under the curve of the counterfactual class's probability minus that under the query class's
-  probability is the score, in [-1, 1] (:func:`cout`, :func:`counterfactual_cout`).
+  probability is the score, in [-1, 1] (:func:`cout`, :func:`counterfactual_cout`);
+- which of a counterfactual's changes the classifier reacts to (:func:`change_effects`): G
+  changes more than the classifier reads (a walk can move a marker the classifier ignores), so
+  each square of the change gets its share of the classifier's move.
 """
 
 from __future__ import annotations
@@ -207,3 +210,63 @@ def counterfactual_cout(
         source = torch.where(on_target, t, 1 - t)
         target = 1 - source
     return cout(model, rec, frame, attribution, source, target, steps, batch_size)
+
+
+# Squares per side of the change grid of :func:`change_effects` (8 px at 64 px): 2 * 64 + 2
+# classifier passes per image whatever the resolution.
+EFFECT_GRID = 8
+
+
+def strongest_frame(cf: Counterfactuals) -> Tensor:
+    """``[N]`` index of the frame whose probability of the target is farthest from the
+    reconstruction's: the sequence's strongest counterfactual, with every change on the way."""
+    ref = cf.recon_probs if cf.recon_probs is not None else cf.input_probs
+    return (cf.probs - ref[:, None]).abs().argmax(dim=1)
+
+
+@torch.no_grad()
+def change_effects(
+    model: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    target: int,
+    *,
+    grid: int = EFFECT_GRID,
+    batch_size: int = 256,
+) -> Tensor:
+    """``[N, 1, H, W]``: where the classifier reacts to the change from ``before`` to ``after``
+    (``[N, C, H, W]``, a reconstruction and a counterfactual frame).
+
+    The image is cut into ``grid`` × ``grid`` squares; each square's change gets its Shapley
+    value in a game of two players, the square and the rest of the change:
+    ½ [(p(the square changed alone) − p(before)) + (p(after) − p(all but the square changed))],
+    p the probability of ``target``. The value is signed towards the classifier's move (positive:
+    the square carries it where the counterfactual takes it) and spread over the square's pixels
+    in proportion to how much each changed, so a square that did not change is 0, and so is one
+    whose change the classifier ignores, however large.
+    """
+    n, _, h, w = before.shape
+    rows = torch.arange(h, device=before.device) * grid // h
+    cols = torch.arange(w, device=before.device) * grid // w
+    square = rows[:, None] * grid + cols[None, :]  # [H, W] square index
+    masks = square[None] == torch.arange(grid * grid, device=before.device)[:, None, None]
+    masks = masks[:, None]  # [S, 1, H, W]
+
+    def prob(x: Tensor) -> Tensor:
+        return torch.cat([torch.softmax(model(b), 1)[:, target] for b in x.split(batch_size)])
+
+    p0, p1 = prob(before), prob(after)
+    values = torch.empty(n, len(masks), device=before.device)
+    for i in range(n):
+        alone = torch.where(masks, after[i], before[i])  # [S, C, H, W]
+        rest = torch.where(masks, before[i], after[i])
+        values[i] = 0.5 * ((prob(alone) - p0[i]) + (p1[i] - prob(rest)))
+    values *= torch.where(p1 >= p0, 1.0, -1.0)[:, None]
+    change = (after - before).abs().mean(1)  # [N, H, W]
+    per_square = torch.zeros(n, grid * grid, device=before.device).index_add_(
+        1, square.flatten(), change.flatten(1)
+    )
+    weight = change / per_square.gather(1, square.flatten().expand(n, -1)).view(n, h, w).clamp_min(
+        1e-12
+    )
+    return (values.gather(1, square.flatten().expand(n, -1)).view(n, h, w) * weight)[:, None]

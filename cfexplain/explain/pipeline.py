@@ -232,12 +232,13 @@ def explain_batch(
     attr_method = maps_of.pop("attributes", None)
     keep = [i for i in range(len(x)) if guard != "skip" or not (verdicts and verdicts[i].flagged)]
     at = {i: j for j, i in enumerate(keep)}  # image index -> position among the kept
-    cf = flip = diff = None
+    cf = flip = diff = effect = None
     metrics: dict[str, torch.Tensor] = {}
     if cf_method is not None and keep:
         cf = cf_method.sequences(x[keep], target)
         flip, diff = cf.flip_index().cpu(), counterfactual_difference(cf).cpu()
         metrics = counterfactual_metrics(cf, cf_method.engine)
+        effect = None if cf.ordinal else strongest_effects(run.classifier, cf)
     strips = None
     if attr_method is not None and keep:
         strips = attr_method.strips(x[keep], target)  # type: ignore[attr-defined]
@@ -268,10 +269,21 @@ def explain_batch(
             j = at[i]
             row.metrics = {k: float(v[j]) for k, v in metrics.items()}
             _add_sequence(row, cf, j, int(flip[j]), diff[j], classes)
+            row.effect = effect[j] if effect is not None else None
         if strips is not None and i in at:
             row.attributes = attribute_rows(strips, at[i], classes)
         rows.append(row)
     return rows
+
+
+def strongest_effects(model: torch.nn.Module, cf: Any) -> torch.Tensor:
+    """``[N, 1, H, W]`` on the CPU: where f reacts to the change from each reconstruction to its
+    sequence's strongest frame (:func:`~cfexplain.explain.metrics.change_effects`)."""
+    from cfexplain.explain.metrics import change_effects, strongest_frame
+
+    k = strongest_frame(cf)
+    frames = cf.images[torch.arange(len(k), device=cf.images.device), k.to(cf.images.device)]
+    return change_effects(model, cf.reconstruction, frames, cf.target).cpu()
 
 
 def capsule_concepts(

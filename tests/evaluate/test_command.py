@@ -80,6 +80,8 @@ def test_table_has_every_method_and_metric(evaluated):
     # Decisive exposure asks for a changed marker and more: never above the plain exposure.
     decisive = cf["marker_exposure_decisive"]
     assert 0.0 <= decisive <= summary["table"]["counterfactual"]["marker_exposure"] + 1e-9
+    # The "what f reacts to" tile, judged like a heatmap on the marker (oracle-free).
+    assert 0.0 <= cf["marker_exposure_effect"] <= 1.0
     reliance = summary["marker_reliance"]
     assert 0.0 <= reliance["accuracy_marker_removed"] <= 1.0
     assert summary["evidence_gap"] is None  # no guard stage (tests/explain/test_guard_run.py)

@@ -10,6 +10,7 @@ from cfexplain.evaluate.shortcut import heatmap_exposure, marker_effect, marker_
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.train import run_chain
 from tests.conftest import compose_config
+from tests.explain.test_cf_metrics import ReadsRegion
 
 SIZE = [
     "data.resolution=32",
@@ -66,21 +67,9 @@ def test_heatmap_exposure_against_the_area_share():
     assert out[0] == 1.0 and out[1] == 0.0 and out[2].isnan()  # uniform map: exactly the share
 
 
-class _Reads(torch.nn.Module):
-    """Logits [0, 4 * mean of the pixels in ``region``]: a classifier that reads one region."""
-
-    def __init__(self, region: torch.Tensor) -> None:
-        super().__init__()
-        self.region = region
-
-    def forward(self, x):
-        v = 4.0 * x[:, 0][:, self.region].mean(1)
-        return torch.stack([torch.zeros_like(v), v], dim=1)
-
-
 def test_marker_effect_is_the_whole_move_when_f_reads_the_marker_and_zero_when_it_does_not():
     g = torch.Generator().manual_seed(0)
-    before, after = torch.rand(4, 1, 16, 16, generator=g), torch.rand(4, 1, 16, 16, generator=g)
+    before, after = (torch.rand(2, 4, 1, 16, 16, generator=g) - 0.5) / 4  # logits stay unsaturated
     masks = torch.zeros(4, 16, 16, dtype=torch.bool)
     masks[:, :3, :3] = True  # the marker's corner
     corner = torch.zeros(16, 16, dtype=torch.bool)
@@ -91,13 +80,13 @@ def test_marker_effect_is_the_whole_move_when_f_reads_the_marker_and_zero_when_i
     def move(model):
         return torch.softmax(model(after), 1)[:, 1] - torch.softmax(model(before), 1)[:, 1]
 
-    reads_marker, ignores = _Reads(corner), _Reads(centre)
+    reads_marker, ignores = ReadsRegion(corner), ReadsRegion(centre)
     assert torch.allclose(marker_effect(reads_marker, before, after, masks, 1), move(reads_marker))
     assert move(ignores).abs().min() > 0.01  # the frame does move f, through the rest
     assert torch.equal(marker_effect(ignores, before, after, masks, 1), torch.zeros(4))
     # Reading both: the two players' values add up to the whole move (Shapley efficiency), and
     # the marker's is the mean of its two marginal contributions.
-    both = _Reads(corner | centre)
+    both = ReadsRegion(corner | centre)
     value = marker_effect(both, before, after, masks, 0)
     p = lambda x: torch.softmax(both(x), 1)[:, 0]  # noqa: E731
     inside = torch.nn.functional.max_pool2d(masks.float()[:, None], 5, 1, 2) > 0

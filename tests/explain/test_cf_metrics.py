@@ -149,3 +149,54 @@ def test_expected_grade_and_ordinal_metrics():
     assert m["grade_first"].tolist() == pytest.approx([0.1, 0.2])
     assert m["grade_monotonicity"][0].item() == pytest.approx(0.8)  # ranks 1,2,4,3
     assert M.grade_rises(torch.tensor([[0.0, 1.0, 0.98]]), tolerance=0.01).tolist() == [False]
+
+
+class ReadsRegion(torch.nn.Module):
+    """Logits [0, 3 * sum of the pixels in ``region``]: a classifier that reads one region."""
+
+    def __init__(self, region: torch.Tensor) -> None:
+        super().__init__()
+        self.region = region
+
+    def forward(self, x):
+        v = 3.0 * x[:, 0][:, self.region].sum(1)
+        return torch.stack([torch.zeros_like(v), v], dim=1)
+
+
+def test_change_effects_credit_only_the_changes_the_classifier_reads():
+    g = torch.Generator().manual_seed(0)
+    before = torch.rand(3, 1, 16, 16, generator=g)
+    after = before.clone()
+    after[:, :, :4, :4] -= 0.5  # read by the classifier (square 0 of a 4 x 4 grid)
+    after[:, :, 8:12, 8:12] += 0.9  # a larger change it ignores (square 10)
+    read = torch.zeros(16, 16, dtype=torch.bool)
+    read[:4, :4] = True
+    f = ReadsRegion(read)
+    out = M.change_effects(f, before, after, 1, grid=4)
+    assert out.shape == (3, 1, 16, 16)
+    move = torch.softmax(f(after), 1)[:, 1] - torch.softmax(f(before), 1)[:, 1]
+    assert (move < 0).all()
+    # The read square carries the whole move, signed towards it (positive), spread over its
+    # pixels; the ignored change and the unchanged squares get exactly nothing.
+    assert torch.allclose(out[:, 0, :4, :4].sum((1, 2)), move.abs(), atol=1e-6)
+    assert (out[:, 0, :4, :4] > 0).all()
+    assert torch.equal(out[:, 0, 8:12, 8:12], torch.zeros(3, 4, 4))
+    rest = torch.ones(16, 16, dtype=torch.bool)
+    rest[:4, :4] = False
+    assert torch.equal(out[:, 0][:, rest], torch.zeros(3, int(rest.sum())))
+
+
+def test_change_effects_spread_a_square_by_how_much_each_pixel_changed():
+    before = torch.zeros(1, 1, 8, 8)
+    after = before.clone()
+    after[0, 0, 0, 0], after[0, 0, 0, 1] = 0.3, 0.1  # one square of a 2 x 2 grid, unevenly
+    read = torch.zeros(8, 8, dtype=torch.bool)
+    read[:4, :4] = True
+    out = M.change_effects(ReadsRegion(read), before, after, 1, grid=2)[0, 0]
+    assert out[0, 0] == pytest.approx(3 * out[0, 1].item(), rel=1e-5)
+    assert int((out != 0).sum()) == 2
+
+
+def test_strongest_frame_is_farthest_from_the_reconstruction():
+    cf = _cf([[0.1, 0.5, 0.9], [0.2, 0.6, 0.7], [0.05, 0.4, 0.5]], [0.6, 0.1, 0.5])
+    assert M.strongest_frame(cf).tolist() == [0, 2, 0]

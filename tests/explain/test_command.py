@@ -138,6 +138,7 @@ def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_p
         for name in (
             "reconstruction.png",
             "difference.png",
+            "effect.png",
             "plot.png",
             "sequence.gif",
             "map_normative.png",
@@ -149,6 +150,7 @@ def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_p
         assert flip == "-1" or 0 <= int(flip) < 5
     page = (out / "index.html").read_text()
     assert page.count('class="frame"') == 3 * 5 and "p vs λ" in page
+    assert page.count("<figcaption>what f reacts to</figcaption>") == 3
 
 
 def _rows(out: Path) -> list[dict]:
