@@ -767,6 +767,8 @@ class GalleryWriter:
             cells |= {f"frame_{k}": out / f for k, f in enumerate(files["frames"])}
             cells["frame_probs"] = json.dumps([round(float(p), 4) for p in row.frame_probs])
             cells["flip_index"] = row.flip
+            if "effect" in files:
+                cells["effect"] = out / files["effect"]
         if row.is_ordinal:
             assert row.frame_grades is not None and row.frame_argmax is not None
             cells["frame_grades"] = json.dumps([round(float(g), 4) for g in row.frame_grades])

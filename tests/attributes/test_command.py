@@ -92,9 +92,10 @@ def test_explain_shows_attribute_strips_and_reports(attr_run, tmp_path, monkeypa
             f"out={out}",
             "limit=3",
             "batch_size=2",
-            "methods=[gradcam,attributes]",
+            "methods=[counterfactual,gradcam,attributes]",
             "params.attributes.top=2",
             "params.attributes.num_frames=3",
+            "counterfactual.num_frames=3",
             "reports=[0]",
         )  # fmt: skip
     )
@@ -120,6 +121,9 @@ def test_explain_shows_attribute_strips_and_reports(attr_run, tmp_path, monkeypa
     cols = table["columns"]
     assert {"attribute_0", "attribute_1", "attribute_0_name", "attribute_1_probs"} <= set(cols)
     cells = [row[cols.index("attribute_1")] for row in table["data"]]
+    assert all(c["_type"] == "image-file" and entries[c["path"]].is_file() for c in cells)
+    # the counterfactual's "what f reacts to" tile travels with it
+    cells = [row[cols.index("effect")] for row in table["data"]]
     assert all(c["_type"] == "image-file" and entries[c["path"]].is_file() for c in cells)
     names = [row[cols.index("attribute_0_name")] for row in table["data"]]
     assert names == [r["attribute_0_name"] for r in rows]
