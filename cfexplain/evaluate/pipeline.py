@@ -205,7 +205,7 @@ def collect_counterfactual(
     (binary walks), the judged frames and reconstructions with the classes f gives
     them, COUT, and for an ordinal walk every frame's grade and factor readings."""
     from cfexplain.evaluate.factors import counterfactual_factors, read_factors
-    from cfexplain.explain.metrics import counterfactual_cout
+    from cfexplain.explain.metrics import counterfactual_cout, counterfactual_effects
 
     n = len(cf.reconstruction)
     if oracle is not None:
@@ -219,9 +219,7 @@ def collect_counterfactual(
                 changed_marker_effect(model, cf, part["marker_frame"], marker_masks)
             )
     if not cf.ordinal:
-        from cfexplain.explain.pipeline import strongest_effects
-
-        parts.setdefault("effect", []).append(strongest_effects(model, cf))
+        parts.setdefault("effect", []).append(counterfactual_effects(model, cf))
     idx, flipped = cf.flip_frame()
     frames = cf.images[torch.arange(n), idx]
     with torch.no_grad():

@@ -108,22 +108,15 @@ def marker_effect(
     batch_size: int = 64,
 ) -> Tensor:
     """``[N]`` the marker's part in the classifier's move from ``before`` to ``after``
-    (``[N, C, H, W]``, e.g. a reconstruction and a counterfactual frame): the Shapley value of the
-    pixels inside the marker mask (``marker_masks [N, H, W]`` grown by ``grow`` px, where G may
-    draw the marker a little off) in a game of two players, those pixels and the rest,
-
-        ½ [(p(marker changed alone) − p(before)) + (p(after) − p(all but the marker changed))],
-
-    in the probability of ``target``. It is the whole move when the classifier reads only the
-    marker and 0 when it ignores it: a frame that changes the marker only exposes the shortcut
-    when the classifier reacts to that change.
+    (``[N, C, H, W]``, e.g. a reconstruction and a counterfactual frame): the Shapley value
+    (:func:`~cfexplain.explain.metrics.region_values`) of the pixels inside the marker mask
+    (``marker_masks [N, H, W]`` grown by ``grow`` px, where G may draw the marker a little off)
+    against the rest, in the probability of ``target``. It is the whole move when the
+    classifier reads only the marker and 0 when it ignores it: a frame that changes the marker
+    only exposes the shortcut when the classifier reacts to that change.
     """
+    from cfexplain.explain.metrics import region_values
+
     k = 2 * grow + 1
     inside = F.max_pool2d(marker_masks.float()[:, None], k, 1, grow).to(before.device) > 0
-
-    def prob(x: Tensor) -> Tensor:
-        return torch.cat([torch.softmax(model(b), dim=1)[:, target] for b in x.split(batch_size)])
-
-    alone = prob(torch.where(inside, after, before)) - prob(before)
-    rest = prob(after) - prob(torch.where(inside, before, after))
-    return 0.5 * (alone + rest)
+    return region_values(model, before, after, inside[:, None], target, batch_size)[:, 0]

@@ -225,6 +225,42 @@ def strongest_frame(cf: Counterfactuals) -> Tensor:
 
 
 @torch.no_grad()
+def region_values(
+    model: nn.Module,
+    before: Tensor,
+    after: Tensor,
+    regions: Tensor,
+    target: int,
+    batch_size: int = 256,
+) -> Tensor:
+    """``[N, R]``: how much of the classifier's move from ``before`` to ``after`` (``[N, C, H,
+    W]``) each region's change carries: its Shapley value in a game of two players, the region
+    and the rest of the change,
+
+        ½ [(p(the region changed alone) − p(before)) + (p(after) − p(all but the region changed))],
+
+    p the probability of ``target``. ``regions`` bool ``[N or 1, R, 1, H, W]``. The whole move
+    for a region that holds everything the classifier reads, 0 for one whose change it ignores
+    however large, and the mean of the two marginal contributions in between."""
+
+    def prob(x: Tensor) -> Tensor:
+        return torch.cat([torch.softmax(model(b), 1)[:, target] for b in x.split(batch_size)])
+
+    n, r = len(before), regions.shape[1]
+    p0, p1 = prob(before), prob(after)
+    per = max(1, batch_size // r)  # images per chunk: about batch_size renders at a time
+    out = []
+    for start in range(0, n, per):
+        sl = slice(start, start + per)
+        m = regions if len(regions) == 1 else regions[sl]
+        b, a = before[sl, None], after[sl, None]
+        alone = prob(torch.where(m, a, b).flatten(0, 1)).view(-1, r)
+        rest = prob(torch.where(m, b, a).flatten(0, 1)).view(-1, r)
+        out.append(0.5 * ((alone - p0[sl, None]) + (p1[sl, None] - rest)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def change_effects(
     model: nn.Module,
     before: Tensor,
@@ -237,36 +273,32 @@ def change_effects(
     """``[N, 1, H, W]``: where the classifier reacts to the change from ``before`` to ``after``
     (``[N, C, H, W]``, a reconstruction and a counterfactual frame).
 
-    The image is cut into ``grid`` × ``grid`` squares; each square's change gets its Shapley
-    value in a game of two players, the square and the rest of the change:
-    ½ [(p(the square changed alone) − p(before)) + (p(after) − p(all but the square changed))],
-    p the probability of ``target``. The value is signed towards the classifier's move (positive:
-    the square carries it where the counterfactual takes it) and spread over the square's pixels
-    in proportion to how much each changed, so a square that did not change is 0, and so is one
-    whose change the classifier ignores, however large.
+    The image is cut into ``grid`` × ``grid`` squares, each with its :func:`region_values`
+    value, signed towards the classifier's move (positive: the square carries it where the
+    counterfactual takes it) and spread over the square's pixels in proportion to how much each
+    changed, so a square that did not change is 0, and so is one whose change the classifier
+    ignores, however large.
     """
     n, _, h, w = before.shape
     rows = torch.arange(h, device=before.device) * grid // h
     cols = torch.arange(w, device=before.device) * grid // w
     square = rows[:, None] * grid + cols[None, :]  # [H, W] square index
     masks = square[None] == torch.arange(grid * grid, device=before.device)[:, None, None]
-    masks = masks[:, None]  # [S, 1, H, W]
-
-    def prob(x: Tensor) -> Tensor:
-        return torch.cat([torch.softmax(model(b), 1)[:, target] for b in x.split(batch_size)])
-
-    p0, p1 = prob(before), prob(after)
-    values = torch.empty(n, len(masks), device=before.device)
-    for i in range(n):
-        alone = torch.where(masks, after[i], before[i])  # [S, C, H, W]
-        rest = torch.where(masks, before[i], after[i])
-        values[i] = 0.5 * ((prob(alone) - p0[i]) + (p1[i] - prob(rest)))
-    values *= torch.where(p1 >= p0, 1.0, -1.0)[:, None]
+    values = region_values(model, before, after, masks[None, :, None], target, batch_size)
+    move = torch.softmax(model(after), 1)[:, target] - torch.softmax(model(before), 1)[:, target]
+    values *= torch.where(move >= 0, 1.0, -1.0)[:, None]
     change = (after - before).abs().mean(1)  # [N, H, W]
+    index = square.flatten().expand(n, -1)
     per_square = torch.zeros(n, grid * grid, device=before.device).index_add_(
         1, square.flatten(), change.flatten(1)
     )
-    weight = change / per_square.gather(1, square.flatten().expand(n, -1)).view(n, h, w).clamp_min(
-        1e-12
-    )
-    return (values.gather(1, square.flatten().expand(n, -1)).view(n, h, w) * weight)[:, None]
+    weight = change / per_square.gather(1, index).view(n, h, w).clamp_min(1e-12)
+    return (values.gather(1, index).view(n, h, w) * weight)[:, None]
+
+
+def counterfactual_effects(model: nn.Module, cf: Counterfactuals) -> Tensor:
+    """``[N, 1, H, W]`` on the CPU: :func:`change_effects` from each reconstruction to its
+    sequence's strongest frame (:func:`strongest_frame`)."""
+    k = strongest_frame(cf).to(cf.images.device)
+    frames = cf.images[torch.arange(len(k), device=k.device), k]
+    return change_effects(model, cf.reconstruction, frames, cf.target).cpu()

@@ -238,7 +238,10 @@ def explain_batch(
         cf = cf_method.sequences(x[keep], target)
         flip, diff = cf.flip_index().cpu(), counterfactual_difference(cf).cpu()
         metrics = counterfactual_metrics(cf, cf_method.engine)
-        effect = None if cf.ordinal else strongest_effects(run.classifier, cf)
+        if not cf.ordinal:
+            from cfexplain.explain.metrics import counterfactual_effects
+
+            effect = counterfactual_effects(run.classifier, cf)
     strips = None
     if attr_method is not None and keep:
         strips = attr_method.strips(x[keep], target)  # type: ignore[attr-defined]
@@ -274,16 +277,6 @@ def explain_batch(
             row.attributes = attribute_rows(strips, at[i], classes)
         rows.append(row)
     return rows
-
-
-def strongest_effects(model: torch.nn.Module, cf: Any) -> torch.Tensor:
-    """``[N, 1, H, W]`` on the CPU: where f reacts to the change from each reconstruction to its
-    sequence's strongest frame (:func:`~cfexplain.explain.metrics.change_effects`)."""
-    from cfexplain.explain.metrics import change_effects, strongest_frame
-
-    k = strongest_frame(cf)
-    frames = cf.images[torch.arange(len(k), device=cf.images.device), k.to(cf.images.device)]
-    return change_effects(model, cf.reconstruction, frames, cf.target).cpu()
 
 
 def capsule_concepts(
