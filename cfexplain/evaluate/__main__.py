@@ -144,6 +144,9 @@ def _print_table(summary: dict[str, Any]) -> None:
             "realism_fixed_fd_reconstructions",
             "cout",
             "marker_exposure_decisive",
+            "marker_exposure_effect",
+            "marker_exposure_focused",
+            "focus_sufficiency_median",
         )
         print("counterfactual: " + "  ".join(f"{k} {cf[k]:.3f}" for k in keys if k in cf))
         if "ordinal" in cf:

@@ -219,7 +219,13 @@ def collect_counterfactual(
                 changed_marker_effect(model, cf, part["marker_frame"], marker_masks)
             )
     if not cf.ordinal:
-        parts.setdefault("effect", []).append(counterfactual_effects(model, cf))
+        effects = counterfactual_effects(model, cf)
+        parts.setdefault("effect", []).append(effects.map)
+        parts.setdefault("sufficiency", []).append(effects.sufficiency)
+        if oracle is not None and "marker" in oracle.factors:
+            parts.setdefault("focused_marker_changed", []).append(
+                marker_crossed(oracle, cf.reconstruction, effects.focused)
+            )
     idx, flipped = cf.flip_frame()
     frames = cf.images[torch.arange(n), idx]
     with torch.no_grad():
@@ -235,6 +241,16 @@ def collect_counterfactual(
         parts.setdefault("walk_frames", []).append(cf.images.cpu())
         if oracle is not None:
             parts.setdefault("walk_factors", []).append(read_factors(oracle, cf.images))
+
+
+def marker_crossed(oracle, before: Tensor, after: Tensor) -> Tensor:
+    """``[N]`` bool: the oracle's marker reading is on the other side of 0.5 in ``after`` from
+    ``before`` (``[N, C, H, W]``), the test of ``marker_changed``."""
+    from cfexplain.evaluate.factors import read_factors
+
+    j = list(oracle.factors).index("marker")
+    b, a = (read_factors(oracle, x)[:, j] > 0.5 for x in (before, after))
+    return (a != b).cpu()
 
 
 def changed_marker_effect(model, cf: Any, frame: Tensor, marker_masks: Tensor) -> Tensor:
@@ -315,6 +331,11 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
         # Without the masks: does the "what f reacts to" tile put its weight on the marker?
         shown = heatmap_exposure(cf["effect"].abs(), data["marker"])
         out["marker_exposure_effect"] = nanmean(shown[has_marker])
+    if "focused_marker_changed" in cf and has_marker.any():
+        # The counterfactual reduced to what f reacts to: does it still change the marker?
+        out["marker_exposure_focused"] = nanmean(cf["focused_marker_changed"][has_marker].float())
+    if "sufficiency" in cf:
+        out["focus_sufficiency_median"] = float(cf["sufficiency"].nanmedian())
     return out
 
 

@@ -59,9 +59,11 @@ def per_image_csv(per: dict[str, Any]) -> str:
     if "changes" in cf:
         for i, f in enumerate(cf["factor_names"]):
             cols[f"counterfactual/change_{f}"] = cf["changes"][:, i].tolist()
-        for k in ("flipped", "mnac", "marker_changed", "marker_effect"):
+        for k in ("flipped", "mnac", "marker_changed", "marker_effect", "focused_marker_changed"):
             if k in cf:
                 cols[f"counterfactual/{k}"] = cf[k].float().tolist()
+    if "sufficiency" in cf:
+        cols["counterfactual/focus_sufficiency"] = cf["sufficiency"].tolist()
     if "cout" in cf:
         cols["counterfactual/cout"] = cf["cout"].tolist()
     if "grades" in cf:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +133,10 @@ class Row:
         difference: ``[1, H, W]`` flipping frame minus reconstruction (signed).
         effect: ``[1, H, W]`` where the classifier reacts to the change from the reconstruction
             to the sequence's strongest frame (signed: positive carries it there;
-            :func:`cfexplain.explain.metrics.change_effects`), or None.
+            :func:`cfexplain.explain.metrics.square_values`), or None.
+        focused: ``[C, H, W]`` the reconstruction with only those changes (the squares that
+            carry most of f's move, :func:`cfexplain.explain.metrics.focused_change`), and
+            ``focused_prob`` f's probability of the target for it; None without ``effect``.
         maps: method name -> (raw map ``[1, H, W]``, signed).
         drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
@@ -155,6 +159,8 @@ class Row:
     recon_prob: float | None = None
     difference: Tensor | None = None
     effect: Tensor | None = None
+    focused: Tensor | None = None
+    focused_prob: float | None = None
     maps: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     # Maps that draw themselves (the dominant-class map's colours): uint8 RGB [H, W, 3].
@@ -194,6 +200,13 @@ class Row:
             return f"E={self.frame_grades[k]:.2f} {self.grade_names[self.frame_argmax[k]]}"
         assert self.frame_probs is not None
         return f"p={self.frame_probs[k]:.2f}"
+
+    @property
+    def focused_caption(self) -> str:
+        """p(target) of the focused counterfactual and the share of f's move it reproduces."""
+        share = self.metrics.get("focus_sufficiency", math.nan)
+        moved = "" if math.isnan(share) else f" ({100 * share:.0f}%)"
+        return f"p={self.focused_prob:.2f}{moved}"
 
 
 def _map_rgb(row: Row, name: str, m: Tensor, signed: bool) -> np.ndarray:
@@ -246,6 +259,8 @@ def strip_image(row: Row, size: int = 96) -> Image.Image:
             tiles.append((colorize(row.difference[None], signed=True)[0], "flip - G(E(x))", ""))
         if row.effect is not None:
             tiles.append((colorize(row.effect[None], signed=True)[0], "f reacts to", ""))
+        if row.focused is not None:
+            tiles.append((gray_rgb(row.focused[None])[0], "only that", row.focused_caption))
     for name, (m, signed) in row.maps.items():
         tiles.append((_map_rgb(row, name, m, signed), name[:14], ""))
     c = row.concepts
@@ -379,6 +394,8 @@ def write_row_files(row: Row, folder: Path, target: str, size: int = 96) -> dict
         if row.effect is not None:
             effect = colorize(row.effect[None], signed=True)[0]
             files["effect"] = put("effect.png", upscale(effect, size))
+        if row.focused is not None:
+            files["focused"] = put("focused.png", upscale(gray_rgb(row.focused[None])[0], size))
         gif = gif_bytes(row.frames, size)
         write_bytes(folder / "sequence.gif", gif)
         files["gif"] = f"{rel}/sequence.gif"
@@ -436,6 +453,8 @@ def row_html(row: Row, files: Mapping[str, Any], index: int) -> str:
             cells.append(_figure(files["difference"], "flip − G(E(x))"))
         if "effect" in files:
             cells.append(_figure(files["effect"], "what f reacts to"))
+        if "focused" in files:
+            cells.append(_figure(files["focused"], f"only that · {row.focused_caption}"))
     for name, src in files["maps"].items():
         cells.append(_figure(src, name, "map"))
     if row.has_counterfactual:
@@ -769,6 +788,9 @@ class GalleryWriter:
             cells["flip_index"] = row.flip
             if "effect" in files:
                 cells["effect"] = out / files["effect"]
+            if "focused" in files:
+                cells["focused"] = out / files["focused"]
+                cells["focused_prob"] = row.focused_prob
         if row.is_ordinal:
             assert row.frame_grades is not None and row.frame_argmax is not None
             cells["frame_grades"] = json.dumps([round(float(g), 4) for g in row.frame_grades])

@@ -10,7 +10,7 @@
   pixels move from the query image to its counterfactual in order of attribution, and the area
   under the curve of the counterfactual class's probability minus that under the query class's
   probability is the score, in [-1, 1] (:func:`cout`, :func:`counterfactual_cout`);
-- which of a counterfactual's changes the classifier reacts to (:func:`change_effects`): G
+- which of a counterfactual's changes the classifier reacts to (:func:`square_values`): G
   changes more than the classifier reads (a walk can move a marker the classifier ignores), so
   each square of the change gets its share of the classifier's move.
 """
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -212,9 +213,12 @@ def counterfactual_cout(
     return cout(model, rec, frame, attribution, source, target, steps, batch_size)
 
 
-# Squares per side of the change grid of :func:`change_effects` (8 px at 64 px): 2 * 64 + 2
+# Squares per side of the change grid of :func:`square_values` (8 px at 64 px): 2 * 64 + 2
 # classifier passes per image whatever the resolution.
 EFFECT_GRID = 8
+# Share of the squares' positive values that the focused counterfactual keeps
+# (:func:`focused_change`).
+FOCUS_KEEP = 0.8
 
 
 def strongest_frame(cf: Counterfactuals) -> Tensor:
@@ -222,6 +226,12 @@ def strongest_frame(cf: Counterfactuals) -> Tensor:
     reconstruction's: the sequence's strongest counterfactual, with every change on the way."""
     ref = cf.recon_probs if cf.recon_probs is not None else cf.input_probs
     return (cf.probs - ref[:, None]).abs().argmax(dim=1)
+
+
+@torch.no_grad()
+def target_probs(model: nn.Module, x: Tensor, target: int, batch_size: int = 256) -> Tensor:
+    """``[N]`` the classifier's probability of ``target`` for ``x [N, C, H, W]``, in batches."""
+    return torch.cat([torch.softmax(model(b), 1)[:, target] for b in x.split(batch_size)])
 
 
 @torch.no_grad()
@@ -244,7 +254,7 @@ def region_values(
     however large, and the mean of the two marginal contributions in between."""
 
     def prob(x: Tensor) -> Tensor:
-        return torch.cat([torch.softmax(model(b), 1)[:, target] for b in x.split(batch_size)])
+        return target_probs(model, x, target, batch_size)
 
     n, r = len(before), regions.shape[1]
     p0, p1 = prob(before), prob(after)
@@ -260,8 +270,15 @@ def region_values(
     return torch.cat(out)
 
 
+def square_index(h: int, w: int, grid: int, device: torch.device | str = "cpu") -> Tensor:
+    """``[H, W]`` long: which of ``grid`` × ``grid`` squares (row-major) each pixel lies in."""
+    rows = torch.arange(h, device=device) * grid // h
+    cols = torch.arange(w, device=device) * grid // w
+    return rows[:, None] * grid + cols[None, :]
+
+
 @torch.no_grad()
-def change_effects(
+def square_values(
     model: nn.Module,
     before: Tensor,
     after: Tensor,
@@ -270,35 +287,91 @@ def change_effects(
     grid: int = EFFECT_GRID,
     batch_size: int = 256,
 ) -> Tensor:
-    """``[N, 1, H, W]``: where the classifier reacts to the change from ``before`` to ``after``
-    (``[N, C, H, W]``, a reconstruction and a counterfactual frame).
-
-    The image is cut into ``grid`` × ``grid`` squares, each with its :func:`region_values`
+    """``[N, grid²]``: where the classifier reacts to the change from ``before`` to ``after``
+    (``[N, C, H, W]``, a reconstruction and a counterfactual frame). The image is cut into
+    ``grid`` × ``grid`` squares (:func:`square_index`), each with its :func:`region_values`
     value, signed towards the classifier's move (positive: the square carries it where the
-    counterfactual takes it) and spread over the square's pixels in proportion to how much each
-    changed, so a square that did not change is 0, and so is one whose change the classifier
-    ignores, however large.
-    """
-    n, _, h, w = before.shape
-    rows = torch.arange(h, device=before.device) * grid // h
-    cols = torch.arange(w, device=before.device) * grid // w
-    square = rows[:, None] * grid + cols[None, :]  # [H, W] square index
+    counterfactual takes it): 0 for a square that did not change, and for one whose change the
+    classifier ignores, however large. :func:`spread_values` draws them as a map."""
+    h, w = before.shape[-2:]
+    square = square_index(h, w, grid, before.device)
     masks = square[None] == torch.arange(grid * grid, device=before.device)[:, None, None]
     values = region_values(model, before, after, masks[None, :, None], target, batch_size)
-    move = torch.softmax(model(after), 1)[:, target] - torch.softmax(model(before), 1)[:, target]
-    values *= torch.where(move >= 0, 1.0, -1.0)[:, None]
-    change = (after - before).abs().mean(1)  # [N, H, W]
-    index = square.flatten().expand(n, -1)
-    per_square = torch.zeros(n, grid * grid, device=before.device).index_add_(
-        1, square.flatten(), change.flatten(1)
+    move = target_probs(model, after, target, batch_size) - target_probs(
+        model, before, target, batch_size
     )
+    return values * torch.where(move >= 0, 1.0, -1.0)[:, None]
+
+
+def spread_values(values: Tensor, before: Tensor, after: Tensor, grid: int) -> Tensor:
+    """``[N, 1, H, W]``: each square's value (``values [N, grid²]``) over its pixels, in
+    proportion to how much each changed from ``before`` to ``after``, so a square's pixels add
+    up to its value and an unchanged pixel is 0."""
+    n, _, h, w = before.shape
+    square = square_index(h, w, grid, before.device).flatten()
+    change = (after - before).abs().mean(1)  # [N, H, W]
+    per_square = torch.zeros(n, grid * grid, device=before.device)
+    per_square.index_add_(1, square, change.flatten(1))
+    index = square.expand(n, -1)
     weight = change / per_square.gather(1, index).view(n, h, w).clamp_min(1e-12)
     return (values.gather(1, index).view(n, h, w) * weight)[:, None]
 
 
-def counterfactual_effects(model: nn.Module, cf: Counterfactuals) -> Tensor:
-    """``[N, 1, H, W]`` on the CPU: :func:`change_effects` from each reconstruction to its
-    sequence's strongest frame (:func:`strongest_frame`)."""
+def focused_change(
+    before: Tensor, after: Tensor, values: Tensor, grid: int, keep: float = FOCUS_KEEP
+) -> Tensor:
+    """``[N, C, H, W]``: ``before`` with only the changes the classifier reacts to taken from
+    ``after``: the fewest squares, by decreasing value (``values [N, grid²]``, as
+    :func:`square_values`), whose values add up to ``keep`` of the sum of the positive ones.
+    Where no square carries the move, ``before`` itself."""
+    n, _, h, w = before.shape
+    v = values.clamp_min(0)
+    ranked, order = v.sort(dim=1, descending=True)
+    earlier = ranked.cumsum(1) - ranked  # the value of the squares ranked above each
+    chosen = (earlier < keep * ranked.sum(1, keepdim=True)) & (ranked > 0)
+    take = torch.zeros_like(chosen).scatter_(1, order, chosen)
+    square = square_index(h, w, grid, before.device).flatten().expand(n, -1)
+    mask = take.gather(1, square).view(n, 1, h, w)
+    return torch.where(mask, after, before)
+
+
+@dataclass
+class ChangeEffects:
+    """What the classifier reacts to in each counterfactual (on the CPU).
+
+    Attributes:
+        map: ``[N, 1, H, W]`` :func:`square_values` from the reconstruction to the sequence's
+            strongest frame, drawn by :func:`spread_values`.
+        focused: ``[N, C, H, W]`` the reconstruction with only those changes
+            (:func:`focused_change`): the counterfactual reduced to what moves f.
+        focused_probs: ``[N]`` f's probability of the target for ``focused``.
+        sufficiency: ``[N]`` the share of f's move (reconstruction to strongest frame) that the
+            focused image reproduces; NaN where f does not move (less than 0.01).
+    """
+
+    map: Tensor
+    focused: Tensor
+    focused_probs: Tensor
+    sufficiency: Tensor
+
+
+@torch.no_grad()
+def counterfactual_effects(
+    model: nn.Module, cf: Counterfactuals, *, grid: int = EFFECT_GRID, batch_size: int = 256
+) -> ChangeEffects:
+    """:class:`ChangeEffects` between each reconstruction and its sequence's strongest frame
+    (:func:`strongest_frame`)."""
     k = strongest_frame(cf).to(cf.images.device)
-    frames = cf.images[torch.arange(len(k), device=k.device), k]
-    return change_effects(model, cf.reconstruction, frames, cf.target).cpu()
+    after = cf.images[torch.arange(len(k), device=k.device), k]
+    before = cf.reconstruction
+    values = square_values(model, before, after, cf.target, grid=grid, batch_size=batch_size)
+    focused = focused_change(before, after, values, grid)
+    p = [target_probs(model, x, cf.target, batch_size) for x in (before, after, focused)]
+    move = p[1] - p[0]
+    sufficiency = torch.where(move.abs() >= 0.01, (p[2] - p[0]) / move, torch.nan)
+    return ChangeEffects(
+        map=spread_values(values, before, after, grid).cpu(),
+        focused=focused.cpu(),
+        focused_probs=p[2].cpu(),
+        sufficiency=sufficiency.cpu(),
+    )

@@ -272,7 +272,10 @@ def explain_batch(
             j = at[i]
             row.metrics = {k: float(v[j]) for k, v in metrics.items()}
             _add_sequence(row, cf, j, int(flip[j]), diff[j], classes)
-            row.effect = effect[j] if effect is not None else None
+            if effect is not None:
+                row.effect, row.focused = effect.map[j], effect.focused[j]
+                row.focused_prob = float(effect.focused_probs[j])
+                row.metrics["focus_sufficiency"] = float(effect.sufficiency[j])
         if strips is not None and i in at:
             row.attributes = attribute_rows(strips, at[i], classes)
         rows.append(row)

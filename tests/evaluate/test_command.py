@@ -82,10 +82,15 @@ def test_table_has_every_method_and_metric(evaluated):
     assert 0.0 <= decisive <= summary["table"]["counterfactual"]["marker_exposure"] + 1e-9
     # The "what f reacts to" tile, judged like a heatmap on the marker (oracle-free).
     assert 0.0 <= cf["marker_exposure_effect"] <= 1.0
+    # ... and the counterfactual reduced to what f reacts to, read by the oracle.
+    assert 0.0 <= cf["marker_exposure_focused"] <= 1.0
+    assert "focus_sufficiency_median" in cf
     reliance = summary["marker_reliance"]
     assert 0.0 <= reliance["accuracy_marker_removed"] <= 1.0
     assert summary["evidence_gap"] is None  # no guard stage (tests/explain/test_guard_run.py)
-    assert len(list(csv.reader((out / "per_image.csv").open()))) == 1 + 8
+    per_image = list(csv.reader((out / "per_image.csv").open()))
+    assert len(per_image) == 1 + 8
+    assert "counterfactual/focused_marker_changed" in per_image[0]
     page = (out / "index.html").read_text()
     assert "cfexplain evaluation" in page and "randomisation.png" in page
 

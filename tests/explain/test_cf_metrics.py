@@ -163,7 +163,13 @@ class ReadsRegion(torch.nn.Module):
         return torch.stack([torch.zeros_like(v), v], dim=1)
 
 
-def test_change_effects_credit_only_the_changes_the_classifier_reads():
+def change_effects(f, before, after, target, grid):
+    return M.spread_values(
+        M.square_values(f, before, after, target, grid=grid), before, after, grid
+    )
+
+
+def test_square_values_credit_only_the_changes_the_classifier_reads():
     g = torch.Generator().manual_seed(0)
     before = torch.rand(3, 1, 16, 16, generator=g)
     after = before.clone()
@@ -172,7 +178,7 @@ def test_change_effects_credit_only_the_changes_the_classifier_reads():
     read = torch.zeros(16, 16, dtype=torch.bool)
     read[:4, :4] = True
     f = ReadsRegion(read)
-    out = M.change_effects(f, before, after, 1, grid=4)
+    out = change_effects(f, before, after, 1, grid=4)
     assert out.shape == (3, 1, 16, 16)
     move = torch.softmax(f(after), 1)[:, 1] - torch.softmax(f(before), 1)[:, 1]
     assert (move < 0).all()
@@ -186,15 +192,54 @@ def test_change_effects_credit_only_the_changes_the_classifier_reads():
     assert torch.equal(out[:, 0][:, rest], torch.zeros(3, int(rest.sum())))
 
 
-def test_change_effects_spread_a_square_by_how_much_each_pixel_changed():
+def test_spread_values_spread_a_square_by_how_much_each_pixel_changed():
     before = torch.zeros(1, 1, 8, 8)
     after = before.clone()
     after[0, 0, 0, 0], after[0, 0, 0, 1] = 0.3, 0.1  # one square of a 2 x 2 grid, unevenly
     read = torch.zeros(8, 8, dtype=torch.bool)
     read[:4, :4] = True
-    out = M.change_effects(ReadsRegion(read), before, after, 1, grid=2)[0, 0]
+    out = change_effects(ReadsRegion(read), before, after, 1, grid=2)[0, 0]
     assert out[0, 0] == pytest.approx(3 * out[0, 1].item(), rel=1e-5)
     assert int((out != 0).sum()) == 2
+
+
+def test_focused_change_keeps_the_fewest_squares_that_carry_the_share():
+    before, after = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    # squares of a 2 x 2 grid: values 0.1, 0.4, -0.2, 0.3 (positive sum 0.8)
+    values = torch.tensor([[0.1, 0.4, -0.2, 0.3]])
+    out = M.focused_change(before, after, values, grid=2, keep=0.6)[0, 0]
+    # 0.4 alone is short of 0.6 * 0.8 = 0.48; 0.4 + 0.3 reaches it: squares 1 and 3 only
+    assert out[:2, 2:].eq(1).all() and out[2:, 2:].eq(1).all()
+    assert out[:, :2].eq(0).all()
+    assert torch.equal(M.focused_change(before, after, values, grid=2, keep=1.0)[0, 0, :2, :2],
+                       torch.ones(2, 2))  # fmt: skip
+    assert torch.equal(M.focused_change(before, after, -values.abs(), grid=2), before)
+
+
+def test_counterfactual_effects_reduce_the_change_to_what_f_reads():
+    g = torch.Generator().manual_seed(1)
+    recon = 0.1 * torch.rand(2, 1, 16, 16, generator=g) - 0.05  # f's logit near 0
+    frame = recon.clone()
+    frame[:, :, :4, :4] += 0.05  # read by the classifier: its logit rises by 2.4
+    frame[:, :, 8:12, 8:12] -= 0.9  # a larger change it ignores
+    read = torch.zeros(16, 16, dtype=torch.bool)
+    read[:4, :4] = True
+    f = ReadsRegion(read)
+    p = lambda x: torch.softmax(f(x), 1)[:, 1]  # noqa: E731
+    images = torch.stack([recon, (recon + frame) / 2, frame], dim=1)
+    cf = _cf(torch.stack([p(x) for x in images.unbind(1)], 1).tolist(), p(recon).tolist(),
+             images=images, recon=recon)  # fmt: skip
+    e = M.counterfactual_effects(f, cf, grid=4)
+    assert e.map.shape == (2, 1, 16, 16) and e.focused.shape == recon.shape
+    # Only the read square changes in the focused image, and it moves f all the way.
+    assert torch.equal(e.focused[:, :, :4, :4], frame[:, :, :4, :4])
+    assert torch.equal(e.focused[:, :, 4:], recon[:, :, 4:])
+    assert torch.allclose(e.focused_probs, p(frame), atol=1e-6)
+    assert torch.allclose(e.sufficiency, torch.ones(2), atol=1e-5)
+    # A counterfactual f does not react to at all: nothing kept, no share to report.
+    still = ReadsRegion(torch.zeros(16, 16, dtype=torch.bool))
+    e = M.counterfactual_effects(still, cf, grid=4)
+    assert torch.equal(e.focused, recon) and e.sufficiency.isnan().all()
 
 
 def test_strongest_frame_is_farthest_from_the_reconstruction():

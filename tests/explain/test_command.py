@@ -139,6 +139,7 @@ def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_p
             "reconstruction.png",
             "difference.png",
             "effect.png",
+            "focused.png",
             "plot.png",
             "sequence.gif",
             "map_normative.png",
@@ -151,6 +152,9 @@ def test_full_run_gallery_has_sequences_plots_gifs_and_residuals(full_run, tmp_p
     page = (out / "index.html").read_text()
     assert page.count('class="frame"') == 3 * 5 and "p vs λ" in page
     assert page.count("<figcaption>what f reacts to</figcaption>") == 3
+    # the counterfactual reduced to those changes, with f's probability for it
+    assert page.count("<figcaption>only that · p=") == 3
+    assert all("focus_sufficiency" in r for r in rows)
 
 
 def _rows(out: Path) -> list[dict]:
