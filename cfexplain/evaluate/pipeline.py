@@ -201,8 +201,8 @@ def collect_counterfactual(
 ) -> None:
     """One batch's counterfactual results into ``parts`` (lists concatenated at the end): the
     oracles' factor changes, the marker's part in f's move where the walk changed it
-    (``marker_masks [N, H, W]``), where f reacts to the change up to the strongest frame
-    (binary walks), the judged frames and reconstructions with the classes f gives
+    (``marker_masks [N, H, W]``), where f reacts to the change up to the strongest frame and
+    whether the change reduced to that still moves the marker, the judged frames and reconstructions with the classes f gives
     them, COUT, and for an ordinal walk every frame's grade and factor readings."""
     from cfexplain.evaluate.factors import counterfactual_factors, read_factors
     from cfexplain.explain.metrics import counterfactual_cout, counterfactual_effects
@@ -218,14 +218,13 @@ def collect_counterfactual(
             parts.setdefault("marker_effect", []).append(
                 changed_marker_effect(model, cf, part["marker_frame"], marker_masks)
             )
-    if not cf.ordinal:
-        effects = counterfactual_effects(model, cf)
-        parts.setdefault("effect", []).append(effects.map)
-        parts.setdefault("sufficiency", []).append(effects.sufficiency)
-        if oracle is not None and "marker" in oracle.factors:
-            parts.setdefault("focused_marker_changed", []).append(
-                marker_crossed(oracle, cf.reconstruction, effects.focused)
-            )
+    effects = counterfactual_effects(model, cf)
+    parts.setdefault("effect", []).append(effects.map)
+    parts.setdefault("sufficiency", []).append(effects.sufficiency)
+    if oracle is not None and "marker" in oracle.factors:
+        parts.setdefault("focused_marker_changed", []).append(
+            marker_crossed(oracle, cf.reconstruction, effects.focused)
+        )
     idx, flipped = cf.flip_frame()
     frames = cf.images[torch.arange(n), idx]
     with torch.no_grad():

@@ -136,7 +136,8 @@ class Row:
             :func:`cfexplain.explain.metrics.square_values`), or None.
         focused: ``[C, H, W]`` the reconstruction with only those changes (the squares that
             carry most of f's move, :func:`cfexplain.explain.metrics.focused_change`), and
-            ``focused_prob`` f's probability of the target for it; None without ``effect``.
+            ``focused_score`` f's probability of the target for it (ordinal walks: its expected
+            grade); None without ``effect``.
         maps: method name -> (raw map ``[1, H, W]``, signed).
         drawn: method name -> its own picture, used instead of the overlay.
         metrics: per-image numbers for metrics.csv and the page.
@@ -160,7 +161,7 @@ class Row:
     difference: Tensor | None = None
     effect: Tensor | None = None
     focused: Tensor | None = None
-    focused_prob: float | None = None
+    focused_score: float | None = None
     maps: dict[str, tuple[Tensor, bool]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     # Maps that draw themselves (the dominant-class map's colours): uint8 RGB [H, W, 3].
@@ -203,10 +204,11 @@ class Row:
 
     @property
     def focused_caption(self) -> str:
-        """p(target) of the focused counterfactual and the share of f's move it reproduces."""
+        """p(target) (ordinal walks: the expected grade) of the focused counterfactual and the
+        share of f's move it reproduces."""
         share = self.metrics.get("focus_sufficiency", math.nan)
         moved = "" if math.isnan(share) else f" ({100 * share:.0f}%)"
-        return f"p={self.focused_prob:.2f}{moved}"
+        return f"{'E' if self.is_ordinal else 'p'}={self.focused_score:.2f}{moved}"
 
 
 def _map_rgb(row: Row, name: str, m: Tensor, signed: bool) -> np.ndarray:
@@ -790,7 +792,7 @@ class GalleryWriter:
                 cells["effect"] = out / files["effect"]
             if "focused" in files:
                 cells["focused"] = out / files["focused"]
-                cells["focused_prob"] = row.focused_prob
+                cells["focused_score"] = row.focused_score
         if row.is_ordinal:
             assert row.frame_grades is not None and row.frame_argmax is not None
             cells["frame_grades"] = json.dumps([round(float(g), 4) for g in row.frame_grades])

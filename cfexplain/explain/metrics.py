@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cfexplain.explain.counterfactual import Counterfactuals
+from cfexplain.explain.counterfactual import Counterfactuals, expected_grade
 
 
 def flip_rate(cf: Counterfactuals) -> float:
@@ -222,16 +222,28 @@ FOCUS_KEEP = 0.8
 
 
 def strongest_frame(cf: Counterfactuals) -> Tensor:
-    """``[N]`` index of the frame whose probability of the target is farthest from the
-    reconstruction's: the sequence's strongest counterfactual, with every change on the way."""
+    """``[N]`` index of the frame whose probability of the target (on an ordinal walk: whose
+    expected grade) is farthest from the reconstruction's: the sequence's strongest
+    counterfactual, with every change on the way."""
+    if cf.ordinal:
+        assert cf.recon_class_probs is not None, "an ordinal walk carries the reconstruction's"
+        grades = cf.grades()
+        ref = expected_grade(cf.recon_class_probs.to(grades.device))
+        return (grades - ref[:, None]).abs().argmax(dim=1)
     ref = cf.recon_probs if cf.recon_probs is not None else cf.input_probs
     return (cf.probs - ref[:, None]).abs().argmax(dim=1)
 
 
 @torch.no_grad()
-def target_probs(model: nn.Module, x: Tensor, target: int, batch_size: int = 256) -> Tensor:
-    """``[N]`` the classifier's probability of ``target`` for ``x [N, C, H, W]``, in batches."""
-    return torch.cat([torch.softmax(model(b), 1)[:, target] for b in x.split(batch_size)])
+def readout(model: nn.Module, x: Tensor, target: int | None, batch_size: int = 256) -> Tensor:
+    """``[N]`` the classifier's probability of ``target`` for ``x [N, C, H, W]``, or with
+    ``target`` None its expected grade Σ k·p_k (ordinal walks), in batches."""
+
+    def one(b: Tensor) -> Tensor:
+        p = torch.softmax(model(b).float(), 1)
+        return expected_grade(p) if target is None else p[:, target]
+
+    return torch.cat([one(b) for b in x.split(batch_size)])
 
 
 @torch.no_grad()
@@ -240,7 +252,7 @@ def region_values(
     before: Tensor,
     after: Tensor,
     regions: Tensor,
-    target: int,
+    target: int | None,
     batch_size: int = 256,
 ) -> Tensor:
     """``[N, R]``: how much of the classifier's move from ``before`` to ``after`` (``[N, C, H,
@@ -249,12 +261,12 @@ def region_values(
 
         ½ [(p(the region changed alone) − p(before)) + (p(after) − p(all but the region changed))],
 
-    p the probability of ``target``. ``regions`` bool ``[N or 1, R, 1, H, W]``. The whole move
+    p the probability of ``target`` (``None``: the expected grade). ``regions`` bool ``[N or 1, R, 1, H, W]``. The whole move
     for a region that holds everything the classifier reads, 0 for one whose change it ignores
     however large, and the mean of the two marginal contributions in between."""
 
     def prob(x: Tensor) -> Tensor:
-        return target_probs(model, x, target, batch_size)
+        return readout(model, x, target, batch_size)
 
     n, r = len(before), regions.shape[1]
     p0, p1 = prob(before), prob(after)
@@ -282,7 +294,7 @@ def square_values(
     model: nn.Module,
     before: Tensor,
     after: Tensor,
-    target: int,
+    target: int | None,
     *,
     grid: int = EFFECT_GRID,
     batch_size: int = 256,
@@ -297,9 +309,7 @@ def square_values(
     square = square_index(h, w, grid, before.device)
     masks = square[None] == torch.arange(grid * grid, device=before.device)[:, None, None]
     values = region_values(model, before, after, masks[None, :, None], target, batch_size)
-    move = target_probs(model, after, target, batch_size) - target_probs(
-        model, before, target, batch_size
-    )
+    move = readout(model, after, target, batch_size) - readout(model, before, target, batch_size)
     return values * torch.where(move >= 0, 1.0, -1.0)[:, None]
 
 
@@ -344,14 +354,15 @@ class ChangeEffects:
             strongest frame, drawn by :func:`spread_values`.
         focused: ``[N, C, H, W]`` the reconstruction with only those changes
             (:func:`focused_change`): the counterfactual reduced to what moves f.
-        focused_probs: ``[N]`` f's probability of the target for ``focused``.
+        focused_scores: ``[N]`` f's probability of the target for ``focused`` (ordinal walks:
+            its expected grade).
         sufficiency: ``[N]`` the share of f's move (reconstruction to strongest frame) that the
             focused image reproduces; NaN where f does not move (less than 0.01).
     """
 
     map: Tensor
     focused: Tensor
-    focused_probs: Tensor
+    focused_scores: Tensor
     sufficiency: Tensor
 
 
@@ -360,18 +371,20 @@ def counterfactual_effects(
     model: nn.Module, cf: Counterfactuals, *, grid: int = EFFECT_GRID, batch_size: int = 256
 ) -> ChangeEffects:
     """:class:`ChangeEffects` between each reconstruction and its sequence's strongest frame
-    (:func:`strongest_frame`)."""
+    (:func:`strongest_frame`), in f's probability of the target, or on an ordinal walk in its
+    expected grade."""
     k = strongest_frame(cf).to(cf.images.device)
     after = cf.images[torch.arange(len(k), device=k.device), k]
     before = cf.reconstruction
-    values = square_values(model, before, after, cf.target, grid=grid, batch_size=batch_size)
+    target = None if cf.ordinal else cf.target
+    values = square_values(model, before, after, target, grid=grid, batch_size=batch_size)
     focused = focused_change(before, after, values, grid)
-    p = [target_probs(model, x, cf.target, batch_size) for x in (before, after, focused)]
+    p = [readout(model, x, target, batch_size) for x in (before, after, focused)]
     move = p[1] - p[0]
     sufficiency = torch.where(move.abs() >= 0.01, (p[2] - p[0]) / move, torch.nan)
     return ChangeEffects(
         map=spread_values(values, before, after, grid).cpu(),
         focused=focused.cpu(),
-        focused_probs=p[2].cpu(),
+        focused_scores=p[2].cpu(),
         sufficiency=sufficiency.cpu(),
     )

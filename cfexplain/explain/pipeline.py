@@ -238,10 +238,9 @@ def explain_batch(
         cf = cf_method.sequences(x[keep], target)
         flip, diff = cf.flip_index().cpu(), counterfactual_difference(cf).cpu()
         metrics = counterfactual_metrics(cf, cf_method.engine)
-        if not cf.ordinal:
-            from cfexplain.explain.metrics import counterfactual_effects
+        from cfexplain.explain.metrics import counterfactual_effects
 
-            effect = counterfactual_effects(run.classifier, cf)
+        effect = counterfactual_effects(run.classifier, cf)
     strips = None
     if attr_method is not None and keep:
         strips = attr_method.strips(x[keep], target)  # type: ignore[attr-defined]
@@ -274,7 +273,7 @@ def explain_batch(
             _add_sequence(row, cf, j, int(flip[j]), diff[j], classes)
             if effect is not None:
                 row.effect, row.focused = effect.map[j], effect.focused[j]
-                row.focused_prob = float(effect.focused_probs[j])
+                row.focused_score = float(effect.focused_scores[j])
                 row.metrics["focus_sufficiency"] = float(effect.sufficiency[j])
         if strips is not None and i in at:
             row.attributes = attribute_rows(strips, at[i], classes)

@@ -126,7 +126,7 @@ def test_explain_shows_attribute_strips_and_reports(attr_run, tmp_path, monkeypa
     for col in ("effect", "focused"):
         cells = [row[cols.index(col)] for row in table["data"]]
         assert all(c["_type"] == "image-file" and entries[c["path"]].is_file() for c in cells)
-    probs = [row[cols.index("focused_prob")] for row in table["data"]]
+    probs = [row[cols.index("focused_score")] for row in table["data"]]
     assert all(0.0 <= p <= 1.0 for p in probs)
     names = [row[cols.index("attribute_0_name")] for row in table["data"]]
     assert names == [r["attribute_0_name"] for r in rows]

@@ -234,12 +234,48 @@ def test_counterfactual_effects_reduce_the_change_to_what_f_reads():
     # Only the read square changes in the focused image, and it moves f all the way.
     assert torch.equal(e.focused[:, :, :4, :4], frame[:, :, :4, :4])
     assert torch.equal(e.focused[:, :, 4:], recon[:, :, 4:])
-    assert torch.allclose(e.focused_probs, p(frame), atol=1e-6)
+    assert torch.allclose(e.focused_scores, p(frame), atol=1e-6)
     assert torch.allclose(e.sufficiency, torch.ones(2), atol=1e-5)
     # A counterfactual f does not react to at all: nothing kept, no share to report.
     still = ReadsRegion(torch.zeros(16, 16, dtype=torch.bool))
     e = M.counterfactual_effects(still, cf, grid=4)
     assert torch.equal(e.focused, recon) and e.sufficiency.isnan().all()
+
+
+class GradesRegion(ReadsRegion):
+    """Three grades with logits [-v, 0, v], v = 3 * the region's pixel sum: the expected grade
+    rises with the region alone."""
+
+    def forward(self, x):
+        v = super().forward(x)[:, 1]
+        return torch.stack([-v, torch.zeros_like(v), v], dim=1)
+
+
+def test_ordinal_walks_credit_the_squares_that_move_the_expected_grade():
+    g = torch.Generator().manual_seed(2)
+    recon = 0.1 * torch.rand(2, 1, 16, 16, generator=g) - 0.05
+    read = torch.zeros(16, 16, dtype=torch.bool)
+    read[4:8, 4:8] = True
+    f = GradesRegion(read)
+    frames = [recon.clone() for _ in range(3)]
+    for k, frame in enumerate(frames):
+        frame[:, :, 4:8, 4:8] += 0.03 * k  # the grade rises frame by frame
+        frame[:, :, 12:, 12:] -= 0.5 * k  # a larger change f ignores
+    images = torch.stack(frames, dim=1)
+    class_probs = torch.stack([torch.softmax(f(x), 1) for x in frames], dim=1)
+    cf = _cf([[0.5] * 3] * 2, [0.5, 0.5], images=images, recon=recon)
+    cf.class_probs, cf.recon_class_probs = class_probs, torch.softmax(f(recon), 1)
+    assert M.strongest_frame(cf).tolist() == [2, 2]
+    e = M.counterfactual_effects(f, cf, grid=4)
+    grade = lambda x: M.readout(f, x, None)  # noqa: E731
+    move = grade(frames[2]) - grade(recon)
+    assert (move > 0.5).all()
+    # The read square carries the whole rise of the expected grade; the ignored change nothing.
+    assert torch.allclose(e.map[:, 0, 4:8, 4:8].sum((1, 2)), move, atol=1e-5)
+    assert torch.equal(e.map[:, 0, 12:, 12:], torch.zeros(2, 4, 4))
+    assert torch.equal(e.focused[:, :, 12:, 12:], recon[:, :, 12:, 12:])
+    assert torch.allclose(e.focused_scores, grade(frames[2]), atol=1e-5)
+    assert torch.allclose(e.sufficiency, torch.ones(2), atol=1e-4)
 
 
 def test_strongest_frame_is_farthest_from_the_reconstruction():

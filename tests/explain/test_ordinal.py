@@ -70,7 +70,11 @@ def test_kl_gallery_report_and_wandb_table_show_the_ordinal_walk(kl_run, tmp_pat
     )
     assert "E=" in page and "KL" in page
     for i in range(3):
-        assert (out / "images" / f"{i:05d}" / "grade_plot.png").is_file()
+        for name in ("grade_plot.png", "effect.png", "focused.png"):
+            assert (out / "images" / f"{i:05d}" / name).is_file(), name
+    # what moves the expected grade, and the walk reduced to it, with its grade
+    assert page.count("<figcaption>what f reacts to</figcaption>") == 3
+    assert page.count("<figcaption>only that · E=") == 3
     (report,) = (out / "reports").glob("*.html")
     assert "most likely KL" in report.read_text() and "Grade at every step" in report.read_text()
     # The W&B table, read back from the offline run's files: grades per frame and the plot.
@@ -84,8 +88,10 @@ def test_kl_gallery_report_and_wandb_table_show_the_ordinal_walk(kl_run, tmp_pat
         assert len(grades) == len(argmax) == 5 and all(0 <= g <= 4 for g in grades)
         assert grades[0] == pytest.approx(float(csv_row["grade_first"]), abs=1e-4)
         assert argmax[-1] == int(float(csv_row["argmax_last"]))
-        cell = row[columns.index("grade_plot")]
-        assert cell["_type"] == "image-file" and entries[cell["path"]].is_file()
+        for col in ("grade_plot", "effect", "focused"):
+            cell = row[columns.index(col)]
+            assert cell["_type"] == "image-file" and entries[cell["path"]].is_file()
+        assert 0.0 <= row[columns.index("focused_score")] <= 4.0
 
 
 def test_walk_target_keeps_the_per_class_walk_and_ordinal_needs_a_direction(kl_run, tmp_path):
