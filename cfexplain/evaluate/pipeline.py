@@ -201,9 +201,10 @@ def collect_counterfactual(
 ) -> None:
     """One batch's counterfactual results into ``parts`` (lists concatenated at the end): the
     oracles' factor changes, the marker's part in f's move where the walk changed it
-    (``marker_masks [N, H, W]``), where f reacts to the change up to the strongest frame and
-    whether the change reduced to that still moves the marker, the judged frames and reconstructions with the classes f gives
-    them, COUT, and for an ordinal walk every frame's grade and factor readings."""
+    (``marker_masks [N, H, W]``), where f reacts to the change up to the strongest frame, the
+    share of the move the change reduced to that reproduces and whether it still moves the
+    marker, the judged frames and reconstructions with the classes f gives them, COUT, and for
+    an ordinal walk every frame's grade and factor readings."""
     from cfexplain.evaluate.factors import counterfactual_factors, read_factors
     from cfexplain.explain.metrics import counterfactual_cout, counterfactual_effects
 
