@@ -145,6 +145,7 @@ def _print_table(summary: dict[str, Any]) -> None:
             "cout",
             "marker_exposure_decisive",
             "marker_exposure_effect",
+            "marker_exposure_effect_corners",
             "marker_exposure_focused",
             "focus_sufficiency_median",
         )

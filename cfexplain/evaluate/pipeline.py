@@ -331,6 +331,12 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
         # Without the masks: does the "what f reacts to" tile put its weight on the marker?
         shown = heatmap_exposure(cf["effect"].abs(), data["marker"])
         out["marker_exposure_effect"] = nanmean(shown[has_marker])
+        # G may draw the marker in another corner than the input's: any marker place counts.
+        from cfexplain.data.phantoms.knee import marker_places
+
+        places = marker_places(data["marker"].shape[-1]).expand_as(data["marker"])
+        shown = heatmap_exposure(cf["effect"].abs(), places & has_marker[:, None, None])
+        out["marker_exposure_effect_corners"] = nanmean(shown[has_marker])
     if "focused_marker_changed" in cf and has_marker.any():
         # The counterfactual reduced to what f reacts to: does it still change the marker?
         out["marker_exposure_focused"] = nanmean(cf["focused_marker_changed"][has_marker].float())

@@ -264,6 +264,18 @@ def test_nuisance_does_not_track_disease():
         assert abs(np.corrcoef(values, diseased)[0, 1]) < 0.15, key
 
 
+def test_marker_places_cover_every_drawn_marker_and_little_else():
+    knees = KneePhantom(n=60, resolution=32, seed=5, shortcut_rate=1.0, cache=False)
+    places = knee_mod.marker_places(32)
+    masks = [knees[i]["meta"]["masks"]["marker"].bool() for i in range(len(knees))]
+    drawn = torch.stack([m for m in masks if m.any()])
+    assert len(drawn) >= 10
+    assert not (drawn & ~places).any()  # every marker, in whichever corner, lies inside
+    corners = {(int(m.nonzero()[0, 0]) < 16, int(m.nonzero()[0, 1]) < 16) for m in drawn}
+    assert len(corners) == 4  # all four corners seen, and each is a place
+    assert places.float().mean() < 0.1  # four plates, not the image
+
+
 def test_shortcut_marker_rule():
     always = KneePhantom(n=150, resolution=16, seed=13, shortcut_rate=1.0, cache=False)
     for i in range(len(always)):

@@ -82,6 +82,7 @@ def test_table_has_every_method_and_metric(evaluated):
     assert 0.0 <= decisive <= summary["table"]["counterfactual"]["marker_exposure"] + 1e-9
     # The "what f reacts to" tile, judged like a heatmap on the marker (oracle-free).
     assert 0.0 <= cf["marker_exposure_effect"] <= 1.0
+    assert 0.0 <= cf["marker_exposure_effect_corners"] <= 1.0
     # ... and the counterfactual reduced to what f reacts to, read by the oracle.
     assert 0.0 <= cf["marker_exposure_focused"] <= 1.0
     assert "focus_sufficiency_median" in cf

@@ -847,6 +847,14 @@ class _Knee:
         return area_down(full, self.supersample)
 
 
+def marker_places(resolution: int) -> torch.Tensor:
+    """``[H, W]`` bool: every pixel a lead marker's plate may cover, in any of the four corners
+    (where a generator may draw the marker, whichever corner the real image had it in)."""
+    blank = np.zeros((resolution, resolution), dtype=np.float32)
+    cover = sum(_draw_marker(blank, c, 0.0, resolution)[1] for c in range(4))
+    return torch.from_numpy(np.asarray(cover) > 0)
+
+
 def _draw_marker(
     img: np.ndarray, corner: int, laterality: float, resolution: int
 ) -> tuple[np.ndarray, np.ndarray]:
