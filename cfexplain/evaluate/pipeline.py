@@ -222,9 +222,12 @@ def collect_counterfactual(
     effects = counterfactual_effects(model, cf)
     parts.setdefault("effect", []).append(effects.map)
     parts.setdefault("sufficiency", []).append(effects.sufficiency)
-    if oracle is not None and "marker" in oracle.factors:
+    if oracle is not None and "marker" in part["factors"]:
+        # the reconstruction's reading is part["before"]: only the focused images are read
+        j = part["factors"].index("marker")
+        focused = read_factors(oracle, effects.focused)[:, j] > 0.5
         parts.setdefault("focused_marker_changed", []).append(
-            marker_crossed(oracle, cf.reconstruction, effects.focused)
+            focused != (part["before"][:, j] > 0.5)
         )
     idx, flipped = cf.flip_frame()
     frames = cf.images[torch.arange(n), idx]
@@ -241,16 +244,6 @@ def collect_counterfactual(
         parts.setdefault("walk_frames", []).append(cf.images.cpu())
         if oracle is not None:
             parts.setdefault("walk_factors", []).append(read_factors(oracle, cf.images))
-
-
-def marker_crossed(oracle, before: Tensor, after: Tensor) -> Tensor:
-    """``[N]`` bool: the oracle's marker reading is on the other side of 0.5 in ``after`` from
-    ``before`` (``[N, C, H, W]``), the test of ``marker_changed``."""
-    from cfexplain.evaluate.factors import read_factors
-
-    j = list(oracle.factors).index("marker")
-    b, a = (read_factors(oracle, x)[:, j] > 0.5 for x in (before, after))
-    return (a != b).cpu()
 
 
 def changed_marker_effect(model, cf: Any, frame: Tensor, marker_masks: Tensor) -> Tensor:

@@ -261,9 +261,10 @@ def region_values(
 
         ½ [(p(the region changed alone) − p(before)) + (p(after) − p(all but the region changed))],
 
-    p the probability of ``target`` (``None``: the expected grade). ``regions`` bool ``[N or 1, R, 1, H, W]``. The whole move
-    for a region that holds everything the classifier reads, 0 for one whose change it ignores
-    however large, and the mean of the two marginal contributions in between."""
+    p the probability of ``target`` (``None``: the expected grade). ``regions`` bool
+    ``[N or 1, R, 1, H, W]``. The whole move for a region that holds everything the classifier
+    reads, 0 for one whose change it ignores however large, and the mean of the two marginal
+    contributions in between."""
 
     def prob(x: Tensor) -> Tensor:
         return readout(model, x, target, batch_size)
