@@ -192,6 +192,18 @@ def _module_at(ref: str, path: str, name: str, rename: dict[str, str]) -> types.
     return mod
 
 
+class _SeparatePasses(torch.nn.Module):
+    """A discriminator without ``parts`` scoring each part in a pass of its own, as the published
+    loop does (reals, then fakes)."""
+
+    def __init__(self, D: torch.nn.Module) -> None:
+        super().__init__()
+        self.D = D
+
+    def forward(self, img: torch.Tensor, parts: int = 1) -> torch.Tensor:
+        return torch.cat([self.D(x) for x in img.chunk(parts)])
+
+
 def _baseline_gan(ref: str, ours, cfg, d):
     """The stage's ``_GAN`` rebuilt on commit ``ref``'s networks with the same weights, in the
     contiguous layout, with per-tensor Adam (that commit's optimisers)."""
@@ -210,6 +222,7 @@ def _baseline_gan(ref: str, ours, cfg, d):
     G.load_state_dict(ours.G.state_dict())
     D.load_state_dict(ours.D.state_dict())
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
+    D = _SeparatePasses(D)
 
     def adam(module, opt):
         group = opt.param_groups[0]

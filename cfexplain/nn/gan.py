@@ -63,8 +63,9 @@ def ema_beta(batch: int, nimg: int, ema_kimg: float, rampup: float | None) -> fl
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, beta: float) -> None:
     """``ema ← model + beta (ema - model)`` for parameters; buffers are copied."""
-    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-        p_ema.lerp_(p, 1 - beta)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    assert len(ema_params) == len(params), f"{len(ema_params)} EMA parameters for {len(params)}"
+    torch._foreach_lerp_(ema_params, params, 1 - beta)  # one call, not one per tensor
     for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
         b_ema.copy_(b)
 

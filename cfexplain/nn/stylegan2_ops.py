@@ -335,23 +335,29 @@ def _epilogue(
     return y
 
 
-def minibatch_std(x: torch.Tensor, group_size: int = 4, num_channels: int = 1) -> torch.Tensor:
+def minibatch_std(
+    x: torch.Tensor, group_size: int = 4, num_channels: int = 1, parts: int = 1
+) -> torch.Tensor:
     """Append the minibatch standard deviation: ``[N, C, H, W] -> [N, C + num_channels, H, W]``.
 
     Samples ``n`` and ``n + N/G`` (and so on) form a group of ``G``; the std over the group,
     averaged over a channel slice and all pixels, becomes ``num_channels`` constant feature maps.
     ``G = min(group_size, N)``, lowered to the largest divisor of ``N`` when it does not divide it
-    (the published code requires divisibility).
+    (the published code requires divisibility). ``parts``: ``x`` is that many minibatches of
+    ``N / parts`` samples one after the other, grouped each on its own: the result equals
+    ``parts`` separate calls (the discriminator scores reals and fakes in one pass this way).
     """
     assert x.ndim == 4, f"expected [N, C, H, W], got {tuple(x.shape)}"
     N, C, H, W = x.shape
     assert C % num_channels == 0, f"{C} channels do not split into {num_channels} groups"
-    G = max(1, min(group_size, N))
-    while N % G:
+    assert parts >= 1 and N % parts == 0, f"{N} samples do not split into {parts} minibatches"
+    n = N // parts
+    G = max(1, min(group_size, n))
+    while n % G:
         G -= 1
-    y = x.reshape(G, N // G, num_channels, C // num_channels, H, W)
-    y = y - y.mean(dim=0)
-    y = (y.square().mean(dim=0) + 1e-8).sqrt()  # [N/G, F, c, H, W]
-    y = y.mean(dim=[2, 3, 4]).reshape(N // G, num_channels, 1, 1)
-    y = y.repeat(G, 1, H, W)
-    return torch.cat([x, y], dim=1)
+    y = x.reshape(parts, G, n // G, num_channels, C // num_channels, H, W)
+    y = y - y.mean(dim=1, keepdim=True)
+    y = (y.square().mean(dim=1) + 1e-8).sqrt()  # [parts, n/G, F, c, H, W]
+    y = y.mean(dim=[3, 4, 5])  # [parts, n/G, F]: sample p n + g n/G + j reads y[p, j]
+    y = y[:, None, :, :, None, None].expand(parts, G, n // G, num_channels, H, W)
+    return torch.cat([x, y.reshape(N, num_channels, H, W)], dim=1)

@@ -202,8 +202,11 @@ def _d_loss(g: DictConfig, t: _GAN, b: _Batch, reg: bool) -> Iterator[torch.Tens
     with torch.no_grad():
         fake = t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
     b.real.requires_grad_(reg)
-    real_logits = t.D(t.augment(b.real))
-    fake_logits = t.D(t.augment(fake))
+    real, fake = t.augment(b.real), t.augment(fake)
+    if reg:  # R1's double backward needs the reals' pass only
+        real_logits, fake_logits = t.D(real), t.D(fake)
+    else:  # one pass, minibatch std within each half: the same logits as two passes
+        real_logits, fake_logits = t.D(torch.cat([real, fake]), parts=2).chunk(2)
     loss = gan.d_logistic_loss(real_logits, fake_logits)
     if reg:
         r1 = gan.r1_penalty(real_logits, b.real)

@@ -228,6 +228,30 @@ def test_minibatch_std_matches_direct_computation():
             )
 
 
+def test_minibatch_std_parts_equal_separate_calls():
+    """Reals and fakes in one pass: each half is grouped on its own, never with the other."""
+    a, b = torch.randn(8, 6, 4, 4), torch.randn(8, 6, 4, 4) * 3 + 1
+    y = minibatch_std(torch.cat([a, b]), group_size=4, num_channels=2, parts=2)
+    separate = torch.cat([minibatch_std(a, 4, 2), minibatch_std(b, 4, 2)])
+    torch.testing.assert_close(y, separate, rtol=0, atol=1e-6)
+    mixed = minibatch_std(torch.cat([a, b]), group_size=4, num_channels=2)
+    assert not torch.allclose(mixed, separate, atol=1e-3)  # one minibatch would mix them
+    with pytest.raises(AssertionError, match="do not split into 3 minibatches"):
+        minibatch_std(torch.cat([a, b]), parts=3)
+
+
+def test_discriminator_scores_parts_as_separate_passes():
+    torch.manual_seed(0)
+    D = small_d()
+    real, fake = torch.randn(8, 1, 16, 16), torch.randn(8, 1, 16, 16) * 0.5
+    x = torch.cat([real, fake]).requires_grad_(True)
+    both = D(x, parts=2)
+    real_sep, fake_sep = D(real), D(fake)
+    torch.testing.assert_close(both, torch.cat([real_sep, fake_sep]), rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(both[8:].sum(), x)
+    assert g[:8].abs().max() == 0 and g[8:].abs().max() > 0  # the halves do not see each other
+
+
 def test_layers_pass_gradcheck():
     """float64 gradcheck of the layers whose activations are modified in place."""
     torch.set_default_dtype(torch.float64)
