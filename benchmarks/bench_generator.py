@@ -20,10 +20,11 @@ shipped knee runs stay below 0.01, where the pipe draws nothing in most steps), 
 fixed random batch of reals stands in for the data) with the networks and optimisers the stage
 builds, against the same loop on the baseline commit's networks (its ``stylegan2.py`` and
 ``stylegan2_ops.py`` read from git, loaded as modules) with its contiguous layout and per-tensor
-Adam; the baseline's training iteration equals the published code's. Both get the same initial
-weights; blocks of 10 iterations alternate between them, ``--rounds`` times, and the best and
-median s/kimg are reported, with the GFLOP/s each achieves against this machine's conv2d peak
-(a 128-channel 3x3 convolution at 32 px, batch 16, forward and backward) measured in the run.
+Adam, scoring reals and fakes in two discriminator passes; the baseline's training iteration
+equals the published code's. Both get the same initial weights; blocks of 10 iterations
+alternate between them, ``--rounds`` times, and the best and median s/kimg are reported, with
+the GFLOP/s each achieves against this machine's conv2d peak (a 128-channel 3x3 convolution at
+32 px, batch 16, forward and backward) measured in the run.
 """
 
 from __future__ import annotations
