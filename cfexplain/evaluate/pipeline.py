@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cfexplain.evaluate import heatmaps as hm
-from cfexplain.evaluate.shortcut import heatmap_exposure
+from cfexplain.evaluate.shortcut import any_place_exposure, heatmap_exposure
 from cfexplain.explain.attribution import (
     Counterfactual,
     Method,
@@ -327,8 +327,8 @@ def counterfactual_summary(cfg, per, model, data, device) -> dict[str, Any]:
         # G may draw the marker in another corner than the input's: any marker place counts.
         from cfexplain.data.phantoms.knee import marker_places
 
-        places = marker_places(data["marker"].shape[-1]).expand_as(data["marker"])
-        shown = heatmap_exposure(cf["effect"].abs(), places & has_marker[:, None, None])
+        places = marker_places(data["marker"].shape[-1])
+        shown = any_place_exposure(cf["effect"].abs(), places, has_marker)
         out["marker_exposure_effect_corners"] = nanmean(shown[has_marker])
     if "focused_marker_changed" in cf and has_marker.any():
         # The counterfactual reduced to what f reacts to: does it still change the marker?

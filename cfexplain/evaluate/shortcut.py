@@ -96,6 +96,21 @@ def heatmap_exposure(maps: Tensor, marker_masks: Tensor) -> Tensor:
     return torch.where(marker_masks.flatten(1).any(1) & ~mass.isnan(), out, torch.nan)
 
 
+def any_place_exposure(maps: Tensor, places: Tensor, has_marker: Tensor) -> Tensor:
+    """``[N]`` float: :func:`heatmap_exposure` against each of the places a marker may be drawn
+    (``places`` bool ``[P, H, W]``), 1.0 where the map exposes any one of them; NaN where the
+    image has no marker (``has_marker [N]``). Judged per place, since a map on one plate should
+    not have to outweigh the area of all of them."""
+    n = maps.shape[0]
+    per_place = torch.stack(
+        [
+            heatmap_exposure(maps, place.expand(n, -1, -1) & has_marker[:, None, None])
+            for place in places
+        ]
+    )  # [P, N]
+    return torch.where(has_marker, per_place.nan_to_num(0).amax(0), torch.nan)
+
+
 @torch.no_grad()
 def marker_effect(
     model: nn.Module,

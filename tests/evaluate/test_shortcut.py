@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from cfexplain.data import build_dataset
-from cfexplain.evaluate.shortcut import heatmap_exposure, marker_effect, marker_reliance
+from cfexplain.evaluate.shortcut import (
+    any_place_exposure,
+    heatmap_exposure,
+    marker_effect,
+    marker_reliance,
+)
 from cfexplain.nn.classifier import load_classifier
 from cfexplain.train import run_chain
 from tests.conftest import compose_config
@@ -65,6 +70,20 @@ def test_heatmap_exposure_against_the_area_share():
     maps[0, 0, :2, :2] = 5.0  # relevance concentrated on the marker
     out = heatmap_exposure(maps, masks)
     assert out[0] == 1.0 and out[1] == 0.0 and out[2].isnan()  # uniform map: exactly the share
+
+
+def test_any_place_exposure_judges_each_place_on_its_own_area():
+    places = torch.zeros(4, 8, 8, dtype=torch.bool)
+    places[0, :2, :2] = places[1, :2, 6:] = places[2, 6:, :2] = places[3, 6:, 6:] = True
+    maps = torch.ones(3, 1, 8, 8)
+    maps[:, :, places.any(0)] = 0.5  # the plates lighter than the rest...
+    maps[0, 0, 6:, 6:] = 2.0  # ...but one (not the input's): 8/62 of the mass on 4/64 px
+    has_marker = torch.tensor([True, True, False])
+    out = any_place_exposure(maps, places, has_marker)
+    assert out[0] == 1.0 and out[1] == 0.0 and out[2].isnan()
+    # Against the plates' union the same map falls short: one plate cannot outweigh four.
+    union = places.any(0).expand(3, -1, -1) & has_marker[:, None, None]
+    assert heatmap_exposure(maps, union)[0] == 0.0
 
 
 def test_marker_effect_is_the_whole_move_when_f_reads_the_marker_and_zero_when_it_does_not():

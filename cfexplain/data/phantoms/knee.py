@@ -848,11 +848,11 @@ class _Knee:
 
 
 def marker_places(resolution: int) -> torch.Tensor:
-    """``[H, W]`` bool: every pixel a lead marker's plate may cover, in any of the four corners
+    """``[4, H, W]`` bool: the pixels a lead marker's plate may cover, one mask per corner
     (where a generator may draw the marker, whichever corner the real image had it in)."""
     blank = np.zeros((resolution, resolution), dtype=np.float32)
-    cover = sum(_draw_marker(blank, c, 0.0, resolution)[1] for c in range(4))
-    return torch.from_numpy(np.asarray(cover) > 0)
+    plates = [_draw_marker(blank, c, 0.0, resolution)[1] > 0 for c in range(4)]
+    return torch.from_numpy(np.stack(plates))
 
 
 def _draw_marker(
