@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from cfexplain.explain.attributes import TABLE_COLUMNS, find_for_run, table_markdown
+from cfexplain.explain.attribution import whole_number
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import Artifact, staged_dir, write_json, write_text
 from cfexplain.utils.cli import ConfigError, run_command, tracked
@@ -37,6 +38,7 @@ def attributes(cfg: DictConfig) -> Path:
     for field in ("limit", "k", "std_samples") + (("screen",) if cfg.screen is not None else ()):
         if int(cfg[field]) < 1:
             raise ConfigError(f"{field}={cfg[field]}: expected at least 1")
+    refine_steps = whole_number("refine_steps", cfg.refine_steps, 0)
     if not float(cfg.shift) > 0:
         raise ConfigError(f"shift={cfg.shift}: expected a positive number of stds")
     out = Path(cfg.out) if cfg.out else run.output_dir("attributes")
@@ -56,6 +58,7 @@ def attributes(cfg: DictConfig) -> Path:
                 batch=int(cfg.batch_size),
                 seed=int(cfg.seed),
                 screen=None if cfg.screen is None else int(cfg.screen),
+                refine_steps=refine_steps,
             )
             found.info["seconds"] = round(time.time() - start, 1)
             found.save(work)

@@ -23,6 +23,7 @@ from cfexplain.explain.attribution import (
     Method,
     counterfactual_difference,
     get_method,
+    whole_number,
 )
 from cfexplain.nn.capsules import capsule_net
 from cfexplain.runs import TrainedRun
@@ -574,15 +575,19 @@ def attribute_summary(
         read_factors,
     )
     from cfexplain.explain.attributes import render, run_styles, to_styles
+    from cfexplain.explain.counterfactual import project
 
     target, found, G = int(cfg.target), run.attributes, run.generator
     size, n = int(cfg.batch_size), len(data["x"])
-    encoded = run.has("encoder")
+    encoded, refine = run.has("encoder"), whole_number("refine_steps", cfg.refine_steps, 0)
     with torch.no_grad():
-        if encoded:
+        if encoded:  # refined as the counterfactual's latents
             x = data["x"].to(run.device)
-            s = to_styles(G, torch.cat([run.encoder(b) for b in x.split(size)]))
-            images = "test images encoded through E"
+            perceptual = run.perceptual if refine > 0 else None
+            s = to_styles(G, project(G, run.encoder, x, refine, perceptual, size))
+            images = "test images encoded through E" + (
+                f", refined {refine} steps" if refine else ""
+            )
         else:
             # Other samples than a `source=samples` AttFind with the same seed chose them on.
             s = run_styles(run, "samples", "", n, int(cfg.seed) + 1, size)

@@ -401,9 +401,13 @@ SOURCES = ("encoded", "samples")
 
 
 @torch.no_grad()
-def run_styles(run: Any, source: str, split: str, limit: int, seed: int, batch: int) -> Tensor:
-    """``s [N, S]`` of ``limit`` images of a trained run: its ``split`` encoded through E
-    (``encoded``) or G's own samples (``samples``)."""
+def run_styles(
+    run: Any, source: str, split: str, limit: int, seed: int, batch: int, refine_steps: int = 0
+) -> Tensor:
+    """``s [N, S]`` of ``limit`` images of a trained run: its ``split`` encoded through E and
+    refined by ``refine_steps`` (``encoded``; as the counterfactual gets them), or G's own
+    samples (``samples``)."""
+    from cfexplain.explain.counterfactual import project
     from cfexplain.utils.cli import ConfigError
 
     G = run.generator
@@ -411,7 +415,8 @@ def run_styles(run: Any, source: str, split: str, limit: int, seed: int, batch: 
         ds = run.dataset(split)
         n = min(limit, len(ds))
         x = torch.stack([ds[i]["image"] for i in range(n)]).to(run.device)
-        w = torch.cat([run.encoder(b) for b in x.split(batch)])
+        perceptual = run.perceptual if refine_steps > 0 else None
+        w = project(G, run.encoder, x, refine_steps, perceptual, batch)
     elif source == "samples":
         gen = torch.Generator().manual_seed(seed)
         z = torch.randn(limit, G.z_dim, generator=gen).to(run.device)
@@ -434,13 +439,15 @@ def find_for_run(
     batch: int = 128,
     seed: int = 0,
     screen: int | None = None,
+    refine_steps: int = 0,
 ) -> tuple[AttributeSet, Effects]:
     """AttFind on a trained run's G and classifier (every class), and the effects it ranked;
-    ``screen``: score only that many coordinates exactly, chosen by :func:`screen_coordinates`."""
+    ``screen``: score only that many coordinates exactly, chosen by :func:`screen_coordinates`;
+    ``refine_steps``: encoded images' latents refined as the counterfactual's are."""
     G, f = run.generator, run.classifier
     layout = style_layout(G)
     std = style_std(G, std_samples, seed)
-    s = run_styles(run, source, split, limit, seed, batch)
+    s = run_styles(run, source, split, limit, seed, batch, refine_steps)
     try:
         coords = layout.mask(layers).nonzero()[:, 0]
     except ValueError as e:
@@ -454,6 +461,7 @@ def find_for_run(
     info = {
         "source": source,
         "split": split if source == "encoded" else None,
+        "refine_steps": refine_steps if source == "encoded" else None,
         "images": len(s),
         "k": k,
         "layers": layers,

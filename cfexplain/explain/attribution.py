@@ -682,6 +682,8 @@ class Attributes(Method):
         top: int = 4,
         num_frames: int = 5,
         max_batch: int = 64,
+        refine_steps: int = 0,
+        perceptual: nn.Module | None = None,
     ) -> None:
         super().__init__(model)
         if G is None or E is None or found is None:
@@ -693,6 +695,8 @@ class Attributes(Method):
         self.top = whole_number("params.attributes.top", top)
         self.num_frames = whole_number("params.attributes.num_frames", num_frames, 2)
         self.max_batch = whole_number("params.attributes.max_batch", max_batch)
+        self.refine_steps = whole_number("refine_steps", refine_steps, 0)
+        self.perceptual = perceptual
 
     @classmethod
     def from_run(cls, run: Any, **params: Any) -> Attributes:
@@ -702,14 +706,17 @@ class Attributes(Method):
                 f"No attribute counterfactuals: {run.dir} lacks {', '.join(missing)} "
                 "(python -m cfexplain.attributes run=... finds the attributes of a trained run)."
             )
+        if whole_number("refine_steps", params.get("refine_steps", 0), 0) > 0:
+            params.setdefault("perceptual", run.perceptual)  # refined as the counterfactual's
         return cls(run.classifier, run.generator, run.encoder, run.attributes, **params)
 
     def strips(self, x: Tensor, target: int) -> Any:
         """The :class:`~cfexplain.explain.attributes.AttributeStrips` of ``x [N, C, H, W]``."""
         from cfexplain.explain.attributes import attribute_strips, to_styles
+        from cfexplain.explain.counterfactual import project
 
+        w = project(self.G, self.E, x, self.refine_steps, self.perceptual, self.max_batch)
         with torch.no_grad():
-            w = torch.cat([self.E(b) for b in x.split(self.max_batch)])
             s = to_styles(self.G, w)
         return attribute_strips(
             self.G, self.model, s, self.found, target, self.top, self.num_frames, self.max_batch

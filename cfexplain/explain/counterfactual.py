@@ -54,6 +54,56 @@ def parse_lambdas(spec: Any) -> str | list[float]:
     return values
 
 
+def refine_latents(
+    G: nn.Module,
+    x: Tensor,
+    w0: Tensor,
+    steps: int,
+    perceptual: nn.Module | None = None,
+    lr: float = 0.02,
+    l2: float = 1.0,
+) -> Tensor:
+    """``w [N, num_ws, w_dim]`` optimised from ``w0`` by ``steps`` of Adam so that G(w) matches
+    ``x`` (LPIPS when ``perceptual`` is given, plus ``l2`` × pixel MSE), each of the ``num_ws``
+    rows on its own (W+): E lands near what G can draw, the refinement reaches details E misses.
+
+    Each image's loss depends on its own w only, so batch and per-image results agree; the
+    gradient is on even where the caller holds ``torch.no_grad()``.
+    """
+    w = w0.detach().clone()
+    with torch.enable_grad():
+        w.requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(int(steps)):
+            rec = G.synthesis(w, noise_mode="const")
+            per_image = l2 * (rec - x).square().flatten(1).mean(1)
+            if perceptual is not None:
+                per_image = per_image + perceptual(rec, x)
+            opt.zero_grad(set_to_none=True)
+            per_image.sum().backward()
+            opt.step()
+    return w.detach()
+
+
+def project(
+    G: nn.Module,
+    E: nn.Module,
+    x: Tensor,
+    refine_steps: int = 0,
+    perceptual: nn.Module | None = None,
+    batch: int = 64,
+) -> Tensor:
+    """``w [N, num_ws, w_dim]`` of images ``x``: E(x) in passes of ``batch``, then
+    ``refine_steps`` of :func:`refine_latents` (the same passes): how every method that starts
+    from an image's latent (the counterfactual, the StyleSpace attributes) gets it."""
+    out = []
+    for b in x.split(batch):
+        with torch.no_grad():
+            w = E(b)
+        out.append(refine_latents(G, b, w, refine_steps, perceptual) if refine_steps > 0 else w)
+    return torch.cat(out)
+
+
 @dataclass
 class Counterfactuals:
     """One sequence per image; frames ordered by increasing λ."""
@@ -507,18 +557,6 @@ class CounterfactualEngine:
         )
 
     def refine(self, x: Tensor, w0: Tensor, steps: int) -> Tensor:
-        """``w [N, num_ws, w_dim]`` optimised from ``w0`` so that G(w) matches ``x`` (LPIPS + pixel L2).
-
-        Each image's loss depends on its own w only, so batch and per-image results agree.
-        """
-        w = w0.detach().clone().requires_grad_(True)
-        opt = torch.optim.Adam([w], lr=self.refine_lr)
-        for _ in range(int(steps)):
-            rec = self.G.synthesis(w, noise_mode="const")
-            per_image = self.refine_l2 * (rec - x).square().flatten(1).mean(1)
-            if self.perceptual is not None:
-                per_image = per_image + self.perceptual(rec, x)
-            opt.zero_grad(set_to_none=True)
-            per_image.sum().backward()
-            opt.step()
-        return w.detach()
+        """``w [N, num_ws, w_dim]`` optimised from ``w0`` so that G(w) matches ``x``
+        (:func:`refine_latents` with the engine's LPIPS, ``refine_lr`` and ``refine_l2``)."""
+        return refine_latents(self.G, x, w0, steps, self.perceptual, self.refine_lr, self.refine_l2)

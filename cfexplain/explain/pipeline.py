@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from cfexplain.explain.attribution import (
+    Attributes,
     Counterfactual,
     Method,
     MethodUnavailable,
@@ -48,12 +49,15 @@ Batches = Iterator[tuple[torch.Tensor, list[str], list[str | None], list[dict | 
 
 def method_params(cfg: DictConfig) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{method: (config field, keyword arguments)}``: ``params.<method>``, and for the
-    counterfactual the engine's ``counterfactual`` block with ``lambdas`` and ``refine_steps``."""
+    counterfactual the engine's ``counterfactual`` block with ``lambdas`` and ``refine_steps``;
+    the attribute strips start from the same refined latents."""
     params: dict[str, Any] = OmegaConf.to_container(cfg.params, resolve=True) or {}  # type: ignore[assignment]
     out = {str(name): (f"params.{name!s}", kwargs or {}) for name, kwargs in params.items()}
     engine = OmegaConf.to_container(cfg.counterfactual, resolve=True) or {}
-    engine |= {"lambdas": cfg.lambdas, "refine_steps": int(cfg.refine_steps)}
+    engine |= {"lambdas": cfg.lambdas, "refine_steps": cfg.refine_steps}
     out[Counterfactual.name] = ("counterfactual", engine)
+    field, kwargs = out.get(Attributes.name, (f"params.{Attributes.name}", {}))
+    out[Attributes.name] = (field, kwargs | {"refine_steps": cfg.refine_steps})
     return out
 
 

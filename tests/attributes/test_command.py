@@ -15,6 +15,9 @@ from omegaconf import DictConfig
 from cfexplain.attributes.__main__ import ConfigError, attributes
 from cfexplain.explain.__main__ import explain
 from cfexplain.explain.attributes import AttributeSet, render, to_styles
+from cfexplain.explain.attribution import Attributes
+from cfexplain.explain.counterfactual import CounterfactualEngine, project
+from cfexplain.explain.pipeline import method_params
 from cfexplain.runs import TrainedRun
 from tests.conftest import run_cli
 from tests.explain.test_command import (  # noqa: F401 (fixtures)
@@ -54,12 +57,15 @@ def test_command_writes_the_attributes_into_the_run(attr_run):
     assert [(r["layer"], int(r["channel"])) for r in rows] == [
         (a.layer, a.channel) for a in found.attributes
     ]
-    # the effect the table gives is the one the shift has on the same images
+    # the effect the table gives is the one the shift has on the same images, whose latents
+    # are refined as the counterfactual's (the default refine_steps)
+    assert found.info["refine_steps"] == 100
     a = found.of_class(1)[0]
     ds = run.dataset("test")
     x = torch.stack([ds[i]["image"] for i in range(3)])
+    w = project(run.generator, run.encoder, x, 100, run.perceptual)
     with torch.no_grad():
-        s = to_styles(run.generator, run.encoder(x))
+        s = to_styles(run.generator, w)
         moved = s.clone()
         moved[:, a.coordinate] += found.step(a)
 
@@ -76,9 +82,32 @@ def test_command_writes_the_attributes_into_the_run(attr_run):
     assert "| rank |" in (folder / "attributes.md").read_text()
 
 
-def test_command_errors_name_the_field(classifier_run, tmp_path):  # noqa: F811
+def test_attribute_strips_start_from_the_counterfactuals_refined_latents(attr_run):
+    run = TrainedRun(attr_run)
+    ds = run.dataset("test")
+    x = torch.stack([ds[i]["image"] for i in range(3)])
+    # explain hands its refine_steps to the strips as to the counterfactual
+    params = method_params(explain_cfg(f"run={attr_run}", "refine_steps=7"))
+    assert (
+        params["attributes"][1]["refine_steps"] == 7 == params["counterfactual"][1]["refine_steps"]
+    )
+    kw = dict(top=1, num_frames=3, max_batch=2)  # two passes
+    plain = Attributes.from_run(run, **kw, refine_steps=0).strips(x, 1)
+    refined = Attributes.from_run(run, **kw, refine_steps=20).strips(x, 1)
+    cf = CounterfactualEngine.from_run(run)(x, lambdas=[0.0], refine_steps=20)
+    assert torch.allclose(refined.reconstruction, cf.reconstruction, atol=1e-5)
+    error = lambda r: run.perceptual(r, x)  # noqa: E731
+    assert (error(refined.reconstruction) < error(plain.reconstruction)).all()
+
+
+def test_command_errors_name_the_field(classifier_run, full_run, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="no finished generator stage"):
         attributes(attributes_cfg(f"run={classifier_run}", *TINY))
+    with pytest.raises(ConfigError, match="refine_steps=-1"):
+        attributes(
+            attributes_cfg(f"run={full_run}", *TINY, "refine_steps=-1", f"out={tmp_path / 'a'}")
+        )
+    assert not list(tmp_path.glob("*a*"))  # refused before anything was written
     r = run_cli("cfexplain.attributes", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)
     assert r.returncode == 2 and "no finished classifier stage" in r.stderr
 
@@ -172,6 +201,7 @@ def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
     assert 0.0 < sclerosis["specificity_mean"] <= 1.0
     if attrs["images_with_marker"]:
         assert 0.0 <= attrs["marker_reconstructed"] <= 1.0
+    assert attrs["source"] == "test images encoded through E, refined 100 steps"
     # The best single coordinate per factor, over every coordinate of the scanned images.
     best = attrs["best_coordinates"]
     assert attrs["scan_images"] == 8 and [r["factor"] for r in best] == attrs["factors"]

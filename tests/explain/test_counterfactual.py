@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cfexplain.explain.counterfactual import CounterfactualEngine, Counterfactuals
+from cfexplain.explain.counterfactual import CounterfactualEngine, Counterfactuals, project
 from cfexplain.nn.classifier import ResNetClassifier
 from cfexplain.nn.encoder import Encoder
 from cfexplain.nn.stylegan2 import Generator
@@ -152,6 +152,23 @@ def test_refinement_lowers_the_reconstruction_error_per_image():
     assert (refined.recon_error < plain.recon_error).all()
     one = engine(x[1:2], lambdas=[0.0], refine_steps=15)
     assert torch.allclose(one.w, refined.w[1:2], atol=1e-4)
+
+
+def test_project_refines_in_passes_even_under_no_grad():
+    engine = _stylegan_engine(max_batch=64)
+    G, E = engine.G.requires_grad_(False), engine.E
+    with torch.no_grad():
+        x = G.synthesis(G.mapping(torch.randn(4, 16, generator=torch.Generator().manual_seed(3))))
+        w0 = project(G, E, x)
+        assert torch.equal(w0, E(x))  # no steps: E(x) as is
+        w = project(G, E, x, refine_steps=15, batch=3)  # two passes
+
+        def error(w):
+            return (G.synthesis(w, noise_mode="const") - x).square().flatten(1).mean(1)
+
+        assert (error(w) < error(w0)).all()
+    # what the engine's counterfactuals start from (one pass over the four images)
+    assert torch.allclose(w, engine.refine(x, w0, 15), atol=1e-5)
 
 
 def _result(lambdas, probs, recon_probs) -> Counterfactuals:
