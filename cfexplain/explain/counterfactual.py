@@ -92,6 +92,8 @@ def project(
     refine_steps: int = 0,
     perceptual: nn.Module | None = None,
     batch: int = 64,
+    lr: float = 0.02,
+    l2: float = 1.0,
 ) -> Tensor:
     """``w [N, num_ws, w_dim]`` of images ``x``: E(x) in passes of ``batch``, then
     ``refine_steps`` of :func:`refine_latents` (the same passes): how every method that starts
@@ -100,7 +102,9 @@ def project(
     for b in x.split(batch):
         with torch.no_grad():
             w = E(b)
-        out.append(refine_latents(G, b, w, refine_steps, perceptual) if refine_steps > 0 else w)
+        if refine_steps > 0:
+            w = refine_latents(G, b, w, refine_steps, perceptual, lr, l2)
+        out.append(w)
     return torch.cat(out)
 
 
@@ -386,10 +390,10 @@ class CounterfactualEngine:
         target = int(target)
         alpha = self.ordinal if ordinal else self.alpha(target)
         assert alpha is not None
-        with torch.no_grad():
-            w = torch.cat([self.E(b) for b in x.split(self.max_batch)])
-        if refine_steps > 0:
-            w = self.refine(x, w, refine_steps)
+        w = project(
+            self.G, self.E, x, refine_steps, self.perceptual, self.max_batch,
+            self.refine_lr, self.refine_l2,
+        )  # fmt: skip
         with torch.no_grad():
             lam = (
                 self._ordinal_lambdas(w, lambdas, alpha)
