@@ -173,6 +173,13 @@ def _print_table(summary: dict[str, Any]) -> None:
     attrs = summary.get("attributes", {})
     if "marker_reconstructed" in attrs:
         print(f"marker drawn by G(s) on {attrs['marker_reconstructed']:.2f} of the images with one")
+    if "marker_by_corner" in attrs:
+        from cfexplain.evaluate.report import marker_corner_line
+
+        for r in attrs["marker_by_corner"]["corners"]:
+            print(f"marker in the {marker_corner_line(r)}")
+        together = attrs["marker_by_corner"]["toggled"]
+        print(f"the corners' attributes toggle the marker in {together:.2f} of the images with one")
     if attrs.get("best_coordinates"):
         from cfexplain.evaluate.report import coordinate_line
 

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # :func:`true_counterfactual_ratios` (the causal factors did not change there).
 MNAC_THRESHOLD = 0.5
 
+# Where the knee phantom burns its lead marker: the corners, clockwise from top left.
+CORNERS = ("top left", "top right", "bottom right", "bottom left")
+
 
 @torch.no_grad()
 def read_factors(oracle: nn.Module, images: Tensor, batch_size: int = 256) -> Tensor:
@@ -237,6 +240,7 @@ def attribute_factors(
     has_marker: Tensor | None = None,
     batch_size: int = 64,
     before: Tensor | None = None,
+    corner: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Every factor read before (``before [N, F]`` when already read) and after each attribute's
     change, over the images ``s [N, S]``.
@@ -248,7 +252,8 @@ def attribute_factors(
     the summed mean |changes|; ``dominant_mean`` and ``specificity_mean`` the same of the
     mean signed changes), and with a marker factor ``marker_toggled``: the share of the
     images (with a marker, ``has_marker [N]``, when given) whose marker reading crosses 0.5 at
-    +d or at -d.
+    +d or at -d; with ``corner [N]`` (:func:`marker_corners`) also ``marker_toggled_by_corner``,
+    the same share among the images with their marker in each corner (None: no such image).
     """
     from cfexplain.explain.attributes import render
 
@@ -275,6 +280,7 @@ def attribute_factors(
         )
         row: dict[str, Any] = {
             "attribute": a.label(),
+            "class": a.cls,
             "rank": a.rank,
             "layer": a.layer,
             "channel": a.channel,
@@ -293,8 +299,57 @@ def attribute_factors(
             pool = has_marker.cpu() if has_marker is not None else torch.ones_like(was)
             row["marker_toggled"] = float(toggled[pool].float().mean()) if pool.any() else math.nan
             row["marker_toggled_all"] = float(toggled.float().mean())
+            if corner is not None:
+                row["marker_toggled_by_corner"] = _by_corner(toggled, corner.cpu())
         out.append(row)
     return out
+
+
+def marker_corners(masks: Tensor) -> Tensor:
+    """``[N]`` long: the corner of each image's lead marker (0-3 clockwise from top left, as
+    :data:`CORNERS` names them) from its mask ``masks [N, H, W]``; -1 without a marker."""
+    from cfexplain.data.phantoms.knee import marker_places
+
+    places = marker_places(masks.shape[-1]).to(masks.device)
+    overlap = (masks[:, None].bool() & places[None]).flatten(2).sum(-1)  # [N, 4]
+    return torch.where(overlap.amax(1) > 0, overlap.argmax(1), -1)
+
+
+def _by_corner(toggled: Tensor, corner: Tensor) -> list[float | None]:
+    return [
+        float(toggled[corner == c].float().mean()) if (corner == c).any() else None
+        for c in range(len(CORNERS))
+    ]
+
+
+def marker_by_corner(rows: Sequence[dict[str, Any]], corner: Tensor) -> dict[str, Any]:
+    """Which attribute removes the marker in each corner: of ``rows`` (:func:`attribute_factors`
+    with ``corner``), per corner the one that toggles the marker in most of the images with it
+    there (chosen and scored on the same images; None when none toggles it, or no image has its
+    marker there), and ``toggled``: the share of all the images with a marker whose marker the
+    attribute of its corner toggles.
+
+    A style coordinate scales one channel of one layer, and a generator may draw each corner's
+    marker with its own channels: then one attribute toggles the marker of one corner only."""
+    corners, counts = [], []
+    for c, name in enumerate(CORNERS):
+        n = int((corner == c).sum())
+        scored = [r for r in rows if r["marker_toggled_by_corner"][c] is not None]
+        best = max(scored, key=lambda r: r["marker_toggled_by_corner"][c], default=None)
+        entry: dict[str, Any] = {"corner": name, "images": n, "attribute": None, "toggled": None}
+        if best is not None:
+            entry["toggled"] = best["marker_toggled_by_corner"][c]
+            counts.append((n, entry["toggled"]))
+        if best is not None and entry["toggled"] > 0:
+            entry |= {
+                "attribute": best["attribute"],
+                "class": best["class"],
+                "rank": best["rank"],
+            }
+        corners.append(entry)
+    total = sum(n for n, _ in counts)
+    toggled = sum(n * t for n, t in counts) / total if total else math.nan
+    return {"corners": corners, "toggled": toggled}
 
 
 @torch.no_grad()

@@ -567,11 +567,14 @@ def attribute_summary(
 ) -> dict[str, Any]:
     """The attribute × factor table of the target's attributes on the evaluated images (encoded
     through E; without an encoder, as many G samples, whose marker the oracle reads), and the
-    true one-factor edits as its calibration rows."""
+    true one-factor edits as its calibration rows; on encoded images with markers, which of
+    every class's attributes removes the marker in each corner (``marker_by_corner``)."""
     from cfexplain.evaluate.factors import (
         attribute_factors,
         calibration_rows,
         factor_coordinates,
+        marker_by_corner,
+        marker_corners,
         read_factors,
     )
     from cfexplain.explain.attributes import render, run_styles, to_styles
@@ -599,7 +602,9 @@ def attribute_summary(
     has_marker = data["marker"].flatten(1).any(1) if encoded else drawn
     chosen = found.of_class(target)
     steps = [found.step(a) for a in chosen]
-    rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, size, before)
+    # The marker's corner in each test image (the phantom's masks say it; G's samples do not).
+    corner = marker_corners(data["marker"]) if encoded and drawn is not None else None
+    rows = attribute_factors(oracle, G, s, chosen, steps, has_marker, size, before, corner)
     out = {
         "shift": found.shift,
         "images": n,
@@ -613,6 +618,12 @@ def attribute_summary(
         # How many marked images G(s) shows a marker on: an attribute can only remove what
         # the reconstruction draws (the rest of its toggles are additions).
         out["marker_reconstructed"] = float(drawn[has_marker.cpu()].float().mean())
+        # Every class's attributes: the one that removes a corner's marker may raise another class.
+        others = [a for a in found.attributes if a.cls != target]
+        rows_others = attribute_factors(
+            oracle, G, s, others, [found.step(a) for a in others], has_marker, size, before, corner
+        )
+        out["marker_by_corner"] = marker_by_corner([*rows, *rows_others], corner)
     scan = min(int(cfg.attribute_scan), n)
     if scan > 0:
         step = (found.shift * found.std.float()).to(s.device)

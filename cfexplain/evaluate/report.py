@@ -186,7 +186,33 @@ def attributes_html(attrs: dict[str, Any]) -> list[str]:
         "that differ in one factor only: what a perfectly specific change reads "
         "through the same oracles (mean signed change).</p>",
         f'<table class="attributes"><tr>{head}</tr>{body}</table>',
+        *(marker_corners_html(attrs["marker_by_corner"]) if "marker_by_corner" in attrs else []),
         *(coordinates_html(attrs) if attrs.get("best_coordinates") else []),
+    ]
+
+
+def marker_corner_line(r: dict[str, Any]) -> str:
+    """One corner of :func:`~cfexplain.evaluate.factors.marker_by_corner`."""
+    if not r["images"]:
+        return f"{r['corner']}: no image has its marker there"
+    if r["attribute"] is None:
+        return f"{r['corner']}: no attribute toggles it in any of {r['images']}"
+    return (f"{r['corner']}: {r['attribute']} (class {r['class']}, rank {r['rank'] + 1}) "
+            f"toggles it in {r['toggled']:.2f} of {r['images']}")  # fmt: skip
+
+
+def marker_corners_html(by_corner: dict[str, Any]) -> list[str]:
+    rows = "".join(
+        f"<tr><td>{_cell(marker_corner_line(r))}</td></tr>" for r in by_corner["corners"]
+    )
+    return [
+        "<h3>The marker, corner by corner</h3>",
+        "<p>A style coordinate scales one channel of one layer, and a generator may draw each "
+        "corner's marker with its own channels. Per corner where the test images have their "
+        "marker: of every class's "
+        "attributes, the one that toggles it (at +d or -d) in most of those images. Together "
+        f"they toggle the marker in {_cell(by_corner['toggled'])} of the images with one.</p>",
+        f'<table class="attributes">{rows}</table>',
     ]
 
 

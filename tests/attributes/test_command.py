@@ -201,6 +201,17 @@ def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
     assert 0.0 < sclerosis["specificity_mean"] <= 1.0
     if attrs["images_with_marker"]:
         assert 0.0 <= attrs["marker_reconstructed"] <= 1.0
+        corners = attrs["marker_by_corner"]["corners"]
+        assert sum(c["images"] for c in corners) == attrs["images_with_marker"]
+        rows = {r["attribute"]: r for r in attrs["rows"]}
+        for c, entry in enumerate(corners):
+            if entry["images"] and entry["attribute"] in rows:
+                assert rows[entry["attribute"]]["marker_toggled_by_corner"][c] == entry["toggled"]
+        weighted = sum(c["images"] * c["toggled"] for c in corners if c["images"])
+        assert attrs["marker_by_corner"]["toggled"] == pytest.approx(
+            weighted / attrs["images_with_marker"]
+        )
+        assert "The marker, corner by corner" in (out / "index.html").read_text()
     assert attrs["source"] == "test images encoded through E, refined 100 steps"
     # The best single coordinate per factor, over every coordinate of the scanned images.
     best = attrs["best_coordinates"]

@@ -9,11 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from cfexplain.data.phantoms import KneePhantom
 from cfexplain.evaluate.factors import (
+    CORNERS,
     attribute_factors,
     calibration_rows,
     dominant_factor,
     factor_coordinates,
+    marker_by_corner,
+    marker_corners,
 )
 from cfexplain.explain.attributes import Attribute, render, style_layout, to_styles
 from tests.explain.test_attributes import generator
@@ -82,6 +86,56 @@ def test_planted_attribute_is_specific_to_its_factor_and_toggles_the_marker():
     assert r["change"]["exposure"] == pytest.approx(float(delta.mean()), rel=1e-4)
     assert r["marker_toggled"] == 1.0 and r["marker_toggled_all"] == 1.0
     assert rows[1]["marker_toggled"] == 0.0
+    assert "marker_toggled_by_corner" not in r  # no corners given
+
+
+def test_marker_corners_are_the_phantoms():
+    ds = KneePhantom(40, resolution=32, split="test", shortcut_rate=0.9)
+    samples = [ds[i] for i in range(len(ds))]
+    masks = torch.stack([s["meta"]["masks"]["marker"].bool() for s in samples])
+    expected = torch.tensor(
+        [s["meta"]["anatomy"]["marker_corner"] if s["meta"]["factors"]["marker"] >= 0.5 else -1
+         for s in samples]
+    )  # fmt: skip
+    assert (expected >= 0).sum() >= 10 and len(set((expected[expected >= 0]).tolist())) == 4
+    assert torch.equal(marker_corners(masks), expected)
+
+
+def test_each_corner_gets_the_attribute_that_toggles_its_marker():
+    """The brightness oracle's marker toggles in every image; with the images given corners,
+    the planted attribute toggles every corner's, the weak one none, and the summary weights
+    the corners by their images."""
+    G = generator(1)
+    layout = style_layout(G)
+    with torch.no_grad():
+        G.synthesis.blocks()[-1].torgb.weight[:, 3] *= 30.0
+        s = to_styles(G, G.mapping(torch.randn(10, 16, generator=torch.Generator().manual_seed(2))))
+        centre = float(render(G, s).mean(dim=(1, 2, 3)).median())
+    planted = layout.offsets[-1] + 3
+    strong = Attribute(0, 2, planted, *layout.locate(planted), 1, 1.0, 1.0, 1.0)
+    weak = Attribute(1, 0, 0, *layout.locate(0), 1, 0.1, 0.0, 0.0)
+    corner = torch.tensor([0, 0, 0, 1, 3, -1, -1, -1, -1, -1])
+    rows = attribute_factors(BrightnessOracle(centre), G, s, [weak, strong], [1e-4, 20.0],
+                             corner >= 0, 4, corner=corner)  # fmt: skip
+    assert rows[1]["marker_toggled_by_corner"] == [1.0, 1.0, None, 1.0]
+    assert rows[0]["marker_toggled_by_corner"] == [0.0, 0.0, None, 0.0]
+    summary = marker_by_corner(rows, corner)
+    assert [c["corner"] for c in summary["corners"]] == list(CORNERS)
+    assert [c["images"] for c in summary["corners"]] == [3, 1, 0, 1]
+    top_left = summary["corners"][0]
+    assert (top_left["attribute"], top_left["class"], top_left["rank"]) == (strong.label(), 0, 2)
+    assert summary["corners"][2]["attribute"] is None and summary["toggled"] == 1.0
+    # Corner by corner: a row that toggles only the bottom-left marker takes that corner alone.
+    only = dict(rows[0], attribute="only", marker_toggled_by_corner=[0.0, 0.0, None, 1.0])
+    half = dict(rows[1], marker_toggled_by_corner=[0.5, 0.0, None, 0.0])
+    summary = marker_by_corner([half, only], corner)
+    assert [c["attribute"] for c in summary["corners"]] == [half["attribute"], None, None, "only"]
+    assert summary["toggled"] == pytest.approx((3 * 0.5 + 1 * 0.0 + 1 * 1.0) / 5)
+    # Where no attribute toggles a corner's marker, none is named for it.
+    assert summary["corners"][1]["toggled"] == 0.0
+    summary = marker_by_corner([rows[0]], corner)
+    assert [c["attribute"] for c in summary["corners"]] == [None] * 4
+    assert summary["toggled"] == 0.0 and summary["corners"][0]["toggled"] == 0.0
 
 
 def test_the_scan_finds_the_planted_coordinate_for_exposure_and_marker():
