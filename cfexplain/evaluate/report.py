@@ -209,9 +209,9 @@ def marker_corners_html(by_corner: dict[str, Any]) -> list[str]:
         "<h3>The marker, corner by corner</h3>",
         "<p>A style coordinate scales one channel of one layer, and a generator may draw each "
         "corner's marker with its own channels. Per corner where the test images have their "
-        "marker: of every class's "
-        "attributes, the one that toggles it (at +d or -d) in most of those images. Together "
-        f"they toggle the marker in {_cell(by_corner['toggled'])} of the images with one.</p>",
+        "marker: of every class's attributes, the one that toggles it (at +d or -d) in most of "
+        "those images. Together they toggle the marker in "
+        f"{_cell(by_corner['toggled'])} of the images with one.</p>",
         f'<table class="attributes">{rows}</table>',
     ]
 
