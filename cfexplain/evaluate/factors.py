@@ -331,25 +331,20 @@ def marker_by_corner(rows: Sequence[dict[str, Any]], corner: Tensor) -> dict[str
 
     A style coordinate scales one channel of one layer, and a generator may draw each corner's
     marker with its own channels: then one attribute toggles the marker of one corner only."""
-    corners, counts = [], []
+    corners, hits = [], 0.0
     for c, name in enumerate(CORNERS):
         n = int((corner == c).sum())
-        scored = [r for r in rows if r["marker_toggled_by_corner"][c] is not None]
-        best = max(scored, key=lambda r: r["marker_toggled_by_corner"][c], default=None)
         entry: dict[str, Any] = {"corner": name, "images": n, "attribute": None, "toggled": None}
-        if best is not None:
+        if n and rows:  # the rows' share for this corner is a number exactly when n > 0
+            best = max(rows, key=lambda r: r["marker_toggled_by_corner"][c])
             entry["toggled"] = best["marker_toggled_by_corner"][c]
-            counts.append((n, entry["toggled"]))
-        if best is not None and entry["toggled"] > 0:
-            entry |= {
-                "attribute": best["attribute"],
-                "class": best["class"],
-                "rank": best["rank"],
-            }
+            hits += n * entry["toggled"]
+            if entry["toggled"] > 0:
+                entry |= {"attribute": best["attribute"], "class": best["class"],
+                          "rank": best["rank"]}  # fmt: skip
         corners.append(entry)
-    total = sum(n for n, _ in counts)
-    toggled = sum(n * t for n, t in counts) / total if total else math.nan
-    return {"corners": corners, "toggled": toggled}
+    marked = int((corner >= 0).sum())
+    return {"corners": corners, "toggled": hits / marked if marked and rows else math.nan}
 
 
 @torch.no_grad()
