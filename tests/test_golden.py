@@ -8,9 +8,10 @@ results regenerates the file on purpose, and its commit says why:
     python -m tests.test_golden --update
 
 The digest pins a machine's kernels: another CPU model, instruction set or torch build may round
-differently (two AVX-512 machines of different vendors gave different classifier weights), and a
-trained chain amplifies the last bit. So the file keeps one digest per platform (torch build, CPU
-capability and model, threads). On a recorded platform the comparison is exact. On another, the
+differently (two AVX-512 machines of different vendors gave different classifier weights; two
+"AMD EPYC" machines of different generations, different generator weights), and a trained chain
+amplifies the last bit. So the file keeps one digest per platform (torch build, CPU capability,
+model name, family/model/stepping, vector instruction sets, threads). On a recorded platform the comparison is exact. On another, the
 chain is trained twice in fresh interpreters and the two digests must be identical (the
 ``deterministic`` promise) and name the same metrics as the recorded ones; ``--update`` adds the
 platform, after which it is compared exactly.
@@ -37,25 +38,39 @@ STAGES = ("classifier", "generator", "encoder", "normative", "direction", "guard
 # Metrics that measure the machine, not the result.
 THREADS = 2
 TIMING = ("seconds", "s_per_kimg", "s_per_step", "img_per_s", "minutes")
+# /proc/cpuinfo flags that name the vector instructions oneDNN and ATen pick kernels by.
+VECTOR_FLAGS = ("avx", "amx", "fma", "f16c", "sse", "ssse")
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
     except OSError:
         pass
-    import platform
-
-    return platform.processor() or platform.machine()
+    return info
 
 
 def _platform() -> dict[str, str]:
+    """What decides the kernels' rounding. A virtual machine's model name can be as vague as
+    "AMD EPYC" for two generations whose AVX-512 kernels round differently (seen: the same
+    classifier, another generator), so the CPU's family, model and stepping and its vector
+    instruction sets count too."""
+    import platform
+
+    info = _cpuinfo()
+    simd = sorted(f for f in info.get("flags", "").split() if f.startswith(VECTOR_FLAGS))
     return {
         "torch": torch.__version__,
         "cpu": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_id": "-".join(info.get(k, "?") for k in ("cpu family", "model", "stepping")),
+        "simd": hashlib.sha256(" ".join(simd).encode()).hexdigest()[:12],
         "threads": str(THREADS),
     }
 
