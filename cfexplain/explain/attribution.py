@@ -710,12 +710,15 @@ class Attributes(Method):
             params.setdefault("perceptual", run.perceptual)  # refined as the counterfactual's
         return cls(run.classifier, run.generator, run.encoder, run.attributes, **params)
 
-    def strips(self, x: Tensor, target: int) -> Any:
-        """The :class:`~cfexplain.explain.attributes.AttributeStrips` of ``x [N, C, H, W]``."""
+    def strips(self, x: Tensor, target: int, w: Tensor | None = None) -> Any:
+        """The :class:`~cfexplain.explain.attributes.AttributeStrips` of ``x [N, C, H, W]``;
+        ``w [N, num_ws, w_dim]``: the images' latents where another method already projected
+        them (explain hands over the counterfactual's), else E(x) refined here."""
         from cfexplain.explain.attributes import attribute_strips, to_styles
         from cfexplain.explain.counterfactual import project
 
-        w = project(self.G, self.E, x, self.refine_steps, self.perceptual, self.max_batch)
+        if w is None:
+            w = project(self.G, self.E, x, self.refine_steps, self.perceptual, self.max_batch)
         with torch.no_grad():
             s = to_styles(self.G, w)
         return attribute_strips(

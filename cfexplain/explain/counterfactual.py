@@ -67,8 +67,10 @@ def refine_latents(
     ``x`` (LPIPS when ``perceptual`` is given, plus ``l2`` × pixel MSE), each of the ``num_ws``
     rows on its own (W+): E lands near what G can draw, the refinement reaches details E misses.
 
-    Each image's loss depends on its own w only, so batch and per-image results agree; the
-    gradient is on even where the caller holds ``torch.no_grad()``.
+    Each image's loss depends on its own w only, so batch and per-image results agree up to
+    rounding (which Adam's normalised steps can grow: ~2e-3 in pixels after 20 steps on one CPU
+    when the batch is split differently); the gradient is on even where the caller holds
+    ``torch.no_grad()``.
     """
     w = w0.detach().clone()
     with torch.enable_grad():

@@ -247,7 +247,9 @@ def explain_batch(
         effect = counterfactual_effects(run.classifier, cf)
     strips = None
     if attr_method is not None and keep:
-        strips = attr_method.strips(x[keep], target)  # type: ignore[attr-defined]
+        # the counterfactual's latents, refined alike (method_params), are not projected twice
+        w = cf.w if cf is not None else None
+        strips = attr_method.strips(x[keep], target, w)  # type: ignore[attr-defined]
     maps = {name: m.attribute(x, target).float().cpu() for name, m in maps_of.items()}
     drawn = _drawn(maps_of, maps, x, classes)
     net = capsule_net(run.classifier)
