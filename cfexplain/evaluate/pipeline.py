@@ -238,6 +238,7 @@ def collect_counterfactual(
             parts.setdefault(f"{key}_pred", []).append(model(images).argmax(1).cpu())
     parts.setdefault("flip", []).append(flipped.cpu())
     parts.setdefault("cout", []).append(counterfactual_cout(model, cf, int(cfg.cout_steps)))
+    parts.setdefault("w", []).append(cf.w.detach().cpu())  # the attribute summary starts there
     if cf.ordinal:
         parts.setdefault("lambdas", []).append(cf.lambdas.cpu())
         parts.setdefault("grades", []).append(cf.grades().float().cpu())
@@ -558,17 +559,24 @@ def evaluate_run(
             for edit, r in calibration.items()
         }
         if attr:
-            summary["attributes"] = attribute_summary(cfg, run, oracle, data, calibration)
+            w = per["cf"].get("w")  # the counterfactual's latents: no second refinement
+            summary["attributes"] = attribute_summary(cfg, run, oracle, data, calibration, w)
     return summary, per, checks
 
 
 def attribute_summary(
-    cfg: DictConfig, run: TrainedRun, oracle: nn.Module, data: dict[str, Any], calibration: dict
+    cfg: DictConfig,
+    run: TrainedRun,
+    oracle: nn.Module,
+    data: dict[str, Any],
+    calibration: dict,
+    w: Tensor | None = None,
 ) -> dict[str, Any]:
     """The attribute × factor table of the target's attributes on the evaluated images (encoded
-    through E; without an encoder, as many G samples, whose marker the oracle reads), and the
-    true one-factor edits as its calibration rows; on encoded images with markers, which of
-    every class's attributes removes the marker in each corner (``marker_by_corner``)."""
+    through E, or ``w``, their latents the counterfactual already refined; without an encoder,
+    as many G samples, whose marker the oracle reads), and the true one-factor edits as its
+    calibration rows; on encoded images with markers, which of every class's attributes removes
+    the marker in each corner (``marker_by_corner``)."""
     from cfexplain.evaluate.factors import (
         attribute_factors,
         calibration_rows,
@@ -587,7 +595,9 @@ def attribute_summary(
         if encoded:  # refined as the counterfactual's latents
             x = data["x"].to(run.device)
             perceptual = run.perceptual if refine > 0 else None
-            s = to_styles(G, project(G, run.encoder, x, refine, perceptual, size))
+            if w is None:
+                w = project(G, run.encoder, x, refine, perceptual, size)
+            s = to_styles(G, w.to(run.device))
             images = "test images encoded through E" + (
                 f", refined {refine} steps" if refine else ""
             )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -260,6 +261,36 @@ def test_evaluate_reads_every_factor_of_every_attribute(attr_run, tmp_path):
     assert "StyleSpace attributes, factor by factor" in page
     assert page.count("true edit:") == len(edits)
     assert "The best single coordinate per factor" in page
+
+
+def test_evaluate_judges_the_attributes_on_the_counterfactuals_latents(attr_run, tmp_path):
+    from cfexplain.evaluate import pipeline
+    from cfexplain.evaluate.__main__ import evaluate
+    from tests.evaluate.test_command import TINY as EVAL_TINY
+    from tests.evaluate.test_command import evaluate_cfg
+
+    handed: list = []
+    summary = pipeline.attribute_summary
+
+    def spy(*args):
+        handed.append(args[-1] if len(args) == 6 else None)  # the latents handed over
+        return summary(*args)
+
+    outs = {}
+    for methods in ("[counterfactual,attributes]", "[attributes]"):
+        outs[methods] = out = tmp_path / str(len(outs))
+        cfg = evaluate_cfg(
+            f"run={attr_run}", f"out={out}", f"methods={methods}", "refine_steps=5", *EVAL_TINY
+        )
+        with patch.object(pipeline, "attribute_summary", spy):
+            evaluate(cfg)
+    both, alone = handed
+    assert alone is None and both is not None and both.shape[0] == 8  # no second refinement
+    read = lambda out: json.loads((out / "summary.json").read_text())["attributes"]["rows"]  # noqa: E731
+    rows, again = read(outs["[counterfactual,attributes]"]), read(outs["[attributes]"])
+    assert [r["attribute"] for r in rows] == [r["attribute"] for r in again]
+    for r, q in zip(rows, again, strict=True):  # the same latents as a refinement of its own
+        assert r["change"] == pytest.approx(q["change"], abs=1e-3)
 
 
 def test_without_an_encoder_attributes_come_from_and_are_judged_on_g_samples(
