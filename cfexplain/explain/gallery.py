@@ -524,18 +524,27 @@ def concepts_html(row: Row) -> str:
     return f'<table class="concepts">{"".join(lines)}</table>\n'
 
 
+def answer_changes(probs: Sequence[float]) -> bool:
+    """Whether some frame of an attribute strip lands on the other side of p = 0.5 from its
+    middle frame (the reconstruction): the attribute alone changes the decision."""
+    mid = probs[len(probs) // 2] >= 0.5
+    return any((float(p) >= 0.5) != mid for p in probs)
+
+
 def attributes_html(row: Row, files: Mapping[str, Any]) -> str:
-    """The attribute strips of a row: one figure per attribute, p(target) from -d to +d."""
+    """The attribute strips of a row: one figure per attribute, p(target) from -d to +d, and
+    whether it alone changes the decision."""
     if not row.attributes:
         return ""
     figs = []
     for k, (a, src) in enumerate(zip(row.attributes, files["attributes"])):
         probs = json.dumps([round(float(p), 4) for p in a.probs])
+        flips = answer_changes(a.probs)
         figs.append(
-            f'<figure class="attribute" data-attribute="{esc(a.label)}" data-probs="{esc(probs)}">'
-            f'<img src="{esc(src)}" alt="{esc(a.label)}" loading="eager">'
+            f'<figure class="attribute" data-attribute="{esc(a.label)}" data-probs="{esc(probs)}"'
+            f' data-flips="{int(flips)}"><img src="{esc(src)}" alt="{esc(a.label)}" loading="eager">'
             f"<figcaption>{k + 1}. {esc(a.label)} · p {a.probs[0]:.2f} → {a.probs[-1]:.2f}"
-            "</figcaption></figure>"
+            f"{' · flips the decision' if flips else ''}</figcaption></figure>"
         )
     return f'<div class="attributes">{"".join(figs)}</div>\n'
 

@@ -418,6 +418,7 @@ def _section_attributes(c: _Content) -> str:
         ]
         strips.append(
             f'<h3 class="attribute">{k + 1}. {esc(a.label)}</h3>'
+            f'<p class="note">{esc(attribute_verdict([float(p) for p in a.probs], target))}</p>'
             f'<div class="figs strip">{"".join(figs)}</div>'
         )
     return (
@@ -426,6 +427,28 @@ def _section_attributes(c: _Content) -> str:
         "the generative model) from less to more, with the model's probability of "
         f"“{esc(target)}” under each picture; the middle picture is the redrawing itself. The "
         "features are those that moved the model most over many images.</p>" + "".join(strips)
+    )
+
+
+def attribute_verdict(probs: Sequence[float], target: str, barely: float = 0.05) -> str:
+    """What one attribute strip does to the model, in words: p(``target``) from the first frame
+    to the last, and whether some frame lands on the other side of 50% from the middle frame
+    (the redrawing); a change under ``barely`` says the model does not react to the feature."""
+    from cfexplain.explain.gallery import answer_changes
+
+    first, last, mid = probs[0], probs[-1], probs[len(probs) // 2]
+    moved = f"{_percent(first)} → {_percent(last)} “{target}”"
+    if answer_changes(probs):
+        return f"The model changes its answer along this row ({moved})."
+    if max(probs) - min(probs) < barely:
+        return (
+            f"The model barely reacts ({moved}): the picture changes, but this feature is not "
+            "what its answer rests on here."
+        )
+    side = "above" if mid >= 0.5 else "below"
+    return (
+        f"The probability moves ({moved}) but stays {side} 50%: this feature alone does not "
+        "change the answer; the model also rests on something else in this image."
     )
 
 

@@ -154,7 +154,7 @@ def attribute_row(name: str = "a.png") -> Row:
             label=f"b8.conv0[{k}]+ -> sick",
             frames=torch.rand(5, 1, 16, 16, generator=g) * 2 - 1,
             steps=[-1.0, -0.5, 0.0, 0.5, 1.0],
-            probs=[0.1 * k, 0.2, 0.3, 0.4, 0.5 + 0.1 * k],
+            probs=[0.1 * k, 0.2, 0.3, 0.4, 0.45 + 0.1 * k],  # k = 0 stays under 0.5
         )
         for k in range(3)
     ]
@@ -176,11 +176,14 @@ def test_attribute_strips_in_files_page_csv_and_table(tmp_path):
     assert not (tmp_path / "g" / "images" / "00001" / "attribute_0.png").exists()
     page = (tmp_path / "g" / "index.html").read_text()
     assert page.count('class="attribute"') == 3
-    assert 'data-attribute="b8.conv0[2]+ -&gt; sick"' in page and "p 0.20 → 0.70" in page
+    assert 'data-attribute="b8.conv0[2]+ -&gt; sick"' in page and "p 0.20 → 0.65" in page
+    # the decision changes where a frame crosses 0.5 from the reconstruction's side
+    assert page.count('data-flips="1"') == 2 and page.count('data-flips="0"') == 1
+    assert page.count("flips the decision") == 2
     with open(tmp_path / "g" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["attribute_1_name"] == "b8.conv0[1]+ -> sick"
-    assert json.loads(rows[0]["attribute_2_probs"]) == [0.2, 0.2, 0.3, 0.4, 0.7]
+    assert json.loads(rows[0]["attribute_2_probs"]) == [0.2, 0.2, 0.3, 0.4, 0.65]
     assert rows[1]["attribute_0_name"] == ""
     columns, table = w.table()
     assert {"attribute_0", "attribute_0_name", "attribute_0_probs"} <= set(columns)

@@ -196,3 +196,21 @@ def test_the_region_the_generator_does_not_redraw_is_outlined(tmp_path, parts):
         and side // 4 - side // 16 <= xs.max() < side // 4
     )
     assert "red box: a region the generator does not redraw" in page
+
+
+def test_attribute_strips_say_in_words_whether_the_answer_changes(tmp_path, parts):
+    from cfexplain.explain.gallery import AttributeStrip
+
+    frames, steps = parts["frames"][:3], [-1.0, 0.0, 1.0]
+    strips = [
+        AttributeStrip("b8.conv0[3] -", frames, steps, [0.2, 0.4, 0.7]),  # crosses 50%
+        AttributeStrip("b8.conv0[5] +", frames, steps, [0.90, 0.91, 0.93]),  # barely moves
+        AttributeStrip("b4.conv1[9] +", frames, steps, [0.55, 0.75, 0.95]),  # moves, stays above
+    ]
+    _, page = _write(tmp_path, parts, attributes=strips, frame_target=1)
+    notes = re.findall(r'<h3 class="attribute">[^<]*</h3><p class="note">([^<]*)</p>', page)
+    assert len(notes) == 3
+    assert notes[0].startswith("The model changes its answer") and "20% → 70%" in notes[0]
+    assert notes[1].startswith("The model barely reacts") and "90% → 93%" in notes[1]
+    assert "stays above 50%" in notes[2] and "does not change the answer" in notes[2]
+    assert all("&lt;b&gt;lesion" in n for n in notes)  # the class name, escaped
