@@ -564,6 +564,29 @@ def evaluate_run(
     return summary, per, checks
 
 
+def summary_styles(
+    cfg: DictConfig, run: TrainedRun, x: Tensor, w: Tensor | None
+) -> tuple[Tensor, str]:
+    """``(styles, what they are)`` the attribute summary is judged on: the images ``x`` encoded
+    through E and refined as the counterfactual's latents (``w`` where it already has them);
+    without an encoder, as many G samples."""
+    from cfexplain.explain.attributes import run_styles, to_styles
+    from cfexplain.explain.counterfactual import project
+
+    G, size = run.generator, int(cfg.batch_size)
+    if not run.has("encoder"):
+        # Other samples than a `source=samples` AttFind with the same seed chose them on.
+        s = run_styles(run, "samples", "", len(x), int(cfg.seed) + 1, size)
+        return s, "G samples (the run has no encoder)"
+    refine = whole_number("refine_steps", cfg.refine_steps, 0)
+    if w is None:
+        perceptual = run.perceptual if refine > 0 else None
+        w = project(G, run.encoder, x.to(run.device), refine, perceptual, size)
+    with torch.no_grad():
+        s = to_styles(G, w.to(run.device))
+    return s, "test images encoded through E" + (f", refined {refine} steps" if refine else "")
+
+
 def attribute_summary(
     cfg: DictConfig,
     run: TrainedRun,
@@ -585,26 +608,13 @@ def attribute_summary(
         marker_corners,
         read_factors,
     )
-    from cfexplain.explain.attributes import render, run_styles, to_styles
-    from cfexplain.explain.counterfactual import project
+    from cfexplain.explain.attributes import render
 
     target, found, G = int(cfg.target), run.attributes, run.generator
     size, n = int(cfg.batch_size), len(data["x"])
-    encoded, refine = run.has("encoder"), whole_number("refine_steps", cfg.refine_steps, 0)
+    encoded = run.has("encoder")
+    s, images = summary_styles(cfg, run, data["x"], w)
     with torch.no_grad():
-        if encoded:  # refined as the counterfactual's latents
-            x = data["x"].to(run.device)
-            perceptual = run.perceptual if refine > 0 else None
-            if w is None:
-                w = project(G, run.encoder, x, refine, perceptual, size)
-            s = to_styles(G, w.to(run.device))
-            images = "test images encoded through E" + (
-                f", refined {refine} steps" if refine else ""
-            )
-        else:
-            # Other samples than a `source=samples` AttFind with the same seed chose them on.
-            s = run_styles(run, "samples", "", n, int(cfg.seed) + 1, size)
-            images = "G samples (the run has no encoder)"
         # Every factor of G(s), read once for the table, the scan and the marker counts.
         before = read_factors(oracle, torch.cat([render(G, b) for b in s.split(size)]))
     factors = list(oracle.factors)
