@@ -445,10 +445,14 @@ def attribute_verdict(probs: Sequence[float], target: str, barely: float = 0.05)
             f"The model barely reacts ({moved}): the picture changes, but this feature is not "
             "what its answer rests on here."
         )
-    side = "above" if mid >= 0.5 else "below"
+    if mid >= 0.5:
+        return (
+            f"The probability moves ({moved}) but stays above 50%: this feature alone does not "
+            f"take the model off “{target}”; it also rests on something else in this image."
+        )
     return (
-        f"The probability moves ({moved}) but stays {side} 50%: this feature alone does not "
-        "change the answer; the model also rests on something else in this image."
+        f"The probability moves ({moved}) but stays below 50%: this feature alone does not "
+        f"bring the model to “{target}”; it would take more than this feature here."
     )
 
 

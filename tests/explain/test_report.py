@@ -206,11 +206,13 @@ def test_attribute_strips_say_in_words_whether_the_answer_changes(tmp_path, part
         AttributeStrip("b8.conv0[3] -", frames, steps, [0.2, 0.4, 0.7]),  # crosses 50%
         AttributeStrip("b8.conv0[5] +", frames, steps, [0.90, 0.91, 0.93]),  # barely moves
         AttributeStrip("b4.conv1[9] +", frames, steps, [0.55, 0.75, 0.95]),  # moves, stays above
+        AttributeStrip("b4.conv1[2] -", frames, steps, [0.05, 0.2, 0.45]),  # moves, stays below
     ]
     _, page = _write(tmp_path, parts, attributes=strips, frame_target=1)
     notes = re.findall(r'<h3 class="attribute">[^<]*</h3><p class="note">([^<]*)</p>', page)
-    assert len(notes) == 3
+    assert len(notes) == 4
     assert notes[0].startswith("The model changes its answer") and "20% → 70%" in notes[0]
     assert notes[1].startswith("The model barely reacts") and "90% → 93%" in notes[1]
-    assert "stays above 50%" in notes[2] and "does not change the answer" in notes[2]
+    assert "stays above 50%" in notes[2] and "does not take the model off" in notes[2]
+    assert "stays below 50%" in notes[3] and "does not bring the model to" in notes[3]
     assert all("&lt;b&gt;lesion" in n for n in notes)  # the class name, escaped
