@@ -264,6 +264,7 @@ def bench_train(
     ref: str, rounds: int, p: float = 0.2, block: int = 10, overrides: tuple[str, ...] = ()
 ) -> None:
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
     from cfexplain.stages import generator as stage
     from cfexplain.utils import distributed
@@ -287,13 +288,14 @@ def bench_train(
     for name, t in runs.items():
         t.augment.p.fill_(p)
         s = stage._start()
-        phases = stage._phases(g, t, s, d)
+        # The baseline runs the published loop: G phase, then D phase on a second pass of G.
+        gn = g if name == "ours" else OmegaConf.merge(g, {"shared_fakes": False})
+        phases = stage._phases(gn, t, s, d)
 
-        def step(t=t, s=s, phases=phases) -> None:
+        def step(t=t, s=s, phases=phases, gn=gn) -> None:
             b = stage._Batch(real.clone(), torch.randn(batch, t.G.z_dim))
-            for phase in phases:
-                stage._run_phase(phase, phases, b, s["step"], d)
-            stage._advance(g, t, s, b, d)
+            stage._run_phases(gn, t, phases, b, s["step"], d)
+            stage._advance(gn, t, s, b, d)
 
         steps[name] = step
     for fn in steps.values():  # warm-up; step 0 runs R1, which FlopCounterMode cannot follow

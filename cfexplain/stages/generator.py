@@ -1,9 +1,11 @@
 """Generator stage: StyleGAN2-ADA trained on the stage chain's dataset.
 
 The stage reads top to bottom: build → train → finish. An iteration draws a real batch and
-runs its phases, written as data (:class:`Phase`, as the published loop does): G (non-saturating
-loss, lazy path length), then D (logistic loss, lazy R1); then G EMA → ADA p → log →
-snapshot/checkpoint. Gradients are averaged across ranks by hand (the published recipe), so the
+runs its phases, written as data (:class:`Phase`, as the published loop does): D (logistic loss,
+lazy R1) on this iteration's fakes, then G (non-saturating loss, lazy path length)
+backpropagating through the same fakes, so G runs forward once per iteration
+(``generator.shared_fakes``; false: the published order, G then D on a second pass of fakes);
+then G EMA → ADA p → log → snapshot/checkpoint. Gradients are averaged across ranks by hand (the published recipe), so the
 same loop runs alone or under torchrun. Every snapshot is measured on the run's classifier and
 on fixed yardsticks (:mod:`cfexplain.stages._snapshots`); ``keep=best`` keeps the snapshot best
 on ``keep_metric``, and the collapse guard rolls training back to that snapshot's state, with
@@ -155,6 +157,7 @@ class _Batch:
 
     real: torch.Tensor  # [n, C, H, W]
     z: torch.Tensor  # [n, z_dim]
+    fake: torch.Tensor | None = None  # G(z) with G's graph, shared by both phases
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -173,20 +176,20 @@ class Phase:
 
 
 def _phases(g: DictConfig, t: _GAN, s: dict[str, Any], d: distributed.Dist) -> list[Phase]:
-    """An iteration: G (non-saturating loss, lazy path length), then D (logistic, lazy R1)."""
-    return [
-        Phase(
-            "G", t.G, t.G_opt, _interval(g.pl_weight, g.pl_interval), partial(_g_loss, g, t, s, d)
-        ),
-        Phase("D", t.D, t.D_opt, _interval(g.r1_gamma, g.r1_interval), partial(_d_loss, g, t)),
-    ]
+    """An iteration: D (logistic, lazy R1), then G (non-saturating loss, lazy path length) on
+    the same fakes; without ``shared_fakes`` the published order, G then D."""
+    G = Phase(
+        "G", t.G, t.G_opt, _interval(g.pl_weight, g.pl_interval), partial(_g_loss, g, t, s, d)
+    )
+    D = Phase("D", t.D, t.D_opt, _interval(g.r1_gamma, g.r1_interval), partial(_d_loss, g, t))
+    return [D, G] if g.shared_fakes else [G, D]
 
 
 def _g_loss(
     g: DictConfig, t: _GAN, s: dict[str, Any], d: distributed.Dist, b: _Batch, reg: bool
 ) -> Iterator[torch.Tensor]:
     """Fool D; then, when ``reg``, the path-length penalty on half the batch (its own backward)."""
-    fake = t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
+    fake = _fakes(g, t, b)
     yield gan.g_nonsaturating_loss(t.D(t.augment(fake)))
     if reg:
         n_pl = max(len(b.z) // 2, 1)
@@ -199,20 +202,42 @@ def _g_loss(
 
 def _d_loss(g: DictConfig, t: _GAN, b: _Batch, reg: bool) -> Iterator[torch.Tensor]:
     """Tell reals from fakes, with the R1 penalty on the reals when ``reg`` (one backward)."""
-    with torch.no_grad():
-        fake = t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
+    if b.fake is not None:
+        fake = b.fake.detach()
+    else:
+        with torch.no_grad():
+            fake = _fakes(g, t, b)
     b.real.requires_grad_(reg)
-    real, fake = t.augment(b.real), t.augment(fake)
+    both = t.augment(torch.cat([b.real, fake]))  # one call: each sample draws its own transforms
     if reg:  # R1's double backward needs the reals' pass only
-        real_logits, fake_logits = t.D(real), t.D(fake)
+        real_logits, fake_logits = (t.D(x) for x in both.chunk(2))
     else:  # one pass, minibatch std within each half: the same logits as two passes
-        real_logits, fake_logits = t.D(torch.cat([real, fake]), parts=2).chunk(2)
+        real_logits, fake_logits = t.D(both, parts=2).chunk(2)
     loss = gan.d_logistic_loss(real_logits, fake_logits)
     if reg:
         r1 = gan.r1_penalty(real_logits, b.real)
         loss = loss + r1.mean() * (float(g.r1_gamma) / 2) * int(g.r1_interval)
     b.stats |= {"real_logits": real_logits.detach(), "fake_logits": fake_logits.detach()}
     yield loss
+
+
+def _fakes(g: DictConfig, t: _GAN, b: _Batch) -> torch.Tensor:
+    """The iteration's shared fakes, or a pass of G of the phase's own."""
+    if b.fake is not None:
+        return b.fake
+    return t.G.synthesis(_mapping(t.G, b.z, float(g.style_mixing)), noise_mode="random")
+
+
+def _run_phases(
+    g: DictConfig, t: _GAN, phases: list[Phase], b: _Batch, step: int, d: distributed.Dist
+) -> None:
+    """G's one forward pass when the phases share it (its graph kept for the G phase; G's
+    weights do not change before that backward), then each phase in turn."""
+    if g.shared_fakes:
+        b.fake = _fakes(g, t, b)
+    for phase in phases:
+        _run_phase(phase, phases, b, step, d)
+    b.fake = None
 
 
 def _run_phase(
@@ -247,8 +272,7 @@ def _iteration(
     torch.manual_seed(derived_seed(seed, Stream.GENERATOR_STEP, s["step"], d.rank))
     real = real_batch(ds, per_rank, seed, s["step"], d).to(d.device)
     b = _Batch(real, torch.randn(per_rank, t.G.z_dim, device=d.device))
-    for phase in phases:
-        _run_phase(phase, phases, b, s["step"], d)
+    _run_phases(cfg.generator, t, phases, b, s["step"], d)
     return b
 
 

@@ -95,6 +95,45 @@ def test_factor_coverage_is_read_by_the_knee_oracles_at_every_snapshot(smoke_cfg
     assert again.metrics["rate/marker/real"] == art.metrics["rate/marker/real"]
 
 
+def test_shared_fakes_step_as_a_d_phase_then_a_g_phase_drawing_the_fakes_again(smoke_cfg):
+    """One G pass per iteration: the G phase backpropagates through fakes drawn before D
+    stepped (G's weights have not changed since), so the weights after the iteration are those
+    of a D phase, then a G phase that draws the same fakes (same noise) in a pass of its own."""
+    from omegaconf import OmegaConf
+
+    from cfexplain.utils import distributed
+
+    cfg = smoke_cfg()
+    assert cfg.generator.shared_fakes
+    d = distributed.setup("cpu")
+    shared, apart = stage._build(cfg, d), stage._build(cfg, d)
+    before = {k: v.detach().clone() for k, v in shared.G.named_parameters()}
+    res, n = int(cfg.data.resolution), int(cfg.generator.batch_size)
+    torch.manual_seed(0)
+    real, z = torch.rand(n, 1, res, res) * 2 - 1, torch.randn(n, shared.G.z_dim)
+    passes = []
+    shared.G.synthesis.register_forward_hook(lambda *_: passes.append(1))
+
+    phases = stage._phases(cfg.generator, shared, stage._start(), d)
+    assert [p.name for p in phases] == ["D", "G"]
+    torch.manual_seed(7)  # the synthesis noise
+    stage._run_phases(cfg.generator, shared, phases, stage._Batch(real.clone(), z), 1, d)
+    assert len(passes) == 1
+
+    g = OmegaConf.merge(cfg.generator, {"shared_fakes": False})
+    by_name = {p.name: p for p in stage._phases(g, apart, stage._start(), d)}
+    b = stage._Batch(real.clone(), z)
+    for name in ("D", "G"):
+        torch.manual_seed(7)
+        stage._run_phase(by_name[name], list(by_name.values()), b, 1, d)
+
+    for mine, theirs in ((shared.D, apart.D), (shared.G, apart.G)):  # w_avg: one update, not two
+        for (k, v), w in zip(mine.named_parameters(), theirs.parameters(), strict=True):
+            torch.testing.assert_close(v, w, rtol=0, atol=1e-6, msg=k)
+    moved = max((v - before[k]).abs().max().item() for k, v in shared.G.named_parameters())
+    assert moved > 1e-4  # G stepped on the gradient through the shared fakes
+
+
 def _kick_after(monkeypatch, step: int) -> dict:
     """Plant a divergence: from ``step`` on, every iteration adds large noise to G and its EMA.
     Records what each rollback restored."""
