@@ -18,7 +18,8 @@ Both run in this process on the same weights, so the ratio is what our implement
 own ``_iteration`` and ``_advance``: G phase, D phase with lazy R1, ADA at ``--p`` (0.2; the
 shipped knee runs stay below 0.01, where the pipe draws nothing in most steps), EMA; a
 fixed random batch of reals stands in for the data) with the networks and optimisers the stage
-builds, against the same loop on the baseline commit's networks (its ``stylegan2.py`` and
+builds (in its configured phase order: ``generator.shared_fakes=true`` as an override runs one G
+pass per iteration), against the same loop on the baseline commit's networks (its ``stylegan2.py`` and
 ``stylegan2_ops.py`` read from git, loaded as modules) with its contiguous layout and per-tensor
 Adam, scoring reals and fakes in two discriminator passes; the baseline's training iteration
 equals the published code's. Both get the same initial weights; blocks of 10 iterations

@@ -1,12 +1,11 @@
 """Generator stage: StyleGAN2-ADA trained on the stage chain's dataset.
 
 The stage reads top to bottom: build → train → finish. An iteration draws a real batch and
-runs its phases, written as data (:class:`Phase`, as the published loop does): D (logistic loss,
-lazy R1) on this iteration's fakes, then G (non-saturating loss, lazy path length)
-backpropagating through the same fakes, so G runs forward once per iteration
-(``generator.shared_fakes``; false: the published order, G then D on a second pass of fakes);
-then G EMA → ADA p → log → snapshot/checkpoint. Gradients are averaged across ranks by hand (the published recipe), so the
-same loop runs alone or under torchrun. Every snapshot is measured on the run's classifier and
+runs its phases, written as data (:class:`Phase`, as the published loop does): G (non-saturating
+loss, lazy path length), then D (logistic loss, lazy R1) on a second pass of fakes; with
+``generator.shared_fakes`` D first on the iteration's fakes, then G backpropagating through the
+same fakes (one G pass per iteration); then G EMA → ADA p → log → snapshot/checkpoint. Gradients are averaged across ranks by hand
+(the published recipe), so the same loop runs alone or under torchrun. Every snapshot is measured on the run's classifier and
 on fixed yardsticks (:mod:`cfexplain.stages._snapshots`); ``keep=best`` keeps the snapshot best
 on ``keep_metric``, and the collapse guard rolls training back to that snapshot's state, with
 lower learning rates, when the snapshots say it has collapsed.
@@ -176,13 +175,13 @@ class Phase:
 
 
 def _phases(g: DictConfig, t: _GAN, s: dict[str, Any], d: distributed.Dist) -> list[Phase]:
-    """An iteration: D (logistic, lazy R1), then G (non-saturating loss, lazy path length) on
-    the same fakes; without ``shared_fakes`` the published order, G then D."""
+    """An iteration: G (non-saturating loss, lazy path length), then D (logistic, lazy R1);
+    with ``shared_fakes`` D first, then G on the same fakes."""
     G = Phase(
         "G", t.G, t.G_opt, _interval(g.pl_weight, g.pl_interval), partial(_g_loss, g, t, s, d)
     )
     D = Phase("D", t.D, t.D_opt, _interval(g.r1_gamma, g.r1_interval), partial(_d_loss, g, t))
-    return [D, G] if g.shared_fakes else [G, D]
+    return [D, G] if _shared_fakes(g) else [G, D]
 
 
 def _g_loss(
@@ -208,17 +207,22 @@ def _d_loss(g: DictConfig, t: _GAN, b: _Batch, reg: bool) -> Iterator[torch.Tens
         with torch.no_grad():
             fake = _fakes(g, t, b)
     b.real.requires_grad_(reg)
-    both = t.augment(torch.cat([b.real, fake]))  # one call: each sample draws its own transforms
+    real, fake = t.augment(b.real), t.augment(fake)
     if reg:  # R1's double backward needs the reals' pass only
-        real_logits, fake_logits = (t.D(x) for x in both.chunk(2))
+        real_logits, fake_logits = t.D(real), t.D(fake)
     else:  # one pass, minibatch std within each half: the same logits as two passes
-        real_logits, fake_logits = t.D(both, parts=2).chunk(2)
+        real_logits, fake_logits = t.D(torch.cat([real, fake]), parts=2).chunk(2)
     loss = gan.d_logistic_loss(real_logits, fake_logits)
     if reg:
         r1 = gan.r1_penalty(real_logits, b.real)
         loss = loss + r1.mean() * (float(g.r1_gamma) / 2) * int(g.r1_interval)
     b.stats |= {"real_logits": real_logits.detach(), "fake_logits": fake_logits.detach()}
     yield loss
+
+
+def _shared_fakes(g: DictConfig) -> bool:
+    """One G pass per iteration (opt-in; a config from before the option has two)."""
+    return bool(g.get("shared_fakes", False))
 
 
 def _fakes(g: DictConfig, t: _GAN, b: _Batch) -> torch.Tensor:
@@ -233,7 +237,7 @@ def _run_phases(
 ) -> None:
     """G's one forward pass when the phases share it (its graph kept for the G phase; G's
     weights do not change before that backward), then each phase in turn."""
-    if g.shared_fakes:
+    if _shared_fakes(g):
         b.fake = _fakes(g, t, b)
     for phase in phases:
         _run_phase(phase, phases, b, step, d)

@@ -103,8 +103,7 @@ def test_shared_fakes_step_as_a_d_phase_then_a_g_phase_drawing_the_fakes_again(s
 
     from cfexplain.utils import distributed
 
-    cfg = smoke_cfg()
-    assert cfg.generator.shared_fakes
+    cfg = smoke_cfg("generator.shared_fakes=true")
     d = distributed.setup("cpu")
     shared, apart = stage._build(cfg, d), stage._build(cfg, d)
     before = {k: v.detach().clone() for k, v in shared.G.named_parameters()}
@@ -121,7 +120,9 @@ def test_shared_fakes_step_as_a_d_phase_then_a_g_phase_drawing_the_fakes_again(s
     assert len(passes) == 1
 
     g = OmegaConf.merge(cfg.generator, {"shared_fakes": False})
-    by_name = {p.name: p for p in stage._phases(g, apart, stage._start(), d)}
+    published = stage._phases(g, apart, stage._start(), d)
+    assert [p.name for p in published] == ["G", "D"]
+    by_name = {p.name: p for p in published}
     b = stage._Batch(real.clone(), z)
     for name in ("D", "G"):
         torch.manual_seed(7)
