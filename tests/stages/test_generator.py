@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from cfexplain.data import build_dataset, collate
 from cfexplain.nn.stylegan2 import Generator
 from cfexplain.stages import generator as stage
 from cfexplain.train import run_chain
+from cfexplain.utils import distributed
 from cfexplain.utils.artifacts import Artifact, load_model
 from tests.conftest import compose_config, kill_when, run_train, smoke_train
 
@@ -99,10 +101,6 @@ def test_shared_fakes_step_as_a_d_phase_then_a_g_phase_drawing_the_fakes_again(s
     """One G pass per iteration: the G phase backpropagates through fakes drawn before D
     stepped (G's weights have not changed since), so the weights after the iteration are those
     of a D phase, then a G phase that draws the same fakes (same noise) in a pass of its own."""
-    from omegaconf import OmegaConf
-
-    from cfexplain.utils import distributed
-
     cfg = smoke_cfg("generator.shared_fakes=true")
     d = distributed.setup("cpu")
     shared, apart = stage._build(cfg, d), stage._build(cfg, d)
