@@ -4,11 +4,12 @@ The stage reads top to bottom: build → train → finish. An iteration draws a 
 runs its phases, written as data (:class:`Phase`, as the published loop does): G (non-saturating
 loss, lazy path length), then D (logistic loss, lazy R1) on a second pass of fakes; with
 ``generator.shared_fakes`` D first on the iteration's fakes, then G backpropagating through the
-same fakes (one G pass per iteration); then G EMA → ADA p → log → snapshot/checkpoint. Gradients are averaged across ranks by hand
-(the published recipe), so the same loop runs alone or under torchrun. Every snapshot is measured on the run's classifier and
-on fixed yardsticks (:mod:`cfexplain.stages._snapshots`); ``keep=best`` keeps the snapshot best
-on ``keep_metric``, and the collapse guard rolls training back to that snapshot's state, with
-lower learning rates, when the snapshots say it has collapsed.
+same fakes (one G pass per iteration); then G EMA → ADA p → log → snapshot/checkpoint.
+Gradients are averaged across ranks by hand (the published recipe), so the same loop runs alone
+or under torchrun. Every snapshot is measured on the run's classifier and on fixed yardsticks
+(:mod:`cfexplain.stages._snapshots`); ``keep=best`` keeps the snapshot best on ``keep_metric``,
+and the collapse guard rolls training back to that snapshot's state, with lower learning rates,
+when the snapshots say it has collapsed.
 """
 
 from __future__ import annotations
@@ -201,11 +202,8 @@ def _g_loss(
 
 def _d_loss(g: DictConfig, t: _GAN, b: _Batch, reg: bool) -> Iterator[torch.Tensor]:
     """Tell reals from fakes, with the R1 penalty on the reals when ``reg`` (one backward)."""
-    if b.fake is not None:
-        fake = b.fake.detach()
-    else:
-        with torch.no_grad():
-            fake = _fakes(g, t, b)
+    with torch.no_grad():  # the shared fakes detached, or a pass of G without a graph
+        fake = _fakes(g, t, b).detach()
     b.real.requires_grad_(reg)
     real, fake = t.augment(b.real), t.augment(fake)
     if reg:  # R1's double backward needs the reals' pass only
