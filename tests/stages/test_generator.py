@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -95,6 +96,25 @@ def test_factor_coverage_is_read_by_the_knee_oracles_at_every_snapshot(smoke_cfg
     again = again["generator"]
     assert again.info["factor_oracle"]["reused"] is True
     assert again.metrics["rate/marker/real"] == art.metrics["rate/marker/real"]
+
+
+def test_the_task_changes_the_judge_not_the_generator(smoke_cfg):
+    """G never sees a label and its snapshot is kept on the fixed features, so the 5-grade task
+    trains the same G as the binary one (no guard event at this length); only the classifier's
+    verdict on it differs."""
+    kw = ("stages=[classifier,generator]", "generator.kimg=0.384", "generator.snapshot_kimg=0.128")
+    binary = run_chain(smoke_cfg(*kw))
+    kl = run_chain(smoke_cfg(*kw, "data.task=kl", "experiment=kl"))
+    assert kl["classifier"].metrics["test/auc"] != binary["classifier"].metrics["test/auc"]
+    assert len(kl["generator"].metrics["class_shares_generated"]) == 5
+    for name in ("G_ema", "G", "D"):
+        digests = [
+            hashlib.sha256(r["generator"].path(name).read_bytes()).hexdigest() for r in (kl, binary)
+        ]
+        assert digests[0] == digests[1], name
+    for key in ("fd_fixed", "precision", "recall", "kept"):
+        assert kl["generator"].metrics[key] == binary["generator"].metrics[key], key
+    assert kl["generator"].metrics["fd_classifier"] != binary["generator"].metrics["fd_classifier"]
 
 
 def test_shared_fakes_step_as_a_d_phase_then_a_g_phase_drawing_the_fakes_again(smoke_cfg):
