@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from cfexplain.nn.stylegan2 import Generator
 from cfexplain.stages import generator as stage
 from cfexplain.train import run_chain
 from cfexplain.utils import distributed
-from cfexplain.utils.artifacts import Artifact, load_model
+from cfexplain.utils.artifacts import Artifact, file_checksum, load_model
 from tests.conftest import compose_config, kill_when, run_train, smoke_train
 
 
@@ -108,9 +107,7 @@ def test_the_task_changes_the_judge_not_the_generator(smoke_cfg):
     assert kl["classifier"].metrics["test/auc"] != binary["classifier"].metrics["test/auc"]
     assert len(kl["generator"].metrics["class_shares_generated"]) == 5
     for name in ("G_ema", "G", "D"):
-        digests = [
-            hashlib.sha256(r["generator"].path(name).read_bytes()).hexdigest() for r in (kl, binary)
-        ]
+        digests = [file_checksum(r["generator"].path(name)) for r in (kl, binary)]
         assert digests[0] == digests[1], name
     for key in ("fd_fixed", "precision", "recall", "kept"):
         assert kl["generator"].metrics[key] == binary["generator"].metrics[key], key
