@@ -152,8 +152,14 @@ def test_time_limit_hides_the_image_and_survives_a_reload(browser, study_run, tm
         page.wait_for_selector("#hidden", timeout=5000)
         assert page.locator("#stage img").count() == 0
         page.reload()
-        page.wait_for_load_state("load")
-        assert page.locator("#hidden").count() == 1  # a reload does not show it again
+        # wait until the new document has drawn the item (its stage is empty until the script
+        # ran), which is long before a clock restarted by the reload could hide the image again
+        page.wait_for_function(
+            "document.getElementById('progress').textContent !== ''", timeout=5000
+        )
+        state = page.evaluate("document.getElementById('stage').innerHTML.slice(0, 300)")
+        assert page.locator("#stage img").count() == 0, state  # a reload does not show it again
+        assert page.locator("#hidden").count() == 1, state
         page.keyboard.press("g")
         page.keyboard.press("3")
         page.keyboard.press("Enter")
