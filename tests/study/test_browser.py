@@ -38,6 +38,13 @@ def open_reader(browser, page_file: Path):  # noqa: F811
     return ctx, page, errors, urls
 
 
+def reload(page) -> None:
+    """Reload ``page`` and wait until its script has drawn the stage, which stays empty in the
+    new document until then (CI once looked at it in between)."""
+    page.reload()
+    page.wait_for_function("document.getElementById('stage').childElementCount > 0", timeout=5000)
+
+
 def neutral_dom(page) -> str:
     """The page's DOM with the image names and the item number blanked out."""
     dom = page.evaluate("document.documentElement.outerHTML")
@@ -62,8 +69,7 @@ def read_through(page, key: dict, plan: dict, right: int, reload_at: int | None)
     page.keyboard.press("Enter")  # past the instructions
     for i, entry in enumerate(plan["turing"]):
         if i == reload_at:
-            page.reload()
-            page.wait_for_load_state("load")
+            reload(page)
             assert (
                 page.locator("#progress").inner_text() == f"Image {i + 1} of {len(plan['turing'])}"
             )
@@ -151,12 +157,7 @@ def test_time_limit_hides_the_image_and_survives_a_reload(browser, study_run, tm
         assert page.locator("#stage img").count() == 1
         page.wait_for_selector("#hidden", timeout=5000)
         assert page.locator("#stage img").count() == 0
-        page.reload()
-        # wait until the new document has drawn the item (its stage is empty until the script
-        # ran), which is long before a clock restarted by the reload could hide the image again
-        page.wait_for_function(
-            "document.getElementById('progress').textContent !== ''", timeout=5000
-        )
+        reload(page)  # drawn long before a clock restarted by the reload could hide the image
         state = page.evaluate("document.getElementById('stage').innerHTML.slice(0, 300)")
         assert page.locator("#stage img").count() == 0, state  # a reload does not show it again
         assert page.locator("#hidden").count() == 1, state
