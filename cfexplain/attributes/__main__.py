@@ -19,10 +19,9 @@ import hydra
 from omegaconf import DictConfig
 
 from cfexplain.explain.attributes import TABLE_COLUMNS, find_for_run, table_markdown
-from cfexplain.explain.attribution import whole_number
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import Artifact, staged_dir, write_json, write_text
-from cfexplain.utils.cli import ConfigError, run_command, tracked
+from cfexplain.utils.cli import ConfigError, run_command, tracked, whole_number
 
 __all__ = ["ConfigError", "attributes", "main"]
 
@@ -36,8 +35,7 @@ def attributes(cfg: DictConfig) -> Path:
     for stage in needs:
         run.stage_dir(stage)  # a ConfigError naming the run and the missing stage
     for field in ("limit", "k", "std_samples") + (("screen",) if cfg.screen is not None else ()):
-        if int(cfg[field]) < 1:
-            raise ConfigError(f"{field}={cfg[field]}: expected at least 1")
+        whole_number(field, cfg[field])
     refine_steps = whole_number("refine_steps", cfg.refine_steps, 0)
     if not float(cfg.shift) > 0:
         raise ConfigError(f"shift={cfg.shift}: expected a positive number of stds")

@@ -38,7 +38,7 @@ from cfexplain.explain.guard import evidence_note
 from cfexplain.explain.pipeline import build_methods, split_counterfactual
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
-from cfexplain.utils.cli import ConfigError, run_command, tracked
+from cfexplain.utils.cli import ConfigError, image_limit, run_command, tracked
 
 log = logging.getLogger("cfexplain")
 
@@ -51,7 +51,8 @@ def evaluate(cfg: DictConfig) -> Path:
         )
     run = TrainedRun.open(cfg)
     ds = run.dataset(str(cfg.split))
-    n = len(ds) if cfg.limit is None else min(int(cfg.limit), len(ds))
+    limit = image_limit(cfg.limit)
+    n = len(ds) if limit is None else min(limit, len(ds))
     data = E.ground_truth(ds, n, int(cfg.target))
     notes: list[str] = []
     counterfactual, methods = split_counterfactual(build_methods(cfg, run, notes))

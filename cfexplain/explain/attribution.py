@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfexplain.utils.cli import ConfigError
+from cfexplain.utils.cli import ConfigError, whole_number
 
 # Per-module tables that libraries add hooks to; restored wholesale after every call.
 _GLOBAL_HOOKS = (
@@ -153,14 +153,6 @@ def check_applies(model: nn.Module, method: str) -> None:
         reason = (getattr(m, "unsupported_methods", None) or {}).get(method)
         if reason:
             raise ValueError(f"{method} does not apply: {reason}")
-
-
-def whole_number(field: str, value: Any, low: int = 1) -> int:
-    """``value`` as an int >= ``low``; ``ConfigError`` naming ``field`` otherwise."""
-    whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
-    if isinstance(value, bool) or not whole or value < low:
-        raise ConfigError(f"{field}={value!r}: expected an integer >= {low}")
-    return int(value)
 
 
 def count_param(method: str, key: str, value: Any, low: int = 1) -> int:

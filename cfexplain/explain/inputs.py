@@ -218,10 +218,11 @@ def iter_user_images(
     channels: int,
     skipped: list[tuple[str, str]],
 ) -> Iterator[UserImage]:
-    """Decode files lazily, one at a time; corrupt ones and volumes go to ``skipped`` as
-    ``(path, reason)``."""
+    """Decode files lazily, one at a time; corrupt ones and volumes are logged and go to
+    ``skipped`` as ``(path, reason)``."""
     for path, label in items:
         try:
             yield load_user_image(path, label, resolution=resolution, channels=channels)
         except BadFile as err:
+            log.warning(f"[explain] skipped {err.path}: {err.reason}")
             skipped.append((err.path, err.reason))

@@ -33,7 +33,7 @@ from cfexplain.explain.attribution import (
 from cfexplain.explain.gallery import UNCHECKED, AttributeStrip, Concepts, GalleryWriter, Row
 from cfexplain.nn.capsules import CapsuleClassifier, capsule_net
 from cfexplain.runs import TrainedRun
-from cfexplain.utils.cli import ConfigError
+from cfexplain.utils.cli import ConfigError, image_limit
 
 log = logging.getLogger("cfexplain")
 
@@ -121,7 +121,7 @@ def image_batches(
     """``(iterator of (images [B, C, R, R], names, true labels, concepts), description,
     count)``: the user's ``images=`` (unreadable files go to ``skipped``), else the run's
     ``split``."""
-    limit = None if cfg.limit is None else int(cfg.limit)
+    limit = image_limit(cfg.limit)
     if cfg.images:
         return _user_batches(cfg, run, skipped, limit)
     ds = run.dataset(str(cfg.split))

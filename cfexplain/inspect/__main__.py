@@ -23,7 +23,7 @@ from cfexplain.inspect.page import fmt, page_html
 from cfexplain.inspect.sections import SECTIONS, WHAT, Context
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import write_json, write_text
-from cfexplain.utils.cli import ConfigError, run_command, tracked
+from cfexplain.utils.cli import ConfigError, image_limit, run_command, tracked
 
 __all__ = ["ConfigError", "inspect", "main"]
 
@@ -41,6 +41,7 @@ def inspect(cfg: DictConfig) -> Path:
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
         raise ConfigError(f"what={what}: choose from {list(WHAT)}")
+    image_limit(cfg.limit)  # a bad limit is named before a folder is made
     out = Path(cfg.out) if cfg.out else trained.output_dir("inspect", stamped=True)
     out = out.expanduser().resolve()
     for sub in ("maps", "embeddings", "class_max", "units"):

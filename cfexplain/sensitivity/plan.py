@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.runs import TrainedRun, open_dataset
 from cfexplain.sensitivity.transforms import TRANSFORMS, get_transform
-from cfexplain.utils.cli import ConfigError
+from cfexplain.utils.cli import ConfigError, image_limit
 
 STAGE_OF_TASK = {"classification": "classifier", "segmentation": "segmentation"}
 
@@ -28,7 +28,8 @@ def data_config(cfg: DictConfig, run: TrainedRun | None) -> DictConfig:
             "no images: set run=runs/<experiment>, or +dataset=NAME for a model given by model.target"
         )
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    n = 64 if cfg.limit is None else int(cfg.limit)
+    limit = image_limit(cfg.limit, null_means="64 images")
+    n = 64 if limit is None else limit
     data.setdefault("resolution", int(cfg.resolution))
     data.setdefault(f"n_{cfg.split}", n)
     return OmegaConf.create(data)
@@ -50,7 +51,8 @@ def load_images(cfg: DictConfig, data_cfg: DictConfig):
     from cfexplain.data import collate
 
     ds = open_dataset(data_cfg, str(cfg.split))
-    n = len(ds) if cfg.limit is None else min(int(cfg.limit), len(ds))
+    limit = image_limit(cfg.limit)
+    n = len(ds) if limit is None else min(limit, len(ds))
     if n == 0:
         raise ConfigError(f"split={cfg.split}: no images")
     x, labels, metas = collate([ds[i] for i in range(n)])

@@ -16,6 +16,26 @@ class ConfigError(ValueError):
     """A config (training or command) cannot run; the message names the field."""
 
 
+def whole_number(field: str, value: Any, low: int = 1) -> int:
+    """``value`` as an int >= ``low``; ``ConfigError`` naming ``field`` otherwise."""
+    whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not whole or value < low:
+        shown = "null" if value is None else repr(value)
+        raise ConfigError(f"{field}={shown}: expected an integer >= {low}")
+    return int(value)
+
+
+def image_limit(value: Any, *, null_means: str = "all") -> int | None:
+    """``limit=``, the number of images a command takes: an int >= 1, or None for null, which
+    stands for ``null_means``."""
+    if value is None:
+        return None
+    try:
+        return whole_number("limit", value)
+    except ConfigError as e:
+        raise ConfigError(f"{e}, or null ({null_means})") from None
+
+
 @contextmanager
 def user_errors(command: str) -> Iterator[None]:
     """The one error boundary of every entry point. Errors about the user's input (config,

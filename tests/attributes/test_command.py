@@ -135,6 +135,10 @@ def test_command_errors_name_the_field(classifier_run, full_run, tmp_path):  # n
         attributes(
             attributes_cfg(f"run={full_run}", *TINY, "refine_steps=-1", f"out={tmp_path / 'a'}")
         )
+    named = {"limit=null": "limit=null", "k=abc": "k='abc'", "std_samples=0": "std_samples=0"}
+    for bad, shown in named.items():
+        with pytest.raises(ConfigError, match=f"^{shown}: expected an integer >= 1$"):
+            attributes(attributes_cfg(f"run={full_run}", *TINY, bad, f"out={tmp_path / 'a'}"))
     assert not list(tmp_path.glob("*a*"))  # refused before anything was written
     r = run_cli("cfexplain.attributes", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)
     assert r.returncode == 2 and "no finished classifier stage" in r.stderr

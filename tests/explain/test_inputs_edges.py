@@ -20,6 +20,7 @@ from cfexplain.explain.__main__ import ConfigError, explain
 from cfexplain.explain.attribution import Counterfactual
 from cfexplain.explain.inputs import iter_images, iter_user_images, list_images, load_user_image
 from cfexplain.utils.artifacts import ArtifactError, load_model, read_model_meta, save_model
+from cfexplain.utils.cli import image_limit
 from tests.conftest import run_cli
 from tests.data.test_readers import write_dicom
 from tests.explain.test_command import classifier_run, explain_cfg  # noqa: F401 (fixture)
@@ -69,15 +70,20 @@ def test_images_stream_one_at_a_time(tmp_path):
     assert [p.name for p, _ in list_images(str(root / "**" / "[!0]*.png"))][:1] == ["1.png"]
 
 
-def test_a_multi_frame_dicom_is_skipped_and_listed(tmp_path):
+def test_a_multi_frame_dicom_is_skipped_listed_and_named_in_the_log(tmp_path, caplog):
     volume = write_dicom(tmp_path / "series" / "volume.dcm", np.zeros((3, 4, 4), np.uint16))
     good = _png(tmp_path / "good.png")
     skipped: list[tuple[str, str]] = []
-    got = list(
-        iter_user_images([(volume, None), (good, None)], resolution=8, channels=1, skipped=skipped)
-    )
+    with caplog.at_level(logging.WARNING, logger="cfexplain"):
+        got = list(
+            iter_user_images(
+                [(volume, None), (good, None)], resolution=8, channels=1, skipped=skipped
+            )
+        )
     assert [u.path for u in got] == [good]
     assert skipped == [(str(volume), "a volume of 3 frames; expected one 2D frame")]
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == [f"[explain] skipped {volume}: a volume of 3 frames; expected one 2D frame"]
 
 
 def test_an_image_far_smaller_than_the_model_is_warned_about(tmp_path, caplog):
@@ -109,6 +115,22 @@ def test_every_file_skipped_lists_the_files_and_why(classifier_run, tmp_path):  
     assert f"{broken}: unreadable or corrupt image" in message
     assert f"{folder / 'volume.dcm'}: a volume of 2 frames" in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "2.5", "abc", "true"])
+def test_a_limit_that_is_no_number_of_images_is_named(classifier_run, tmp_path, value):  # noqa: F811
+    out = tmp_path / "g"
+    cfg = explain_cfg(f"run={classifier_run}", f"limit={value}", f"out={out}", "logger=none")
+    with pytest.raises(
+        ConfigError, match=r"^limit=\S+: expected an integer >= 1, or null \(all\)$"
+    ):
+        explain(cfg)
+    assert not out.exists()
+    assert image_limit(None) is None and image_limit(3) == 3
+    with pytest.raises(
+        ConfigError, match=r"^limit=0: expected an integer >= 1, or null \(64 images\)$"
+    ):
+        image_limit(0, null_means="64 images")
 
 
 def test_a_truncated_safetensors_file_is_named(tmp_path):
