@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from cfexplain.utils.artifacts import ARTIFACT_FILE, Artifact
-from cfexplain.utils.cli import ConfigError
+from cfexplain.utils.cli import ConfigError, class_index, whole_number
 
 STAGES = (
     "classifier",
@@ -45,17 +45,6 @@ def open_dataset(data_cfg: DictConfig, split: str) -> Dataset:
     if hasattr(ds, "cache"):
         ds.cache = False
     return ds
-
-
-def _at_least_one(field: str, value: Any) -> int:
-    """``value`` as a whole number >= 1; a ConfigError naming ``field`` otherwise."""
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if number < 1 or str(number) != str(value).strip():
-        raise ConfigError(f"{field}={value}: expected a whole number of at least 1")
-    return number
 
 
 class TrainedRun:
@@ -96,10 +85,10 @@ class TrainedRun:
                 "set run=runs/<experiment> (a folder holding a finished classifier/ stage)"
             )
         if "batch_size" in cfg:
-            _at_least_one("batch_size", cfg.batch_size)
+            whole_number("batch_size", cfg.batch_size)
         seed_everything(int(cfg.seed), False)
         run = cls(str(cfg.run), distributed.setup(str(cfg.device)).device)
-        run.check_target(int(cfg.target))
+        cfg.target = run.check_target(cfg.target)  # a class name becomes its index
         return run
 
     # ------------------------------------------------------------------------- layout
@@ -163,12 +152,10 @@ class TrainedRun:
         """The classifier's class names."""
         return [str(c) for c in self.artifact("classifier").info.get("classes") or []]
 
-    def check_target(self, target: int) -> int:
-        """``target`` when it is one of the classifier's classes; ConfigError naming it if not."""
-        classes = self.classes
-        if not classes or not 0 <= target < len(classes):
-            raise ConfigError(f"target={target}: the classifier's classes are {classes}")
-        return target
+    def check_target(self, target: Any) -> int:
+        """The index of ``target`` (an index or a name) among the classifier's classes;
+        ConfigError naming them if it is none of them."""
+        return class_index(target, self.classes)
 
     # ------------------------------------------------------------------------- models
 

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-SPLITS = ("train", "val", "test")
 PHANTOMS = ("knee", "histology")
 
 
@@ -37,10 +36,9 @@ def build_dataset(data: Mapping[str, Any], split: str) -> ImageDataset:
     must be a built-in phantom. The dataset's ``source`` attribute says which data it is.
     The keys of conf/base/dataset.yaml are read directly: a config without one is an error.
     """
-    from cfexplain.data.readers import DataError, open_dataset
+    from cfexplain.data.readers import DataError, check_split, open_dataset
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split)
     if data["root"]:
         ds = open_dataset(
             data["root"],

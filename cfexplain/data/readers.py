@@ -73,6 +73,13 @@ class BadFile(DataError):
         self.volume = volume
 
 
+def check_split(split: str) -> str:
+    """``split`` when it is one of :data:`SPLITS`; a DataError naming the field otherwise."""
+    if split not in SPLITS:
+        raise DataError(f"split={split}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
 # --------------------------------------------------------------------------------------------
 # Entry points
 
@@ -102,8 +109,7 @@ def open_dataset(
     sample then carries as ``meta["concepts"]`` (see :func:`read_attributes`). ``reports`` names a
     CSV manifest's column of report texts (``meta["report"]``; csv only).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split)
     if format not in FORMATS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {format!r}")
     if on_bad_file not in BAD_FILE_POLICIES:

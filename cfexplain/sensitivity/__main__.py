@@ -24,7 +24,7 @@ from cfexplain.runs import TrainedRun
 from cfexplain.sensitivity import plan as S
 from cfexplain.sensitivity.analysis import TASKS, SweepResult, result_rows, sweep
 from cfexplain.utils import distributed
-from cfexplain.utils.cli import ConfigError, run_command, tracked
+from cfexplain.utils.cli import ConfigError, run_command, tracked, whole_number
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
@@ -38,6 +38,8 @@ def sensitivity(cfg: DictConfig) -> Path:
     task = str(cfg.task)
     if task not in TASKS:
         raise ConfigError(f"task={task}: expected one of {list(TASKS)}")
+    for field in ("batch_size", "examples", "image_px"):
+        whole_number(field, cfg[field])
     plan = S.sweep_plan(cfg)
     seed_everything(int(cfg.seed), False)
     device = distributed.setup(str(cfg.device)).device

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.runs import TrainedRun, open_dataset
 from cfexplain.sensitivity.transforms import TRANSFORMS, get_transform
-from cfexplain.utils.cli import ConfigError, image_limit
+from cfexplain.utils.cli import ConfigError, class_index, image_limit
 
 STAGE_OF_TASK = {"classification": "classifier", "segmentation": "segmentation"}
 
@@ -91,9 +91,8 @@ def model_and_outputs(
     probe = x[:2].to(device)
     if task == "classification":
         classes = [str(c) for c in (art.info.get("classes") if art else None) or ds.class_names]
-        target = int(cfg.target)
-        if not 0 <= target < len(classes):
-            raise ConfigError(f"target={target}: the classes are {classes}")
+        target = class_index(cfg.target, classes)
+        cfg.target = target  # a class name becomes its index
         if external:
             try:
                 if check_classifier(model, probe, len(classes), source):

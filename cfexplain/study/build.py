@@ -31,7 +31,7 @@ from cfexplain.utils.artifacts import (
     write_json,
     write_text,
 )
-from cfexplain.utils.cli import ConfigError
+from cfexplain.utils.cli import ConfigError, class_index, whole_number
 from cfexplain.utils.seeding import derived_seed
 
 KEY_FILE = "key.json"
@@ -369,7 +369,7 @@ def build_study(
     n_fake: int,
     n_cf: int,
     seed: int,
-    target: int,
+    target: int | str,
     lambdas: Any = "auto",
     time_limit_s: float = 0.0,
     realism_reference: int = 200,
@@ -382,20 +382,13 @@ def build_study(
     It is built in a hidden sibling folder and renamed into place at the end: a killed build
     leaves no half study. An existing ``out`` is never overwritten.
     """
-    for name, value, least in (
-        ("readers", readers, 1),
-        ("n_real", n_real, 1),
-        ("n_fake", n_fake, 1),
-        ("n_cf", n_cf, 0),
-    ):
-        if int(value) < least:
-            raise ConfigError(f"{name}={value}: must be at least {least}")
+    readers, n_real = whole_number("readers", readers), whole_number("n_real", n_real)
+    n_fake, n_cf = whole_number("n_fake", n_fake), whole_number("n_cf", n_cf, 0)
     out = Path(str(out)).expanduser().resolve()
     if out.exists():
         raise ConfigError(f"out={out}: exists already; a study is never overwritten")
     r = _open_run(run, device, dict(counterfactual or {}) if n_cf else None)
-    if not 0 <= int(target) < len(r.classes):
-        raise ConfigError(f"target={target}: the classifier's classes are {r.classes}")
+    target = class_index(target, r.classes)
     m = _material(
         r,
         n_real=int(n_real),

@@ -4,7 +4,7 @@ type for a config that cannot run, and one way to report the user's mistakes."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,21 @@ def image_limit(value: Any, *, null_means: str = "all") -> int | None:
         return whole_number("limit", value)
     except ConfigError as e:
         raise ConfigError(f"{e}, or null ({null_means})") from None
+
+
+def class_index(target: Any, classes: Sequence[str]) -> int:
+    """``target=``: a class index, or a class's name, as the index; ``ConfigError`` naming the
+    classes otherwise."""
+    names = [str(c) for c in classes]
+    if isinstance(target, str) and target in names:
+        return names.index(target)
+    whole = isinstance(target, int) and not isinstance(target, bool)
+    if not whole or not 0 <= target < len(names):
+        raise ConfigError(
+            f"target={target}: expected a class index (0 to {len(names) - 1}) or name; "
+            f"the classifier's classes are {names}"
+        )
+    return target
 
 
 @contextmanager

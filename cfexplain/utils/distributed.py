@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cfexplain.utils.cli import ConfigError
+
 
 def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto`` → CUDA when present (one GPU per local rank), else CPU; ``cpu``/``cuda[:i]`` as given."""
@@ -21,11 +23,12 @@ def resolve_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
         return (
             torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
         )
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device={spec}: expected auto, cpu, cuda or cuda:<index>") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={spec!r} but CUDA is not available; use device=auto or device=cpu"
-        )
+        raise ConfigError(f"device={spec}: CUDA is not available; use device=auto or device=cpu")
     return device
 
 

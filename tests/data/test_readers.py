@@ -231,7 +231,7 @@ def test_argument_errors_name_the_field(tmp_path):
         open_(tmp_path, on_bad_file="ignore")
     with pytest.raises(ValueError, match="data.format"):
         open_(tmp_path, format="tiff")
-    with pytest.raises(ValueError, match="split must be one of"):
+    with pytest.raises(DataError, match="^split=.*: expected one of train, val, test$"):
         open_(tmp_path, "valid")
     assert issubclass(DataError, ValueError)
 

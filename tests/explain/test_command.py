@@ -250,7 +250,8 @@ def test_config_errors_name_the_field(classifier_run, tmp_path):
             )
         )
     with pytest.raises(
-        ConfigError, match=r"target=5: the classifier's classes are \['KL<2', 'KL>=2'\]"
+        ConfigError,
+        match=r"target=5: expected a class index \(0 to 1\) or name; the classifier's classes are \['KL<2', 'KL>=2'\]",
     ):
         explain(explain_cfg(f"run={classifier_run}", "target=5", "logger=none"))
     r = run_cli("cfexplain.explain", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)

@@ -4,6 +4,7 @@ damaged weights, and parameters that name their field (issue #16, sections 4 to 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import shutil
 import threading
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cfexplain.data.readers import DataError
 from cfexplain.explain.__main__ import ConfigError, explain
 from cfexplain.explain.attribution import Counterfactual
 from cfexplain.explain.inputs import iter_images, iter_user_images, list_images, load_user_image
@@ -131,6 +133,23 @@ def test_a_limit_that_is_no_number_of_images_is_named(classifier_run, tmp_path, 
         ConfigError, match=r"^limit=0: expected an integer >= 1, or null \(64 images\)$"
     ):
         image_limit(0, null_means="64 images")
+
+
+def test_target_by_name_and_a_bad_split_or_device_are_named(classifier_run, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "g"
+    base = (f"run={classifier_run}", f"out={out}", "methods=[saliency]", "limit=1", "logger=none")
+    explain(explain_cfg(*base, "target='KL<2'"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"] == "KL<2"  # the name, taken as class 0
+    with pytest.raises(DataError, match="^split=nope: expected one of train, val, test$"):
+        explain(explain_cfg(*base, "split=nope"))
+    with pytest.raises(
+        ConfigError, match=r"^device=tpu: expected auto, cpu, cuda or cuda:<index>$"
+    ):
+        explain(explain_cfg(*base, "device=tpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="^device=cuda: CUDA is not available"):
+        explain(explain_cfg(*base, "device=cuda"))
 
 
 def test_a_truncated_safetensors_file_is_named(tmp_path):

@@ -152,7 +152,10 @@ def test_page_escapes_layer_names_and_cells():
 def test_user_errors_name_the_field(trained_run, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match=r"what=\['filtres'\]: choose from"):
         inspect(inspect_cfg(f"run={trained_run}", "what=[filtres]", "logger=none"))
-    with pytest.raises(ConfigError, match=r"target=5: the classifier's classes are"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^target=5: expected a class index \(0 to 1\) or name; the classifier's classes are",
+    ):
         inspect(inspect_cfg(f"run={trained_run}", "target=5", "logger=none", f"out={tmp_path}"))
     with pytest.raises(ConfigError, match=r"images=\[0, 999\]: \[999\] outside the test split"):
         inspect(

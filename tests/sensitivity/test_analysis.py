@@ -292,6 +292,10 @@ def test_config_errors_name_the_field(fake_run, tmp_path):
         sensitivity(sens_cfg("model.target=tests.sensitivity.test_analysis.MeanModel"))
     with pytest.raises(ConfigError, match="target=5"):
         sensitivity(sens_cfg(f"run={fake_run}", "target=5"))
+    with pytest.raises(ConfigError, match="^batch_size=0: expected an integer >= 1$"):
+        sensitivity(sens_cfg(f"run={fake_run}", "batch_size=0"))
+    with pytest.raises(ConfigError, match="^examples='all': expected an integer >= 1$"):
+        sensitivity(sens_cfg(f"run={fake_run}", "examples=all"))
     r = run_cli("cfexplain.sensitivity", f"run={tmp_path / 'nowhere'}", "logger=none")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no such folder" in r.stderr
 

@@ -81,8 +81,12 @@ def test_a_failed_build_leaves_nothing(study_run, tmp_path, monkeypatch):
 def test_existing_folder_and_bad_counts_are_refused(study, study_run, tmp_path):
     with pytest.raises(ConfigError, match="exists already"):
         make_study(study_run, study)
-    with pytest.raises(ConfigError, match="n_fake=0: must be at least 1"):
+    with pytest.raises(ConfigError, match="^n_fake=0: expected an integer >= 1$"):
         make_study(study_run, tmp_path / "s", n_fake=0)
+    with pytest.raises(ConfigError, match="^readers='abc': expected an integer >= 1$"):
+        make_study(study_run, tmp_path / "s", readers="abc")
+    with pytest.raises(ConfigError, match=r"^target=KL3: expected a class index \(0 to 1\)"):
+        make_study(study_run, tmp_path / "s", target="KL3")
     with pytest.raises(ConfigError, match="test split has only"):
         make_study(study_run, tmp_path / "s", n_real=10_000)
 
