@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.inspect.page import fmt, page_html
 from cfexplain.inspect.sections import SECTIONS, WHAT, Context
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import write_json, write_text
-from cfexplain.utils.cli import ConfigError, image_limit, run_command, tracked
+from cfexplain.utils.cli import ConfigError, image_limit, run_command, tracked, whole_number
 
 __all__ = ["ConfigError", "inspect", "main"]
 
@@ -31,6 +31,31 @@ log = logging.getLogger("cfexplain")
 
 
 # ----------------------------------------------------------------------------- command
+
+# The config's counts and their least values, checked before a folder is made.
+COUNTS = {
+    "batch_size": 1,
+    "max_maps": 1,
+    "image_px": 8,
+    "embeddings.k": 1,
+    "embeddings.outliers": 0,
+    "class_max.starts": 1,
+    "class_max.steps": 1,
+    "class_max.jitter": 0,
+    "class_max.blur_every": 0,
+    "units.top": 1,
+    "units.patches": 1,
+}
+
+
+def _check_counts(cfg: DictConfig) -> None:
+    """A one-line ConfigError naming the first count of ``cfg`` that is not a whole number
+    at least its least value (``limit`` and ``units.patch_px`` may also be null)."""
+    image_limit(cfg.limit)
+    for field, low in COUNTS.items():
+        whole_number(field, OmegaConf.select(cfg, field), low)
+    if cfg.units.patch_px is not None:
+        whole_number("units.patch_px", cfg.units.patch_px)
 
 
 def inspect(cfg: DictConfig) -> Path:
@@ -41,7 +66,7 @@ def inspect(cfg: DictConfig) -> Path:
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
         raise ConfigError(f"what={what}: choose from {list(WHAT)}")
-    image_limit(cfg.limit)  # a bad limit is named before a folder is made
+    _check_counts(cfg)
     out = Path(cfg.out) if cfg.out else trained.output_dir("inspect", stamped=True)
     out = out.expanduser().resolve()
     for sub in ("maps", "embeddings", "class_max", "units"):

@@ -177,6 +177,19 @@ def test_user_errors_name_the_field(trained_run, tmp_path):  # noqa: F811
                 f"out={tmp_path / 'o'}",
             )
         )
+    bad = {
+        "limit=0": "limit=0",
+        "max_maps=abc": "max_maps='abc'",
+        "embeddings.k=0": "embeddings.k=0",
+        "class_max.steps=2.5": "class_max.steps=2.5",
+        "class_max.jitter=-1": "class_max.jitter=-1",
+        "units.patch_px=0": "units.patch_px=0",
+    }
+    for override, named in bad.items():
+        out = tmp_path / "counts"
+        with pytest.raises(ConfigError, match=f"^{re.escape(named)}: expected an integer >= "):
+            inspect(inspect_cfg(f"run={trained_run}", override, "logger=none", f"out={out}"))
+        assert not out.exists()  # named before a folder is made
     r = run_cli("cfexplain.inspect", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)
     assert r.returncode == 2 and "no finished classifier stage" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
