@@ -384,6 +384,14 @@ def build_study(
     """
     readers, n_real = whole_number("readers", readers), whole_number("n_real", n_real)
     n_fake, n_cf = whole_number("n_fake", n_fake), whole_number("n_cf", n_cf, 0)
+    seed, batch_size = whole_number("seed", seed, 0), whole_number("batch_size", batch_size)
+    realism_reference = whole_number("realism_reference", realism_reference)
+    if (
+        isinstance(time_limit_s, bool)
+        or not isinstance(time_limit_s, int | float)
+        or time_limit_s < 0
+    ):
+        raise ConfigError(f"time_limit_s={time_limit_s!r}: expected a number of seconds >= 0")
     out = Path(str(out)).expanduser().resolve()
     if out.exists():
         raise ConfigError(f"out={out}: exists already; a study is never overwritten")

@@ -85,6 +85,10 @@ def test_existing_folder_and_bad_counts_are_refused(study, study_run, tmp_path):
         make_study(study_run, tmp_path / "s", n_fake=0)
     with pytest.raises(ConfigError, match="^readers='abc': expected an integer >= 1$"):
         make_study(study_run, tmp_path / "s", readers="abc")
+    with pytest.raises(ConfigError, match="^batch_size=0: expected an integer >= 1$"):
+        make_study(study_run, tmp_path / "s", batch_size=0)
+    with pytest.raises(ConfigError, match="^time_limit_s='5s': expected a number of seconds >= 0$"):
+        make_study(study_run, tmp_path / "s", time_limit_s="5s")
     with pytest.raises(ConfigError, match=r"^target=KL3: expected a class index \(0 to 1\)"):
         make_study(study_run, tmp_path / "s", target="KL3")
     with pytest.raises(ConfigError, match="test split has only"):
