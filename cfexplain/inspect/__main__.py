@@ -32,9 +32,9 @@ log = logging.getLogger("cfexplain")
 
 # ----------------------------------------------------------------------------- command
 
-# The config's counts and their least values, checked before a folder is made.
+# The config's counts and their least values, checked before a folder is made (batch_size:
+# by TrainedRun.open).
 COUNTS = {
-    "batch_size": 1,
     "max_maps": 1,
     "image_px": 8,
     "embeddings.k": 1,

@@ -1,5 +1,6 @@
-"""What the commands (explain, evaluate, inspect, sensitivity) share at their edge: one error
-type for a config that cannot run, and one way to report the user's mistakes."""
+"""What the commands (explain, evaluate, inspect, sensitivity, attributes, study, train) share
+at their edge: one error type for a config that cannot run, the checks of the values many of
+them take (counts, ``limit=``, ``target=``), and one way to report the user's mistakes."""
 
 from __future__ import annotations
 
