@@ -38,7 +38,7 @@ from cfexplain.explain.guard import evidence_note
 from cfexplain.explain.pipeline import build_methods, split_counterfactual
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
-from cfexplain.utils.cli import ConfigError, image_limit, run_command, tracked
+from cfexplain.utils.cli import ConfigError, image_count, run_command, tracked
 
 log = logging.getLogger("cfexplain")
 
@@ -51,8 +51,7 @@ def evaluate(cfg: DictConfig) -> Path:
         )
     run = TrainedRun.open(cfg)
     ds = run.dataset(str(cfg.split))
-    limit = image_limit(cfg.limit)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    n = image_count(cfg.limit, len(ds))
     data = E.ground_truth(ds, n, int(cfg.target))
     notes: list[str] = []
     counterfactual, methods = split_counterfactual(build_methods(cfg, run, notes))

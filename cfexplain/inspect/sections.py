@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from cfexplain.inspect.page import Section, e, figure, table
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import write_bytes
-from cfexplain.utils.cli import ConfigError, image_limit
+from cfexplain.utils.cli import ConfigError, image_count
 from cfexplain.utils.images import save_grid
 from cfexplain.utils.tracking import Run
 
@@ -37,8 +37,7 @@ class Context:
         self.target = int(cfg.target)
         self.model = trained.classifier
         self.ds = trained.dataset(str(cfg.split))
-        limit = image_limit(cfg.limit)
-        n = len(self.ds) if limit is None else min(limit, len(self.ds))
+        n = image_count(cfg.limit, len(self.ds))
         if n < 1:
             raise ConfigError(f"limit={cfg.limit}: the {cfg.split} split has {len(self.ds)} images")
         samples = [self.ds[i] for i in range(n)]

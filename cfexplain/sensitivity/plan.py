@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.runs import TrainedRun, open_dataset
 from cfexplain.sensitivity.transforms import TRANSFORMS, get_transform
-from cfexplain.utils.cli import ConfigError, class_index, image_limit
+from cfexplain.utils.cli import ConfigError, class_index, image_count, image_limit
 
 STAGE_OF_TASK = {"classification": "classifier", "segmentation": "segmentation"}
 
@@ -51,8 +51,7 @@ def load_images(cfg: DictConfig, data_cfg: DictConfig):
     from cfexplain.data import collate
 
     ds = open_dataset(data_cfg, str(cfg.split))
-    limit = image_limit(cfg.limit)
-    n = len(ds) if limit is None else min(limit, len(ds))
+    n = image_count(cfg.limit, len(ds))
     if n == 0:
         raise ConfigError(f"split={cfg.split}: no images")
     x, labels, metas = collate([ds[i] for i in range(n)])

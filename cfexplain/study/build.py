@@ -392,6 +392,7 @@ def build_study(
         or time_limit_s < 0
     ):
         raise ConfigError(f"time_limit_s={time_limit_s!r}: expected a number of seconds >= 0")
+    time_limit_s = float(time_limit_s)
     out = Path(str(out)).expanduser().resolve()
     if out.exists():
         raise ConfigError(f"out={out}: exists already; a study is never overwritten")
@@ -399,29 +400,29 @@ def build_study(
     target = class_index(target, r.classes)
     m = _material(
         r,
-        n_real=int(n_real),
-        n_fake=int(n_fake),
-        n_cf=int(n_cf),
-        seed=int(seed),
-        target=int(target),
+        n_real=n_real,
+        n_fake=n_fake,
+        n_cf=n_cf,
+        seed=seed,
+        target=target,
         lambdas=lambdas,
-        realism_reference=int(realism_reference),
-        batch_size=int(batch_size),
+        realism_reference=realism_reference,
+        batch_size=batch_size,
     )
     key: dict[str, Any] = {
         "format": KEY_FORMAT,
-        "seed": int(seed),
+        "seed": seed,
         "run": str(r.dir),
         "stages": r.fingerprints,
         "classes": r.classes,
-        "target": r.classes[int(target)],
+        "target": r.classes[target],
         "counts": {
-            "readers": int(readers),
-            "n_real": int(n_real),
-            "n_fake": int(n_fake),
-            "n_cf": int(n_cf),
+            "readers": readers,
+            "n_real": n_real,
+            "n_fake": n_fake,
+            "n_cf": n_cf,
         },
-        "time_limit_s": float(time_limit_s),
+        "time_limit_s": time_limit_s,
         # how each generated item is made again from its z_seed
         "generated": "G(torch.randn(z_dim, generator=torch.Generator().manual_seed(z_seed)), "
         "psi=1, noise_mode='const')",
@@ -429,10 +430,10 @@ def build_study(
         "realism": m.realism,
         "items": m.turing,
         "counterfactuals": m.counterfactuals,
-        "readers": [reader_plan(int(seed), i, m) for i in range(int(readers))],
+        "readers": [reader_plan(seed, i, m) for i in range(readers)],
     }
     key = {"study_id": fingerprint(key), **key}
-    return _write_study(out, key, m, float(time_limit_s))
+    return _write_study(out, key, m, time_limit_s)
 
 
 def _write_study(out: Path, key: dict[str, Any], m: Material, time_limit_s: float) -> Path:

@@ -37,6 +37,12 @@ def image_limit(value: Any, *, null_means: str = "all") -> int | None:
         raise ConfigError(f"{e}, or null ({null_means})") from None
 
 
+def image_count(value: Any, available: int) -> int:
+    """How many of ``available`` images ``limit=`` takes (all when it is null)."""
+    limit = image_limit(value)
+    return available if limit is None else min(limit, available)
+
+
 def class_index(target: Any, classes: Sequence[str]) -> int:
     """``target=``: a class index, or a class's name, as the index; ``ConfigError`` naming the
     classes otherwise."""
