@@ -33,7 +33,7 @@ from cfexplain.utils.artifacts import (
     recover_commit,
     write_text,
 )
-from cfexplain.utils.cli import ConfigError, user_errors
+from cfexplain.utils.cli import ConfigError, check_overrides, user_errors
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
@@ -516,6 +516,7 @@ def summary(art: Artifact, seconds: float) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://cfexplain.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     with user_errors("train"):
+        check_overrides(cfg)
         run_chain(cfg)
 
 

@@ -10,19 +10,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     """A config (training or command) cannot run; the message names the field."""
 
 
+def shown(value: Any) -> str:
+    """A config value in an error message, as Hydra's syntax writes it (strings quoted)."""
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def whole_number(field: str, value: Any, low: int = 1) -> int:
     """``value`` as an int >= ``low``; ``ConfigError`` naming ``field`` otherwise."""
     whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
     if isinstance(value, bool) or not whole or value < low:
-        shown = "null" if value is None else repr(value)
-        raise ConfigError(f"{field}={shown}: expected an integer >= {low}")
+        raise ConfigError(f"{field}={shown(value)}: expected an integer >= {low}")
     return int(value)
 
 
@@ -73,11 +79,65 @@ def user_errors(command: str) -> Iterator[None]:
         sys.exit(2)
 
 
+# Fields whose default's type is not the only one they take: checked by their commands.
+ANY_TYPE = frozenset({"target"})  # a class index or its name
+
+
+def check_types(cfg: DictConfig, keys: Sequence[str], defaults: DictConfig) -> None:
+    """Each of ``keys`` (the fields the user set) against the type of its default: a number
+    where the default is one, true/false for a flag, a list for a list, a mapping for a
+    mapping; ``ConfigError`` naming the field otherwise. A null value or a null default (a
+    field that is off until set) and strings are left to the command, as are ``ANY_TYPE``."""
+    for key in keys:
+        if key in ANY_TYPE:
+            continue
+        default = OmegaConf.select(defaults, key, throw_on_resolution_failure=False)
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if default is None or value is None or isinstance(default, str):
+            continue
+        if isinstance(default, bool):
+            ok, what = isinstance(value, bool), "true or false"
+        elif isinstance(default, int | float):
+            ok, what = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        elif isinstance(default, ListConfig):
+            ok, what = isinstance(value, ListConfig), f"a list, e.g. {key}=[{value}]"
+        elif isinstance(default, DictConfig):
+            ok, what = isinstance(value, DictConfig), f"a mapping, e.g. {key}={{name: value}}"
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{key}={shown(value)}: expected {what}")
+
+
+def check_overrides(cfg: DictConfig) -> None:
+    """:func:`check_types` on the command line's ``key=value`` overrides, against the defaults
+    Hydra composes without them (the same config groups chosen); nothing outside a Hydra app."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    choices = set(hc.runtime.choices)
+    keys, structural = [], []
+    for o in OverridesParser.create().parse_overrides(list(hc.overrides.task)):
+        group = o.is_delete() or o.package is not None or o.key_or_group in choices
+        if group or o.key_or_group.startswith("hydra."):
+            structural.append(o.input_line)
+        else:
+            keys.append(o.key_or_group)
+    if keys:
+        check_types(cfg, keys, compose(config_name=hc.job.config_name, overrides=structural))
+
+
 def run_command(
     command: str, fn: Callable[[DictConfig], Path], cfg: DictConfig, label: str
 ) -> None:
-    """``fn(cfg)`` inside :func:`user_errors`, then ``label: <path it returned>``."""
+    """``fn(cfg)`` inside :func:`user_errors`, its overrides' types checked first; then
+    ``label: <path it returned>``."""
     with user_errors(command):
+        check_overrides(cfg)
         path = fn(cfg)
     print(f"{label}: {path}")
 
@@ -86,8 +146,6 @@ def run_command(
 def tracked(command: str, out: Path, cfg: DictConfig, experiment: str) -> Iterator[Any]:
     """The tracking :class:`~cfexplain.utils.tracking.Run` of a command writing into ``out``,
     finished when the block ends (with exit code 1 when it raised)."""
-    from omegaconf import OmegaConf
-
     from cfexplain.utils.tracking import Run
 
     run = Run(
