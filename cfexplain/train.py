@@ -125,6 +125,8 @@ NUMBERS: dict[str, tuple[Number, ...]] = {
             for k in ("channel_base", "channel_max")
         ),
         *(Number(f"G.{k}", **_POSITIVE_INT) for k in ("z_dim", "w_dim", "mapping_layers")),
+        *(Number(f"{m}.conv_clamp", low=0.0, above=True, null=True) for m in "GD"),
+        *(Number(f"D.mbstd_{k}", int, 0) for k in ("group_size", "channels")),  # 0: no mbstd
     ),
     "encoder": _numbers(
         "encoder",

@@ -58,6 +58,9 @@ def test_every_stage_section_has_its_numbers_declared():
         ("checkpoint_every=0", "checkpoint_every"),
         ("generator.collapse.lr_factor=1.5", "generator.collapse.lr_factor"),
         ("generator.metrics.num_images=3", "generator.metrics.num_images"),
+        ("generator.G.conv_clamp=abc", "generator.G.conv_clamp"),
+        ("generator.D.conv_clamp=0", "generator.D.conv_clamp"),
+        ("generator.D.mbstd_group_size=-1", "generator.D.mbstd_group_size"),
     ],
 )
 def test_a_bad_number_is_named(override, field):

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cfexplain.utils.cli import ConfigError, shown
+
 if TYPE_CHECKING:
     from cfexplain.runs import TrainedRun
 
@@ -166,6 +168,21 @@ class Counterfactuals:
         return torch.where(flipped, idx, fallback), flipped
 
 
+def _pair(field: str, value: Any, kind: type, what: str) -> tuple[Any, Any] | None:
+    """``value`` as two numbers of ``kind`` (None stays None); ``ConfigError`` naming the
+    engine's config field ``counterfactual.<field>`` otherwise."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else []
+    ok = len(items) == 2 and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and float(v) == kind(v)
+        for v in items
+    )
+    if not ok:
+        raise ConfigError(f"counterfactual.{field}={shown(value)}: expected {what}")
+    return kind(items[0]), kind(items[1])
+
+
 class CounterfactualEngine:
     """Render counterfactual sequences for a generator G, encoder E and classifier f.
 
@@ -259,17 +276,22 @@ class CounterfactualEngine:
         self.ordinal = (
             F.normalize(ordinal.float(), dim=0).to(device) if ordinal is not None else None
         )
-        self.grade_ends = None if grade_ends is None else tuple(float(g) for g in grade_ends)
-        if self.grade_ends is not None and (
-            len(self.grade_ends) != 2 or self.grade_ends[0] >= self.grade_ends[1]
-        ):
-            raise ValueError(f"grade_ends must be [low, high] with low < high, got {grade_ends}")
+        self.grade_ends = _pair("grade_ends", grade_ends, float, "[low, high] with low < high")
+        if self.grade_ends is not None and self.grade_ends[0] >= self.grade_ends[1]:
+            raise ConfigError(
+                f"counterfactual.grade_ends={list(self.grade_ends)}: expected [low, high] with low < high"
+            )
         self.reproject = bool(reproject)
         self.device = device
         self.layer_mask = self._layer_mask(layers)
-        self.lambda_bound = None if lambda_bound is None else float(lambda_bound)
-        if self.lambda_bound is not None and self.lambda_bound <= 0:
-            raise ValueError(f"lambda_bound must be > 0 (standard deviations), got {lambda_bound}")
+        bound = lambda_bound
+        number = isinstance(bound, int | float) and not isinstance(bound, bool)
+        if bound is not None and not (number and bound > 0):
+            raise ConfigError(
+                f"counterfactual.lambda_bound={shown(bound)}: expected a number > 0 "
+                "(standard deviations) or null"
+            )
+        self.lambda_bound = None if bound is None else float(bound)
         self.density = self._density(int(density_samples)) if self.lambda_bound else None
 
     def _layer_mask(self, layers: Sequence[int] | None) -> Tensor | None:
@@ -277,9 +299,10 @@ class CounterfactualEngine:
         if layers is None:
             return None
         num_ws = int(getattr(self.G, "num_ws", 0))
-        start, stop = (int(v) for v in layers)
+        what = f"[start, stop) with 0 <= start < stop <= {num_ws}, the synthesis layers"
+        start, stop = _pair("layers", layers, int, what)
         if not 0 <= start < stop <= num_ws:
-            raise ValueError(f"layers must be [start, stop) within 0..{num_ws}, got {list(layers)}")
+            raise ConfigError(f"counterfactual.layers={[start, stop]}: expected {what}")
         mask = torch.zeros(num_ws, 1, device=self.device)
         mask[start:stop] = 1.0
         return mask

@@ -81,18 +81,26 @@ def user_errors(command: str) -> Iterator[None]:
 
 # Fields whose default's type is not the only one they take: checked by their commands.
 ANY_TYPE = frozenset({"target"})  # a class index or its name
+# Fields null by default that take a list of names when set (a bare name would be read letter
+# by letter).
+NULL_OR_LIST = frozenset(
+    {"layers", "randomisation.layers", "classes", "data.classes", "segmentation.classes"}
+)
 
 
 def check_types(cfg: DictConfig, keys: Sequence[str], defaults: DictConfig) -> None:
     """Each of ``keys`` (the fields the user set) against the type of its default: a number
     where the default is one, true/false for a flag, a list for a list, a mapping for a
-    mapping; ``ConfigError`` naming the field otherwise. A null value or a null default (a
-    field that is off until set) and strings are left to the command, as are ``ANY_TYPE``."""
+    mapping; ``ConfigError`` naming the field otherwise. A null value, strings and
+    ``ANY_TYPE`` are left to the command, and so is a field that is null by default (off
+    until set) unless ``NULL_OR_LIST`` says it takes a list."""
     for key in keys:
         if key in ANY_TYPE:
             continue
         default = OmegaConf.select(defaults, key, throw_on_resolution_failure=False)
         value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        if default is None and key in NULL_OR_LIST:
+            default = ListConfig([])
         if default is None or value is None or isinstance(default, str):
             continue
         if isinstance(default, bool):

@@ -9,6 +9,7 @@ from cfexplain.explain.counterfactual import CounterfactualEngine, Counterfactua
 from cfexplain.nn.classifier import ResNetClassifier
 from cfexplain.nn.encoder import Encoder
 from cfexplain.nn.stylegan2 import Generator
+from cfexplain.utils.cli import ConfigError
 from tests.stages.test_direction import (
     LinearEncoder,
     LinearGenerator,
@@ -319,3 +320,24 @@ def test_layers_move_only_the_chosen_ws():
         CounterfactualEngine(
             G, LinearEncoder(), PlantedClassifier(), planted_directions(2)[0], layers=[2, 9]
         )
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"lambda_bound": "abc"}, "counterfactual.lambda_bound='abc': expected a number > 0"),
+        ({"lambda_bound": -1}, "counterfactual.lambda_bound=-1: expected a number > 0"),
+        ({"grade_ends": "ab"}, "counterfactual.grade_ends='ab': expected \\[low, high\\]"),
+        (
+            {"grade_ends": [3, 1]},
+            "counterfactual.grade_ends=\\[3.0, 1.0\\]: expected \\[low, high\\] with low < high",
+        ),
+        ({"layers": [0.5, 2]}, "counterfactual.layers=\\[0.5, 2\\]: expected \\[start, stop\\)"),
+        ({"layers": [1, 2, 3]}, "counterfactual.layers=\\[1, 2, 3\\]: expected"),
+    ],
+)
+def test_a_bad_walk_option_is_a_config_error_naming_its_field(kw, message):
+    """A config error, not a ValueError the explain pipeline would turn into a note and a
+    gallery without counterfactuals."""
+    with pytest.raises(ConfigError, match=message):
+        _planted_engine(**kw)

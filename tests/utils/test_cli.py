@@ -25,6 +25,8 @@ def _composed(name: str, *overrides: str):
             "methods='gradcam': expected a list, e.g. methods=[gradcam]",
         ),
         ("explain", "params=abc", "params='abc': expected a mapping"),
+        ("inspect", "layers=stem", "layers='stem': expected a list, e.g. layers=[stem]"),
+        ("evaluate", "randomisation.layers=fc", "randomisation.layers='fc': expected a list"),
         (
             "config",
             "generator.metrics.fixed_features=yes",
@@ -70,8 +72,8 @@ def test_values_a_field_takes_pass(overrides):
 def test_target_takes_a_name_and_a_null_default_takes_anything():
     cfg = _composed("explain", "target=KL3", "limit=abc", "lambdas=[0,1]")
     check_types(cfg, ["target", "lambdas"], _composed("explain"))  # limit: its own check
-    sens = _composed("sensitivity", "target=KL3", "classes=[a,b]")
-    check_types(sens, ["target", "classes"], _composed("sensitivity"))
+    sens = _composed("sensitivity", "target=KL3", "classes=[a,b]", "out=x")
+    check_types(sens, ["target", "classes", "out"], _composed("sensitivity"))
 
 
 @pytest.mark.parametrize(
