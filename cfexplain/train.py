@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,16 @@ from cfexplain.utils.artifacts import (
     recover_commit,
     write_text,
 )
-from cfexplain.utils.cli import ConfigError, check_overrides, user_errors
+from cfexplain.utils.cli import (
+    POSITIVE_INT,
+    SHARE,
+    ConfigError,
+    Number,
+    check_number,
+    check_overrides,
+    numbers_under,
+    user_errors,
+)
 from cfexplain.utils.seeding import seed_everything
 from cfexplain.utils.tracking import Run
 
@@ -51,186 +59,142 @@ def dataset_choices() -> list[str]:
     )
 
 
-@dataclass(frozen=True)
-class Number:
-    """A numeric config value a stage parses: its kind (``int`` or ``float``), bounds, and
-    whether null may stand in for it."""
-
-    path: str
-    kind: type = float
-    low: float | None = None
-    high: float | None = None
-    above: bool = False  # low is exclusive
-    null: bool = False
-
-
-def _numbers(section: str, *fields: Number) -> tuple[Number, ...]:
-    return tuple(replace(f, path=f"{section}.{f.path}") for f in fields)
-
-
-_POSITIVE_INT = {"kind": int, "low": 1}
-_SHARE = {"low": 0.0, "high": 1.0}
-
 # Every numeric value that a stage reads, checked before the first stage starts. A path absent
 # from the composed config (e.g. ``classifier=external`` has no ``epochs``) is not checked.
 NUMBERS: dict[str, tuple[Number, ...]] = {
-    "data": _numbers(
+    "data": numbers_under(
         "data",
-        Number("resolution", **_POSITIVE_INT),
+        Number("resolution", **POSITIVE_INT),
         Number("channels", int, 1, 3),
         Number("seed", int, 0),
         Number("num_workers", int, 0),
-        *(Number(f"n_{split}", **_POSITIVE_INT) for split in ("train", "val", "test")),
-        Number("shortcut_rate", **_SHARE),
-        Number("decorrelate", **_SHARE),
+        *(Number(f"n_{split}", **POSITIVE_INT) for split in ("train", "val", "test")),
+        Number("shortcut_rate", **SHARE),
+        Number("decorrelate", **SHARE),
         Number("positive_from", int, 1, null=True),
     ),
-    "classifier": _numbers(
+    "classifier": numbers_under(
         "classifier",
-        *(Number(k, **_POSITIVE_INT) for k in ("epochs", "batch_size", "eval_batch_size")),
+        *(Number(k, **POSITIVE_INT) for k in ("epochs", "batch_size", "eval_batch_size")),
         Number("patience", int, 1),
         Number("warmup_steps", int, 0),
-        Number("min_lr_ratio", **_SHARE),
-        Number("label_smoothing", **_SHARE),
+        Number("min_lr_ratio", **SHARE),
+        Number("label_smoothing", **SHARE),
         Number("optimizer.lr", low=0.0, above=True),
         Number("optimizer.weight_decay", low=0.0),
     ),
-    "generator": _numbers(
+    "generator": numbers_under(
         "generator",
         Number("kimg", low=0.0, above=True),
         Number("max_minutes", low=0.0, above=True, null=True),
-        *(Number(k, **_POSITIVE_INT) for k in ("batch_size", "r1_interval", "pl_interval")),
+        *(Number(k, **POSITIVE_INT) for k in ("batch_size", "r1_interval", "pl_interval")),
         *(Number(k, low=0.0, above=True) for k in ("glr", "dlr", "snapshot_kimg")),
         *(Number(k, low=0.0) for k in ("r1_gamma", "pl_weight", "ema_kimg")),
         Number("ema_rampup", low=0.0, null=True),
-        Number("style_mixing", **_SHARE),
-        Number("grid_size", **_POSITIVE_INT),
-        Number("ada.target", **_SHARE),
-        Number("ada.interval", **_POSITIVE_INT),
+        Number("style_mixing", **SHARE),
+        Number("grid_size", **POSITIVE_INT),
+        Number("ada.target", **SHARE),
+        Number("ada.interval", **POSITIVE_INT),
         Number("ada.kimg", low=0.0, above=True),
-        Number("ada.fixed_p", null=True, **_SHARE),
+        Number("ada.fixed_p", null=True, **SHARE),
         Number("metrics.num_images", int, 4),  # precision/recall with k=3 need more than 3
         Number("metrics.fixed_size", int, 16),
-        Number("collapse.class_gap", **_SHARE),
+        Number("collapse.class_gap", **SHARE),
         Number("collapse.fd_ratio", low=1.0, above=True),
-        Number("collapse.recall_ratio", **_SHARE),
+        Number("collapse.recall_ratio", **SHARE),
         Number("collapse.start_kimg", low=0.0),
-        Number("collapse.patience", **_POSITIVE_INT),
+        Number("collapse.patience", **POSITIVE_INT),
         Number("collapse.lr_factor", low=0.0, above=True, high=1.0),
         Number("collapse.max_rollbacks", int, 0),
         Number("metrics.truncation_psi", low=0.0),
         *(
-            Number(f"{m}.{k}", **_POSITIVE_INT)
+            Number(f"{m}.{k}", **POSITIVE_INT)
             for m in "GD"
             for k in ("channel_base", "channel_max")
         ),
-        *(Number(f"G.{k}", **_POSITIVE_INT) for k in ("z_dim", "w_dim", "mapping_layers")),
+        *(Number(f"G.{k}", **POSITIVE_INT) for k in ("z_dim", "w_dim", "mapping_layers")),
         *(Number(f"{m}.conv_clamp", low=0.0, above=True, null=True) for m in "GD"),
         *(Number(f"D.mbstd_{k}", int, 0) for k in ("group_size", "channels")),  # 0: no mbstd
     ),
-    "encoder": _numbers(
+    "encoder": numbers_under(
         "encoder",
         *(Number(k, int, 0) for k in ("steps", "real_steps", "image_samples", "pool_size")),
-        *(Number(k, **_POSITIVE_INT) for k in ("batch_size", "real_batch_size", "stats_samples")),
-        *(Number(k, **_POSITIVE_INT) for k in ("eval_images", "eval_batch_size")),
+        *(Number(k, **POSITIVE_INT) for k in ("batch_size", "real_batch_size", "stats_samples")),
+        *(Number(k, **POSITIVE_INT) for k in ("eval_images", "eval_batch_size")),
         Number("lr", low=0.0, above=True),
         Number("warmup_steps", int, 0),
-        Number("min_lr_ratio", **_SHARE),
+        Number("min_lr_ratio", **SHARE),
         *(Number(f"{k}_weight", low=0.0) for k in ("latent", "l1", "lpips", "prior", "decision")),
         Number("max_minutes", low=0.0, above=True, null=True),
-        *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("width", "channel_max")),
+        *(Number(f"model.{k}", **POSITIVE_INT) for k in ("width", "channel_max")),
     ),
-    "normative": _numbers(
+    "normative": numbers_under(
         "normative",
-        *(Number(k, **_POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
+        *(Number(k, **POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
         Number("lr", low=0.0, above=True),
         Number("warmup_steps", int, 0),
-        Number("min_lr_ratio", **_SHARE),
+        Number("min_lr_ratio", **SHARE),
         Number("residual_sigma", low=0.0),
         Number("lpips_weight", low=0.0),
-        Number("pixel_samples", **_POSITIVE_INT),
-        *(Number(f"net.{k}", **_POSITIVE_INT) for k in ("latent_channels", "width", "width_max")),
-        Number("net.levels", **_POSITIVE_INT),
+        Number("pixel_samples", **POSITIVE_INT),
+        *(Number(f"net.{k}", **POSITIVE_INT) for k in ("latent_channels", "width", "width_max")),
+        Number("net.levels", **POSITIVE_INT),
         Number("net.blocks", int, 0),
         Number("vae.beta", low=0.0),
         Number("aae.adv_weight", low=0.0),
-        Number("aae.d_hidden", **_POSITIVE_INT),
+        Number("aae.d_hidden", **POSITIVE_INT),
         *(Number(f"aae.{k}", low=0.0, above=True) for k in ("d_lr", "g_lr")),
     ),
-    "direction": _numbers(
+    "direction": numbers_under(
         "direction",
         Number("n_samples", int, 10),
-        *(Number(k, **_POSITIVE_INT) for k in ("batch_size", "max_iter", "eval_images")),
+        *(Number(k, **POSITIVE_INT) for k in ("batch_size", "max_iter", "eval_images")),
         Number("holdout", low=0.0, high=1.0, above=True),
         Number("cv", int, 2),
-        Number("keep_confident", **_SHARE),
+        Number("keep_confident", **SHARE),
         Number("num_frames", int, 2),
         Number("lambda_scale", low=0.0, above=True),
     ),
-    "guard": _numbers(
+    "guard": numbers_under(
         "guard",
-        *(Number(k, **_POSITIVE_INT) for k in ("images", "feature_images", "batch_size")),
+        *(Number(k, **POSITIVE_INT) for k in ("images", "feature_images", "batch_size")),
         Number("quantile", low=0.0, high=1.0, above=True),
         Number("margin", low=0.0),
         Number("evidence_gap", low=0.0, above=True),
     ),
-    "segmentation": _numbers(
+    "segmentation": numbers_under(
         "segmentation",
-        *(Number(k, **_POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
+        *(Number(k, **POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
         Number("lr", low=0.0, above=True),
         Number("weight_decay", low=0.0),
         Number("warmup_steps", int, 0),
-        Number("min_lr_ratio", **_SHARE),
+        Number("min_lr_ratio", **SHARE),
         Number("dice_weight", low=0.0),
         Number("threshold", low=0.0, high=1.0, above=True),
-        *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("width", "levels", "width_max")),
+        *(Number(f"model.{k}", **POSITIVE_INT) for k in ("width", "levels", "width_max")),
     ),
-    "reporter": _numbers(
+    "reporter": numbers_under(
         "reporter",
-        *(Number(k, **_POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
-        *(Number(k, **_POSITIVE_INT) for k in ("eval_images", "beam_size", "min_count")),
+        *(Number(k, **POSITIVE_INT) for k in ("steps", "batch_size", "eval_batch_size")),
+        *(Number(k, **POSITIVE_INT) for k in ("eval_images", "beam_size", "min_count")),
         Number("lr", low=0.0, above=True),
         Number("weight_decay", low=0.0),
         Number("warmup_steps", int, 0),
-        Number("min_lr_ratio", **_SHARE),
+        Number("min_lr_ratio", **SHARE),
         Number("grad_clip", low=0.0, above=True),
         Number("attention_weight", low=0.0),
         Number("pointing_tolerance", int, 0),
-        *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("width", "embed", "hidden")),
-        *(Number(f"model.{k}", **_POSITIVE_INT) for k in ("attention", "max_len", "stem_stride")),
-        Number("model.blocks", **_POSITIVE_INT),
+        *(Number(f"model.{k}", **POSITIVE_INT) for k in ("width", "embed", "hidden")),
+        *(Number(f"model.{k}", **POSITIVE_INT) for k in ("attention", "max_len", "stem_stride")),
+        Number("model.blocks", **POSITIVE_INT),
         Number("model.levels", int, 0),
         Number("model.dropout", low=0.0, high=1.0),
     ),
     "chain": (
         Number("seed", int, 0),
-        Number("checkpoint_every", **_POSITIVE_INT),
+        Number("checkpoint_every", **POSITIVE_INT),
     ),
 }
-
-
-_ABSENT = object()
-
-
-def check_number(cfg: DictConfig, field: Number) -> None:
-    """``ConfigError`` naming ``field.path`` when its value is not a number of its kind and range."""
-    value = OmegaConf.select(cfg, field.path, default=_ABSENT)
-    if value is _ABSENT or value is None and field.null:
-        return
-    kind = "an integer" if field.kind is int else "a number"
-    ok = not isinstance(value, bool) and isinstance(
-        value, (int, float) if field.kind is float else int
-    )
-    if field.kind is int and isinstance(value, float) and value.is_integer():
-        ok = True
-    if not ok:
-        also = " or null" if field.null else ""
-        raise ConfigError(f"{field.path}={value!r}: expected {kind}{also}")
-    if field.low is not None and (value <= field.low if field.above else value < field.low):
-        sign = ">" if field.above else ">="
-        raise ConfigError(f"{field.path}={value!r}: expected {kind} {sign} {field.low:g}")
-    if field.high is not None and value > field.high:
-        raise ConfigError(f"{field.path}={value!r}: expected {kind} <= {field.high:g}")
 
 
 def validate(cfg: DictConfig) -> list[Stage]:

@@ -38,9 +38,34 @@ from cfexplain.explain.guard import evidence_note
 from cfexplain.explain.pipeline import build_methods, split_counterfactual
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
-from cfexplain.utils.cli import ConfigError, image_count, run_command, tracked
+from cfexplain.utils.cli import (
+    POSITIVE_INT,
+    SHARE,
+    ConfigError,
+    Number,
+    check_number,
+    image_count,
+    run_command,
+    tracked,
+)
 
 log = logging.getLogger("cfexplain")
+
+# The evaluation's own numbers (the methods' and the engine's are checked where they are
+# built), checked before the run is opened: most are read only minutes into the evaluation.
+NUMBERS = (
+    Number("pointing_tolerance", int, 0),
+    *(Number(f"deletion.{k}", **POSITIVE_INT) for k in ("steps", "batch_size")),
+    Number("deletion.baseline"),
+    *(Number(f"randomisation.{k}", **POSITIVE_INT) for k in ("images", "direction_samples")),
+    Number("randomisation.threshold", low=-1.0, high=1.0),  # a Spearman correlation
+    *(Number(f"oracle.{k}", **POSITIVE_INT) for k in ("n_train", "n_test", "steps", "batch_size")),
+    Number("mnac_threshold", low=0.0, above=True),
+    Number("marker_decisive", **SHARE),
+    Number("attribute_scan", int, 0),  # 0: off
+    Number("cout_steps", **POSITIVE_INT),
+    Number("realism.min_count", **POSITIVE_INT),
+)
 
 
 def evaluate(cfg: DictConfig) -> Path:
@@ -49,6 +74,8 @@ def evaluate(cfg: DictConfig) -> Path:
         raise ConfigError(
             "images=: the evaluation needs ground truth, so it uses the run's own phantom split"
         )
+    for field in NUMBERS:
+        check_number(cfg, field)
     run = TrainedRun.open(cfg)
     ds = run.dataset(str(cfg.split))
     n = image_count(cfg.limit, len(ds))

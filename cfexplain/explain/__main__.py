@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from cfexplain.explain.pipeline import build_methods, guard_notes, method_notes, write_gallery
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import staged_dir
-from cfexplain.utils.cli import ConfigError, run_command, tracked
+from cfexplain.utils.cli import ConfigError, run_command, tracked, whole_number
 
 __all__ = ["ConfigError", "explain", "main"]
 
@@ -28,6 +28,7 @@ log = logging.getLogger("cfexplain")
 
 def explain(cfg: DictConfig) -> Path:
     """Render the gallery that ``cfg`` describes; return the path of its ``index.html``."""
+    whole_number("image_px", cfg.image_px, 8)
     run = TrainedRun.open(cfg)
     notes: list[str] = []
     methods = build_methods(cfg, run, notes)

@@ -17,13 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cfexplain.inspect.page import fmt, page_html
 from cfexplain.inspect.sections import SECTIONS, WHAT, Context
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import write_json, write_text
-from cfexplain.utils.cli import ConfigError, image_limit, run_command, tracked, whole_number
+from cfexplain.utils.cli import (
+    POSITIVE_INT,
+    ConfigError,
+    Number,
+    check_number,
+    image_limit,
+    run_command,
+    tracked,
+)
 
 __all__ = ["ConfigError", "inspect", "main"]
 
@@ -34,28 +42,27 @@ log = logging.getLogger("cfexplain")
 
 # The config's counts and their least values, checked before a folder is made (batch_size:
 # by TrainedRun.open).
-COUNTS = {
-    "max_maps": 1,
-    "image_px": 8,
-    "embeddings.k": 1,
-    "embeddings.outliers": 0,
-    "class_max.starts": 1,
-    "class_max.steps": 1,
-    "class_max.jitter": 0,
-    "class_max.blur_every": 0,
-    "units.top": 1,
-    "units.patches": 1,
-}
+# Every number of the config, checked before the page's folder is made.
+NUMBERS = (
+    Number("max_maps", **POSITIVE_INT),
+    Number("image_px", int, 8),
+    Number("dead_eps", low=0.0),
+    *(Number(f"embeddings.{k}", int, low) for k, low in (("k", 1), ("outliers", 0))),
+    *(Number(f"class_max.{k}", **POSITIVE_INT) for k in ("starts", "steps")),
+    *(Number(f"class_max.{k}", int, 0) for k in ("jitter", "blur_every")),  # 0: none
+    *(Number(f"class_max.{k}", low=0.0, above=True) for k in ("lr", "latent_lr")),
+    *(Number(f"class_max.{k}", low=0.0) for k in ("l2", "latent_l2", "blur_sigma")),
+    *(Number(f"units.{k}", **POSITIVE_INT) for k in ("top", "patches")),
+    Number("units.patch_px", null=True, **POSITIVE_INT),
+)
 
 
-def _check_counts(cfg: DictConfig) -> None:
-    """A one-line ConfigError naming the first count of ``cfg`` that is not a whole number
-    at least its least value (``limit`` and ``units.patch_px`` may also be null)."""
+def _check_numbers(cfg: DictConfig) -> None:
+    """A one-line ConfigError naming the first number of ``cfg`` out of its kind or range
+    (``limit`` may be null: every image)."""
     image_limit(cfg.limit)
-    for field, low in COUNTS.items():
-        whole_number(field, OmegaConf.select(cfg, field), low)
-    if cfg.units.patch_px is not None:
-        whole_number("units.patch_px", cfg.units.patch_px)
+    for field in NUMBERS:
+        check_number(cfg, field)
 
 
 def inspect(cfg: DictConfig) -> Path:
@@ -66,7 +73,7 @@ def inspect(cfg: DictConfig) -> Path:
     unknown = [w for w in what if w not in WHAT]
     if unknown or not what:
         raise ConfigError(f"what={what}: choose from {list(WHAT)}")
-    _check_counts(cfg)
+    _check_numbers(cfg)
     out = Path(cfg.out) if cfg.out else trained.output_dir("inspect", stamped=True)
     out = out.expanduser().resolve()
     for sub in ("maps", "embeddings", "class_max", "units"):

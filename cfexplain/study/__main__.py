@@ -18,7 +18,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from cfexplain.runs import TrainedRun
-from cfexplain.utils.cli import ConfigError, run_command, tracked
+from cfexplain.utils.cli import (
+    SHARE,
+    ConfigError,
+    Number,
+    number,
+    run_command,
+    tracked,
+    whole_number,
+)
 
 log = logging.getLogger("cfexplain")
 
@@ -70,10 +78,12 @@ def score(cfg: DictConfig) -> Path:
     for field in ("study", "answers"):
         if OmegaConf.is_missing(cfg, field):
             raise ConfigError(f"set {field}= ({USAGE})")
+    accuracy = number(Number("published_accuracy", **SHARE), cfg.published_accuracy)
+    bins = whole_number("realism_bins", cfg.realism_bins)
     study = Path(str(cfg.study)).expanduser().resolve()
     key = load_key(study)
     answers = load_answers(answer_files(cfg.answers), key)
-    results = analyse(key, answers, float(cfg.published_accuracy), int(cfg.realism_bins))
+    results = analyse(key, answers, accuracy, bins)
     out = Path(str(cfg.out)).expanduser().resolve() if cfg.out else study / "report"
     with tracked("study", out, cfg, study.name) as run:
         index = write_report(out, results, run)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ class ConfigError(ValueError):
     """A config (training or command) cannot run; the message names the field."""
 
 
+_ABSENT = object()
+
+
 def shown(value: Any) -> str:
     """A config value in an error message, as Hydra's syntax writes it (strings quoted)."""
     if value is None or isinstance(value, bool):
@@ -24,12 +28,61 @@ def shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+@dataclass(frozen=True)
+class Number:
+    """A numeric config value: where it is (a dotted path), its kind (``int`` or ``float``),
+    its bounds, and whether null may stand in for it."""
+
+    path: str
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    above: bool = False  # low is exclusive
+    null: bool = False
+
+
+POSITIVE_INT: dict[str, Any] = {"kind": int, "low": 1}
+SHARE: dict[str, Any] = {"low": 0.0, "high": 1.0}
+
+
+def numbers_under(section: str, *fields: Number) -> tuple[Number, ...]:
+    """``fields`` with their paths under ``section``."""
+    return tuple(replace(f, path=f"{section}.{f.path}") for f in fields)
+
+
+def number(field: Number, value: Any) -> Any:
+    """``value`` if it is a number of ``field``'s kind and range (an int for a whole float;
+    None where ``field.null``); ``ConfigError`` naming the field and what it takes otherwise."""
+    if value is None and field.null:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and field.kind is int:
+        ok = isinstance(value, int) or value.is_integer()
+    if ok and field.low is not None:
+        ok = value > field.low if field.above else value >= field.low
+    if ok and field.high is not None:
+        ok = value <= field.high
+    if not ok:
+        what = ["an integer" if field.kind is int else "a number"]
+        if field.low is not None:
+            what.append(f"{'>' if field.above else '>='} {field.low:g}")
+        if field.high is not None:
+            what.append(f"{'and ' if field.low is not None else ''}<= {field.high:g}")
+        also = ", or null" if field.null else ""
+        raise ConfigError(f"{field.path}={shown(value)}: expected {' '.join(what)}{also}")
+    return int(value) if field.kind is int else value
+
+
+def check_number(cfg: DictConfig, field: Number) -> None:
+    """:func:`number` on ``field``'s value in ``cfg``; a path ``cfg`` lacks is not checked."""
+    value = OmegaConf.select(cfg, field.path, default=_ABSENT)
+    if value is not _ABSENT:
+        number(field, value)
+
+
 def whole_number(field: str, value: Any, low: int = 1) -> int:
     """``value`` as an int >= ``low``; ``ConfigError`` naming ``field`` otherwise."""
-    whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()
-    if isinstance(value, bool) or not whole or value < low:
-        raise ConfigError(f"{field}={shown(value)}: expected an integer >= {low}")
-    return int(value)
+    return number(Number(field, int, low), value)
 
 
 def image_limit(value: Any, *, null_means: str = "all") -> int | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,20 @@ def test_errors_name_the_field(classifier_run, tmp_path):  # noqa: F811
         evaluate(evaluate_cfg(f"run={classifier_run}", "images=x.png"))
     with pytest.raises(ConfigError, match="run="):
         evaluate(evaluate_cfg(f"run={tmp_path}"))
+    out = tmp_path / "e"
+    for bad, message in [
+        ("deletion.steps=0", "deletion.steps=0: expected an integer >= 1"),
+        ("cout_steps=-1", "cout_steps=-1: expected an integer >= 1"),
+        ("mnac_threshold=0", "mnac_threshold=0: expected a number > 0"),
+        ("marker_decisive=1.5", "marker_decisive=1.5: expected a number >= 0 and <= 1"),
+        (
+            "randomisation.threshold=2",
+            "randomisation.threshold=2: expected a number >= -1 and <= 1",
+        ),
+    ]:  # each read minutes into an evaluation: named before the run is opened
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            evaluate(evaluate_cfg(f"run={tmp_path / 'none'}", bad, f"out={out}"))
+        assert not out.exists()
 
 
 def test_wandb_offline_table_has_one_row_per_method(classifier_run, tmp_path, monkeypatch):  # noqa: F811

@@ -135,6 +135,15 @@ def test_a_limit_that_is_no_number_of_images_is_named(classifier_run, tmp_path, 
         image_limit(0, null_means="64 images")
 
 
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_an_image_size_too_small_to_draw_is_named(classifier_run, tmp_path, value):  # noqa: F811
+    out = tmp_path / "g"
+    cfg = explain_cfg(f"run={classifier_run}", f"image_px={value}", f"out={out}", "logger=none")
+    with pytest.raises(ConfigError, match=rf"^image_px={value}: expected an integer >= 8$"):
+        explain(cfg)
+    assert not out.exists()
+
+
 def test_target_by_name_and_a_bad_split_or_device_are_named(classifier_run, tmp_path, monkeypatch):  # noqa: F811
     out = tmp_path / "g"
     base = (f"run={classifier_run}", f"out={out}", "methods=[saliency]", "limit=1", "logger=none")

@@ -184,10 +184,14 @@ def test_user_errors_name_the_field(trained_run, tmp_path):  # noqa: F811
         "class_max.steps=2.5": "class_max.steps=2.5",
         "class_max.jitter=-1": "class_max.jitter=-1",
         "units.patch_px=0": "units.patch_px=0",
+        "class_max.lr=0": "class_max.lr=0",  # no step at all (and a negative one is ascent's opposite)
+        "class_max.latent_l2=-1": "class_max.latent_l2=-1",
+        "dead_eps=-1": "dead_eps=-1",  # every unit would count as alive
     }
     for override, named in bad.items():
         out = tmp_path / "counts"
-        with pytest.raises(ConfigError, match=f"^{re.escape(named)}: expected an integer >= "):
+        expected = f"^{re.escape(named)}: expected (an integer|a number) (>=|>) "
+        with pytest.raises(ConfigError, match=expected):
             inspect(inspect_cfg(f"run={trained_run}", override, "logger=none", f"out={out}"))
         assert not out.exists()  # named before a folder is made
     r = run_cli("cfexplain.inspect", f"run={tmp_path / 'nope'}", "logger=none", cwd=tmp_path)

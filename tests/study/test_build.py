@@ -151,6 +151,11 @@ def test_make_and_score_commands(study_run, tmp_path):
     assert "Traceback" not in r.stderr
     r = run_cli("cfexplain.study", "logger=none")
     assert r.returncode == 2 and "make run=" in r.stderr
+    r = run_cli(
+        "cfexplain.study", "score", str(out), str(answers / "0.json"), "realism_bins=0",
+        "logger=none",
+    )  # fmt: skip
+    assert r.stderr.strip() == "cfexplain.study: realism_bins=0: expected an integer >= 1"
 
 
 def test_strip_png_drops_text_and_keeps_pixels():
