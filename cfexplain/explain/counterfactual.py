@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cfexplain.utils.cli import ConfigError, shown
+from cfexplain.utils.cli import ConfigError, Number, number, shown
 
 if TYPE_CHECKING:
     from cfexplain.runs import TrainedRun
@@ -284,13 +284,8 @@ class CounterfactualEngine:
         self.reproject = bool(reproject)
         self.device = device
         self.layer_mask = self._layer_mask(layers)
-        bound = lambda_bound
-        number = isinstance(bound, int | float) and not isinstance(bound, bool)
-        if bound is not None and not (number and bound > 0):
-            raise ConfigError(
-                f"counterfactual.lambda_bound={shown(bound)}: expected a number > 0 "
-                "(standard deviations) or null"
-            )
+        field = Number("counterfactual.lambda_bound", low=0.0, above=True, null=True)
+        bound = number(field, lambda_bound)  # in standard deviations
         self.lambda_bound = None if bound is None else float(bound)
         self.density = self._density(int(density_samples)) if self.lambda_bound else None
 

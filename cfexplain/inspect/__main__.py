@@ -40,9 +40,8 @@ log = logging.getLogger("cfexplain")
 
 # ----------------------------------------------------------------------------- command
 
-# The config's counts and their least values, checked before a folder is made (batch_size:
-# by TrainedRun.open).
-# Every number of the config, checked before the page's folder is made.
+# Every number of the config, checked before the page's folder is made (batch_size: by
+# TrainedRun.open).
 NUMBERS = (
     Number("max_maps", **POSITIVE_INT),
     Number("image_px", int, 8),

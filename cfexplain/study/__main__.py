@@ -78,7 +78,7 @@ def score(cfg: DictConfig) -> Path:
     for field in ("study", "answers"):
         if OmegaConf.is_missing(cfg, field):
             raise ConfigError(f"set {field}= ({USAGE})")
-    accuracy = number(Number("published_accuracy", **SHARE), cfg.published_accuracy)
+    accuracy = float(number(Number("published_accuracy", **SHARE), cfg.published_accuracy))
     bins = whole_number("realism_bins", cfg.realism_bins)
     study = Path(str(cfg.study)).expanduser().resolve()
     key = load_key(study)
