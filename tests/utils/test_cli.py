@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from importlib import resources
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from cfexplain.utils.cli import ConfigError, check_types
 from tests.conftest import run_cli
@@ -130,3 +136,41 @@ def test_group_choices_and_values_of_the_right_type_reach_the_command(tmp_path):
     )
     assert good.returncode == 2, good.stderr
     assert good.stderr.strip().startswith("cfexplain.train: stages: unknown ['nope']")
+
+
+def _documented_command_lines() -> list[tuple[str, list[str]]]:
+    """``(config name, key=value overrides)`` of every ``python -m cfexplain.<command>`` line in
+    the README whose values are written out (lines with placeholders such as ``<s>`` skipped)."""
+    configs = {"train": "config", "study": "study"}
+    configs |= {c: c for c in ("explain", "evaluate", "inspect", "sensitivity", "attributes")}
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    lines = []
+    for command, rest in re.findall(
+        r"python -m cfexplain\.(\w+)([^`\n]*(?:\n(?!\n)[^`\n]*)*)", text
+    ):
+        if command not in configs:
+            continue
+        try:
+            words = shlex.split(rest.split("#")[0].replace("\n", " "))
+        except ValueError:
+            continue
+        args = [w for w in words if "=" in w and not re.search(r"[<>$|]|\.\.\.", w)]
+        lines.append((configs[command], [a for a in args if not a.startswith("-")]))
+    return lines
+
+
+def test_the_readme_command_lines_pass_the_type_check():
+    """What the README tells users to type is never refused by the check."""
+    groups = {p.name for p in resources.files("cfexplain.conf").iterdir() if p.is_dir()}
+    checked = 0
+    for name, args in _documented_command_lines():
+        try:
+            cfg = _composed(name, *args)
+        except Exception:  # a line that is not a whole command (a fragment of prose)
+            continue
+        parsed = OverridesParser.create().parse_overrides(args)
+        structural = [o.input_line for o in parsed if o.key_or_group in groups or o.is_delete()]
+        keys = [o.key_or_group for o in parsed if o.input_line not in structural]
+        check_types(cfg, keys, _composed(name, *structural))
+        checked += 1
+    assert checked >= 40  # the README's command lines were found and composed
