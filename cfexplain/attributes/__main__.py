@@ -21,11 +21,27 @@ from omegaconf import DictConfig
 from cfexplain.explain.attributes import TABLE_COLUMNS, find_for_run, table_markdown
 from cfexplain.runs import TrainedRun
 from cfexplain.utils.artifacts import Artifact, staged_dir, write_json, write_text
-from cfexplain.utils.cli import ConfigError, run_command, tracked, whole_number
+from cfexplain.utils.cli import (
+    POSITIVE_INT,
+    ConfigError,
+    Number,
+    check_number,
+    run_command,
+    tracked,
+)
 
 __all__ = ["ConfigError", "attributes", "main"]
 
 log = logging.getLogger("cfexplain")
+
+
+# The config's numbers, checked before anything is written (batch_size: by TrainedRun.open).
+NUMBERS = (
+    *(Number(k, **POSITIVE_INT) for k in ("limit", "k", "std_samples")),
+    Number("screen", null=True, **POSITIVE_INT),  # null: every coordinate scored exactly
+    Number("refine_steps", int, 0),
+    Number("shift", low=0.0, above=True),  # in stds of each coordinate
+)
 
 
 def attributes(cfg: DictConfig) -> Path:
@@ -34,11 +50,8 @@ def attributes(cfg: DictConfig) -> Path:
     needs = ["generator"] + (["encoder"] if str(cfg.source) == "encoded" else [])
     for stage in needs:
         run.stage_dir(stage)  # a ConfigError naming the run and the missing stage
-    for field in ("limit", "k", "std_samples") + (("screen",) if cfg.screen is not None else ()):
-        whole_number(field, cfg[field])
-    refine_steps = whole_number("refine_steps", cfg.refine_steps, 0)
-    if not float(cfg.shift) > 0:
-        raise ConfigError(f"shift={cfg.shift}: expected a positive number of stds")
+    for field in NUMBERS:
+        check_number(cfg, field)
     out = Path(cfg.out) if cfg.out else run.output_dir("attributes")
     out = out.expanduser().resolve()
     start = time.time()
@@ -56,7 +69,7 @@ def attributes(cfg: DictConfig) -> Path:
                 batch=int(cfg.batch_size),
                 seed=int(cfg.seed),
                 screen=None if cfg.screen is None else int(cfg.screen),
-                refine_steps=refine_steps,
+                refine_steps=int(cfg.refine_steps),
             )
             found.info["seconds"] = round(time.time() - start, 1)
             found.save(work)
