@@ -1,5 +1,7 @@
-"""Package discovery that pyproject.toml cannot express: the top-level conf/ ships as cfexplain.conf."""
+"""Package discovery that pyproject.toml cannot express: the top-level conf/ ships as
+cfexplain.conf, each config group folder (no ``__init__.py``) as one of its packages."""
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
-setup(packages=[*find_packages(include=["cfexplain", "cfexplain.*"]), "cfexplain.conf"])
+groups = [f"cfexplain.conf.{name}" for name in find_namespace_packages(where="conf")]
+setup(packages=[*find_packages(include=["cfexplain", "cfexplain.*"]), "cfexplain.conf", *groups])
